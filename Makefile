@@ -1,0 +1,28 @@
+# The two entry points of the README: `make demo` (the main job) and `make test`.
+# Each creates .venv on first use; torch is pinned to the CPU wheel this machine installs quickly.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test lint clean
+
+$(BIN)/kopru: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/kopru
+
+demo: $(BIN)/kopru
+	$(BIN)/kopru demo
+
+test: $(BIN)/kopru
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q -n 2 tests
+
+lint: $(BIN)/kopru
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

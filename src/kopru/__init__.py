@@ -1,0 +1,24 @@
+"""Köprü: join a pretrained vision encoder to a pretrained causal LLM."""
+
+from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.connectors import available_strategies, strategy_class
+from kopru.connectors.cross_attention import CrossAttentionConfig
+from kopru.connectors.projection import ProjectionConfig
+from kopru.connectors.resampler import ResamplerConfig
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
+from kopru.tokens import ImageTokenCount, count_image_tokens
+
+__all__ = [
+    "CrossAttentionConfig",
+    "ImageTokenCount",
+    "KopruConfig",
+    "KopruForConditionalGeneration",
+    "KopruProcessor",
+    "ProjectionConfig",
+    "ResamplerConfig",
+    "VisionTowerConfig",
+    "available_strategies",
+    "count_image_tokens",
+    "strategy_class",
+]

@@ -1,0 +1,221 @@
+"""Strategy 3, Flamingo / Llama-3.2-Vision: gated cross-attention blocks inside a frozen LLM.
+
+Each block sits in front of one decoder layer. It lets the text attend to the image states and adds the
+result through `tanh(gate)`, gates starting at 0, so an untrained model is exactly the text LLM.
+
+Image context flows through the call, never through state kept in a layer (OpenFlamingo's fragility):
+the model passes an `ImageContext` to the LLM as the keyword argument `kopru_image_context`;
+transformers hands extra keyword arguments to every decoder layer, and a forward pre-hook on each chosen
+layer runs its block on that layer's input. A call without the keyword runs the LLM untouched.
+
+The image keys/values of every block are computed once per sequence (`ImageContext.build`) and reused by
+each decoding step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from kopru.connectors.base import Connector, register_strategy
+from kopru.connectors.resampler import PerceiverResampler, ResamplerConfig
+from kopru.llm import decoder_layers
+
+CONTEXT_KWARG = "kopru_image_context"
+
+
+@dataclass
+class CrossAttentionConfig:
+    # A block in front of every n-th decoder layer (layers n-1, 2n-1, ...), as OpenFlamingo places them ...
+    every_n_layers: int | None = 4
+    # ... or in front of these decoder-layer indices (overrides every_n_layers).
+    layers: list[int] | None = None
+    num_heads: int | None = None  # None: the LLM's
+    num_kv_heads: int | None = None  # None: the LLM's (grouped-query attention carries over)
+    intermediate_size: int | None = None  # None: the LLM's
+    qk_norm: bool = True  # per-head RMSNorm on queries and keys, as Llama-3.2-Vision
+    # "previous": a token sees every image before it (Llama-3.2-Vision); "most_recent": only the last (Flamingo).
+    attend_to: Literal["previous", "most_recent"] = "previous"
+    resampler: ResamplerConfig | None = None
+
+    __nested__ = {"resampler": ResamplerConfig}
+
+    def __post_init__(self) -> None:
+        if self.layers is None and (self.every_n_layers is None or self.every_n_layers < 1):
+            raise ValueError(f"every_n_layers must be >= 1 when layers is not given, found {self.every_n_layers}")
+        if self.attend_to not in ("previous", "most_recent"):
+            raise ValueError(f"attend_to must be 'previous' or 'most_recent', found {self.attend_to!r}")
+        if isinstance(self.resampler, dict):
+            self.resampler = ResamplerConfig(**self.resampler)
+
+    def block_positions(self, num_layers: int) -> list[int]:
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad or len(set(self.layers)) != len(self.layers):
+                raise ValueError(
+                    f"cross-attention layers must be distinct indices in 0..{num_layers - 1}, found {self.layers}"
+                )
+            return sorted(self.layers)
+        return [i for i in range(num_layers) if (i + 1) % self.every_n_layers == 0]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """tanh-gated cross-attention then tanh-gated MLP; the layout of Llama-3.2-Vision's cross-attention layer."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, intermediate_size: int, eps: float, qk_norm: bool):
+        super().__init__()
+        if dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(
+                f"cross-attention needs dim % heads == 0 and heads % kv_heads == 0, found dim={dim}, "
+                f"heads={num_heads}, kv_heads={num_kv_heads}"
+            )
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.input_norm = nn.RMSNorm(dim, eps=eps)
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.post_attention_norm = nn.RMSNorm(dim, eps=eps)
+        self.mlp = SwiGLU(dim, intermediate_size)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def keys_values(self, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, dim] -> keys, values [B, kv_heads, N, head_dim]; once per sequence."""
+        batch, length, _ = image_states.shape
+        keys = self.k_proj(image_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = self.v_proj(image_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return self.k_norm(keys), values
+
+    def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                sees_image: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        query = self.q_proj(self.input_norm(hidden)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(
+            self.q_norm(query), keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        attended = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        # Rows that see no image get no image signal at all (their attention row was unmasked only to avoid NaN).
+        hidden = hidden + self.attn_gate.tanh() * attended * sees_image
+        return hidden + self.mlp_gate.tanh() * self.mlp(self.post_attention_norm(hidden)) * sees_image
+
+
+@dataclass
+class ImageContext:
+    """What the gated blocks need for one LLM call; built by the model, passed through the call."""
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per block, [B, kv_heads, images * per_image, head_dim]
+    images_per_sample: torch.Tensor  # [B]
+    tokens_per_image: int
+    attend_to: str
+    # Per call: [B, 1, T, N] visibility of each image position from each text position, and [B, T, 1] of 0/1.
+    mask: torch.Tensor | None = None
+    sees_image: torch.Tensor | None = None
+
+    def for_positions(self, images_seen: torch.Tensor) -> ImageContext:
+        """The same keys/values with the mask for text positions that have `images_seen` [B, T] images before them
+        (counting an image's own placeholder)."""
+        kv_length = self.keys_values[0][0].shape[2]
+        image_of_position = torch.arange(kv_length, device=images_seen.device) // self.tokens_per_image
+        seen = images_seen.unsqueeze(-1)  # [B, T, 1]
+        if self.attend_to == "most_recent":
+            mask = image_of_position == seen - 1
+        else:
+            mask = image_of_position < seen
+        sees_image = mask.any(-1, keepdim=True)
+        mask = mask | ~sees_image
+        return ImageContext(
+            self.keys_values, self.images_per_sample, self.tokens_per_image, self.attend_to,
+            mask.unsqueeze(1), sees_image.to(self.keys_values[0][0].dtype),
+        )
+
+
+@register_strategy("cross_attention")
+class CrossAttentionConnector(Connector):
+    config_class = CrossAttentionConfig
+    splices_into_text = False
+
+    def __init__(self, config: CrossAttentionConfig, vision_dim: int, llm_config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = llm_config.hidden_size
+        num_heads = config.num_heads or llm_config.num_attention_heads
+        num_kv_heads = config.num_kv_heads or getattr(llm_config, "num_key_value_heads", None) or num_heads
+        intermediate = config.intermediate_size or getattr(llm_config, "intermediate_size", None) or 4 * dim
+        eps = getattr(llm_config, "rms_norm_eps", None) or getattr(llm_config, "layer_norm_epsilon", 1e-6)
+        self.resampler = PerceiverResampler(config.resampler, vision_dim) if config.resampler else None
+        self.projection = nn.Linear(vision_dim, dim)
+        self.positions = config.block_positions(llm_config.num_hidden_layers)
+        self.blocks = nn.ModuleList(
+            GatedCrossAttentionBlock(dim, num_heads, num_kv_heads, intermediate, eps, config.qk_norm)
+            for _ in self.positions
+        )
+        self._hooks: list[Any] = []
+
+    @classmethod
+    def output_tokens(cls, config: CrossAttentionConfig, vision_tokens: int) -> int:
+        return config.resampler.num_latents if config.resampler else vision_tokens
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[images, tokens, vision_dim] -> image states [images, kv tokens, llm_dim]"""
+        if self.resampler is not None:
+            image_features = self.resampler(image_features)
+        return self.projection(image_features)
+
+    def attach(self, llm: PreTrainedModel) -> None:
+        """Put each block in front of its decoder layer (forward pre-hooks; the LLM's weights are untouched)."""
+        self.detach()
+        layers = decoder_layers(llm)
+        for index, position in enumerate(self.positions):
+            self._hooks.append(layers[position].register_forward_pre_hook(self._hook(index), with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def _hook(self, index: int):
+        def run_block(_layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            context: ImageContext | None = kwargs.get(CONTEXT_KWARG)
+            if context is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            keys, values = context.keys_values[index]
+            hidden = self.blocks[index](hidden, keys, values, context.mask, context.sees_image)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return run_block
+
+    def build_context(self, image_states: torch.Tensor, images_per_sample: torch.Tensor) -> ImageContext:
+        """Lay the flat [images, N, dim] states out per sample ([B, max_images * N, dim], zero padded) and
+        compute every block's keys/values once."""
+        batch = images_per_sample.shape[0]
+        per_image = image_states.shape[1]
+        max_images = max(int(images_per_sample.max()), 1) if batch else 1
+        slots = torch.arange(max_images, device=image_states.device).expand(batch, -1)
+        occupied = slots < images_per_sample.unsqueeze(1)  # [B, max_images], images in order of appearance
+        padded = image_states.new_zeros(batch, max_images, per_image, image_states.shape[-1])
+        padded[occupied] = image_states
+        padded = padded.flatten(1, 2)
+        keys_values = [block.keys_values(padded) for block in self.blocks]
+        return ImageContext(keys_values, images_per_sample, per_image, self.config.attend_to)

@@ -1,0 +1,90 @@
+"""Generation for all three strategies: left-padded batches, several images per prompt, greedy or sampled.
+
+Images are encoded once, at prefill. For `cross_attention` the image keys/values of every gated block are
+computed then and reused by each decoding step (`ImageContext`), as is the decode-step visibility mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from kopru.connectors.cross_attention import CONTEXT_KWARG
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of `logits` [B, V]; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Returns the new tokens [batch, <= max_new_tokens]; a finished row is filled with `pad_token_id`.
+
+    Prompts must be left padded (`processor(..., padding_side="left")`).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
+    llm = model.llm
+    eos = torch.tensor([] if eos_token_id is None else
+                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+    temperature = temperature if do_sample else 0.0
+
+    embeds, extra = model.prepare_inputs(input_ids, pixel_values)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=llm.config)
+    cache_kwargs = {model._cache_argument: cache}
+    out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+              logits_to_keep=1, **cache_kwargs, **extra)
+    step_extra = {}
+    if CONTEXT_KWARG in extra:
+        # Every new token comes after all of the prompt's images.
+        context = extra[CONTEXT_KWARG]
+        step_extra[CONTEXT_KWARG] = context.for_positions(context.images_per_sample.unsqueeze(1))
+
+    batch = input_ids.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    next_position = position_ids[:, -1:] + 1
+    tokens = []
+    for _ in range(max_new_tokens):
+        next_token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+        next_token = next_token.masked_fill(finished, pad_token_id)
+        tokens.append(next_token)
+        finished |= torch.isin(next_token, eos)
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        out = llm(input_ids=next_token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
+                  use_cache=True, **cache_kwargs, **step_extra)
+        next_position = next_position + 1
+    if not tokens:
+        return input_ids.new_zeros(batch, 0)
+    return torch.stack(tokens, dim=1)

@@ -1,0 +1,79 @@
+"""Pixels in: resize, crop and normalise images as the vision encoder's own config says (Pillow + torch only)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+CONFIG_NAME = "preprocessor_config.json"
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_RESAMPLE = {0: Image.Resampling.NEAREST, 2: Image.Resampling.BILINEAR, 3: Image.Resampling.BICUBIC}
+
+
+@dataclass
+class ImagePreprocessor:
+    size: int = 224
+    # "resize": squash to size x size; "crop": shortest side to size, then centre crop (CLIP's processor).
+    mode: Literal["resize", "crop"] = "resize"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resample: int = 3  # PIL code; 3 = bicubic
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, default_size: int | None = None) -> ImagePreprocessor:
+        """Read an HF `preprocessor_config.json` (CLIP, SigLIP, ViT, Köprü's own); fall back to `default_size`."""
+        file = Path(path) / CONFIG_NAME
+        if not file.is_file():
+            if default_size is None:
+                raise FileNotFoundError(f"expected {CONFIG_NAME} in {path}, found none and no default size given")
+            return cls(size=default_size)
+        data = json.loads(file.read_text())
+        if "mode" in data and "size" in data and isinstance(data["size"], int):  # our own format
+            return cls(**{k: data[k] for k in asdict(cls()) if k in data})
+        size = data.get("crop_size") or data.get("size") or {}
+        if isinstance(size, dict):
+            size = size.get("height") or size.get("shortest_edge") or default_size
+        return cls(
+            size=int(size),
+            mode="crop" if data.get("do_center_crop") else "resize",
+            image_mean=tuple(data.get("image_mean", (0.5, 0.5, 0.5))),
+            image_std=tuple(data.get("image_std", (0.5, 0.5, 0.5))),
+            resample=int(data.get("resample", 3)),
+        )
+
+    def save_pretrained(self, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """A list of PIL images -> float tensor [images, 3, size, size]."""
+        if not images:
+            return torch.empty(0, 3, self.size, self.size)
+        return torch.stack([self._one(image) for image in images])
+
+    def _one(self, image: Image.Image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL.Image.Image, found {type(image).__name__}")
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"expected an image of at least 1x1 pixels, found {image.width}x{image.height}")
+        image = image.convert("RGB")
+        resample = _RESAMPLE.get(self.resample, Image.Resampling.BICUBIC)
+        if self.mode == "crop":
+            scale = self.size / min(image.width, image.height)
+            width, height = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+            image = image.resize((width, height), resample)
+            left, top = (width - self.size) // 2, (height - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+        else:
+            image = image.resize((self.size, self.size), resample)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (pixels - mean) / std

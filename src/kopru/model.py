@@ -1,0 +1,271 @@
+"""The Köprü model: vision tower -> connector -> causal LLM.
+
+Spliced strategies write the connector's vectors into the text embeddings at the image placeholders with
+one vectorised `masked_scatter`; `cross_attention` passes an `ImageContext` through the LLM call instead.
+
+On disk (`save_pretrained`): `kopru_config.json`, `vision/` and `llm/` as ordinary HF checkpoints (so they
+load through the same code path as any encoder / causal LM) and `connector.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.connectors import Connector, strategy_class
+from kopru.connectors.cross_attention import CONTEXT_KWARG, CrossAttentionConnector, ImageContext
+from kopru.image_processing import ImagePreprocessor
+from kopru.llm import cache_argument, load_llm
+from kopru.processing import KopruProcessor, add_image_tokens
+from kopru.tokens import count_image_tokens
+from kopru.vision import VisionTower
+
+CONFIG_FILE = "kopru_config.json"
+CONNECTOR_FILE = "connector.safetensors"
+IGNORE_INDEX = -100
+
+
+class KopruForConditionalGeneration(nn.Module):
+    def __init__(self, config: KopruConfig, vision: VisionTower, llm: PreTrainedModel,
+                 connector: Connector | None = None) -> None:
+        super().__init__()
+        if config.image_token_id is None:
+            raise ValueError("config.image_token_id is unset; build through from_backbones() or add_image_tokens()")
+        self.config = config
+        self.vision = vision
+        self.llm = llm
+        self.connector = connector or strategy_class(config.strategy)(config.connector, vision.hidden_size, llm.config)
+        self.image_count = count_image_tokens(config, vision.num_tokens)
+        self._cache_argument = cache_argument(llm)
+        if isinstance(self.connector, CrossAttentionConnector):
+            llm.requires_grad_(False)  # the base LLM stays frozen; only the gated blocks (and resampler) learn
+            self.connector.attach(llm)
+        marker_ids = [config.image_token_id, config.image_start_token_id, config.image_end_token_id]
+        self.register_buffer("_image_ids", torch.tensor([i for i in marker_ids if i is not None]), persistent=False)
+
+    # ----------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_backbones(
+        cls, config: KopruConfig, dtype: torch.dtype | None = None
+    ) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
+        """A new model from a pretrained encoder and LLM (local paths or hub ids); the connector starts random."""
+        vision = VisionTower.from_config(config.vision, dtype=dtype)
+        llm = load_llm(config.llm, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(config.llm)
+        except (OSError, ValueError) as error:
+            raise FileNotFoundError(f"expected a tokenizer beside the LLM at {config.llm!r}: {error}") from None
+        check_tokenizer_fits(tokenizer, llm)
+        vocab = add_image_tokens(tokenizer, config)
+        if vocab > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(vocab)
+        model = cls(config, vision, llm)
+        image_processor = ImagePreprocessor.from_pretrained(config.vision.name_or_path, vision.image_size)
+        return model, KopruProcessor(tokenizer, image_processor, config, model.image_count)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[images, 3, H, W] -> connector output [images, features, llm_dim]"""
+        return self.connector(self.vision(pixel_values))
+
+    def prepare_inputs(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        image_context: ImageContext | None = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """Text embeddings with the images in them, and the extra keyword arguments for the LLM call.
+
+        For `cross_attention`, pass the `image_context` of an earlier call to reuse its keys/values.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_placeholder = input_ids == self.config.image_token_id
+        if pixel_values is None and image_context is None:
+            if bool(is_placeholder.any()):
+                raise ValueError(
+                    f"the text holds {int(is_placeholder.sum())} image placeholder position(s) but no images were given"
+                )
+            return embeds, {}
+        if not self.connector.splices_into_text:
+            if image_context is None:
+                images_per_sample = is_placeholder.sum(1)
+                self._check_image_count(int(images_per_sample.sum()), pixel_values.shape[0], per_image=1)
+                states = self.encode_images(pixel_values).to(embeds.dtype)
+                image_context = self.connector.build_context(states, images_per_sample)
+            images_seen = torch.cumsum(is_placeholder, dim=1)
+            return embeds, {CONTEXT_KWARG: image_context.for_positions(images_seen)}
+        features = self.encode_images(pixel_values).to(embeds.dtype)
+        self._check_image_count(int(is_placeholder.sum()), features.shape[0], per_image=features.shape[1])
+        embeds = embeds.masked_scatter(is_placeholder.unsqueeze(-1), features)
+        return embeds, {}
+
+    def _check_image_count(self, placeholders: int, images: int, per_image: int) -> None:
+        if placeholders != images * per_image:
+            raise ValueError(
+                f"image placeholders and image features do not match: the text holds {placeholders} placeholder "
+                f"position(s), the {images} image(s) give {images * per_image} ({per_image} per image)"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        image_context: ImageContext | None = None,
+        **llm_kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits, and with `labels` the causal-LM loss; image and marker positions never count in the loss."""
+        embeds, extra = self.prepare_inputs(input_ids, pixel_values, image_context)
+        if labels is not None:
+            labels = labels.masked_fill(torch.isin(input_ids, self._image_ids), IGNORE_INDEX)
+        if "cache" in llm_kwargs and self._cache_argument != "cache":
+            llm_kwargs[self._cache_argument] = llm_kwargs.pop("cache")
+        return self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+            **extra, **llm_kwargs,
+        )
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """New tokens [batch, new]; see `kopru.generation.generate` for the options."""
+        from kopru.generation import generate
+
+        return generate(self, input_ids, attention_mask, pixel_values, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def freeze_for_stage1(self) -> None:
+        """Stage 1 (alignment): encoder and LLM frozen, only the connector trains."""
+        self.requires_grad_(False)
+        for module in self.connector.stage1_modules():
+            module.requires_grad_(True)
+
+    def freeze_for_stage2(self) -> None:
+        """Stage 2 (instruction tuning): connector and LLM train, the encoder stays as configured.
+
+        `cross_attention` keeps its base LLM frozen in every stage (Flamingo, Llama-3.2-Vision).
+        """
+        self.freeze_for_stage1()
+        if self.connector.splices_into_text:
+            self.llm.requires_grad_(True)
+
+    # ------------------------------------------------------------------------------------------- save / load
+    def save_pretrained(self, path: str | Path, processor: KopruProcessor | None = None) -> None:
+        """Whole model: written to a temporary folder beside `path`, then renamed into place."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.vision.encoder.save_pretrained(staging / "vision", safe_serialization=True)
+            self.llm.save_pretrained(staging / "llm", safe_serialization=True)
+            if processor is not None:
+                processor.save_pretrained(staging / "llm", staging / "vision")
+            self._write_connector(staging)
+            saved = dataclasses.replace(
+                self.config, llm="llm", vision=dataclasses.replace(self.config.vision, name_or_path="vision")
+            )
+            saved.save(staging / CONFIG_FILE)
+            if path.exists():
+                shutil.rmtree(path)
+            staging.rename(path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | None = None
+    ) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"expected a Köprü model directory with {CONFIG_FILE} at {path}, found none")
+        config = KopruConfig.load(path / CONFIG_FILE)
+        resolved = dataclasses.replace(
+            config,
+            llm=_resolve(path, config.llm),
+            vision=dataclasses.replace(config.vision, name_or_path=_resolve(path, config.vision.name_or_path)),
+        )
+        vision = VisionTower.from_config(resolved.vision, dtype=dtype)
+        llm = load_llm(resolved.llm, dtype=dtype)
+        model = cls(config, vision, llm)
+        model.load_connector_weights(path / CONNECTOR_FILE)
+        processor = KopruProcessor.from_dirs(
+            resolved.llm, resolved.vision.name_or_path, config, model.image_count, vision.image_size
+        )
+        check_tokenizer_fits(processor.tokenizer, llm)
+        return model, processor
+
+    def save_connector(self, path: str | Path) -> None:
+        """What stage 1 produces: the connector weights and the config naming the backbones they fit."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._write_connector(path)
+        self.config.save(path / CONFIG_FILE)
+
+    def load_connector(self, path: str | Path) -> None:
+        """Load a `save_connector` checkpoint onto this model's backbones."""
+        path = Path(path)
+        saved = KopruConfig.load(path / CONFIG_FILE)
+        if saved.strategy != self.config.strategy or saved.connector != self.config.connector:
+            raise ValueError(
+                f"connector checkpoint at {path} is for strategy {saved.strategy!r} with {saved.connector}; "
+                f"this model has {self.config.strategy!r} with {self.config.connector}"
+            )
+        self.load_connector_weights(path / CONNECTOR_FILE)
+
+    def _write_connector(self, directory: Path) -> None:
+        tensors = {name: t.detach().contiguous() for name, t in self.connector.state_dict().items()}
+        target = directory / CONNECTOR_FILE
+        temporary = target.with_suffix(".tmp")
+        save_file(tensors, str(temporary), metadata={"strategy": self.config.strategy})
+        temporary.replace(target)
+
+    def load_connector_weights(self, file: str | Path) -> None:
+        file = Path(file)
+        if not file.is_file():
+            raise FileNotFoundError(f"expected connector weights at {file}, found nothing")
+        loaded = load_file(str(file))
+        expected = self.connector.state_dict()
+        missing = sorted(set(expected) - set(loaded))
+        unexpected = sorted(set(loaded) - set(expected))
+        wrong = [
+            f"{name}: expected {tuple(expected[name].shape)}, found {tuple(loaded[name].shape)}"
+            for name in expected.keys() & loaded.keys()
+            if expected[name].shape != loaded[name].shape
+        ]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"connector weights in {file} do not fit the {self.config.strategy!r} config: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}"
+            )
+        self.connector.load_state_dict(loaded)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+
+def check_tokenizer_fits(tokenizer, llm: PreTrainedModel) -> None:
+    """A tokenizer with more ids than the LLM has embedding rows belongs to another model."""
+    rows = llm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"tokenizer does not match the LLM: it has {len(tokenizer)} tokens, the LLM's embedding table has "
+            f"{rows} rows"
+        )
+
+
+def _resolve(root: Path, name: str) -> str:
+    candidate = root / name
+    return str(candidate) if candidate.exists() else name
+
+
+__all__ = ["KopruForConditionalGeneration", "KopruConfig", "VisionTowerConfig"]

@@ -1,0 +1,122 @@
+"""Text + images in, model inputs out. The processor counts image positions; the model checks them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from kopru.config import KopruConfig
+from kopru.image_processing import ImagePreprocessor
+from kopru.tokens import ImageTokenCount
+
+
+def add_image_tokens(tokenizer: PreTrainedTokenizerBase, config: KopruConfig) -> int:
+    """Register the image placeholder (and markers) as special tokens; write their ids into `config`.
+
+    Returns the vocabulary size the LLM's embeddings must have afterwards.
+    """
+    wanted = [config.image_token]
+    if config.uses_markers:
+        wanted += [config.image_start_token, config.image_end_token]
+    missing = [token for token in wanted if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+    if config.uses_markers:
+        config.image_start_token_id = tokenizer.convert_tokens_to_ids(config.image_start_token)
+        config.image_end_token_id = tokenizer.convert_tokens_to_ids(config.image_end_token)
+    if tokenizer.pad_token is None:
+        # GPT-2 and Llama ship without one; batching needs some id, and the attention mask hides it.
+        tokenizer.pad_token = tokenizer.eos_token
+    return len(tokenizer)
+
+
+class KopruProcessor:
+    """Expands each image placeholder to the counted positions, tokenises, and preprocesses the pixels."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: ImagePreprocessor,
+        config: KopruConfig,
+        image_count: ImageTokenCount,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.image_count = image_count
+        if config.image_token_id is None or tokenizer.convert_tokens_to_ids(config.image_token) != config.image_token_id:
+            raise ValueError(
+                f"tokenizer does not match the model: expected {config.image_token!r} to have id "
+                f"{config.image_token_id}, found {tokenizer.convert_tokens_to_ids(config.image_token)}"
+            )
+        start = config.image_start_token if config.uses_markers else ""
+        end = config.image_end_token if config.uses_markers else ""
+        self._expanded = start + config.image_token * image_count.placeholders + end
+
+    def expand(self, text: str) -> str:
+        return text.replace(self.config.image_token, self._expanded)
+
+    def __call__(
+        self,
+        text: str | list[str],
+        images: list[Image.Image] | list[list[Image.Image]] | None = None,
+        padding_side: str = "right",
+        return_labels: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """`images` in order of appearance: a flat list for the batch, or one list per text.
+
+        Right padding for training, `padding_side="left"` for generation.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        flat = _flatten_images(images, len(texts))
+        placeholders = sum(t.count(self.config.image_token) for t in texts)
+        if placeholders != len(flat):
+            raise ValueError(
+                f"the text holds {placeholders} {self.config.image_token!r} placeholder(s) but {len(flat)} "
+                "image(s) were given; expected one image per placeholder"
+            )
+        self.tokenizer.padding_side = padding_side
+        encoded = self.tokenizer([self.expand(t) for t in texts], return_tensors="pt", padding=True)
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if flat:
+            batch["pixel_values"] = self.image_processor(flat)
+        if return_labels:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            batch["labels"] = labels
+        return batch
+
+    def decode(self, token_ids: torch.Tensor | list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, token_ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, llm_dir: str | Path, vision_dir: str | Path) -> None:
+        self.tokenizer.save_pretrained(llm_dir)
+        self.image_processor.save_pretrained(vision_dir)
+
+    @classmethod
+    def from_dirs(
+        cls, llm_dir: str | Path, vision_dir: str | Path, config: KopruConfig, image_count: ImageTokenCount,
+        image_size: int,
+    ) -> KopruProcessor:
+        tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(tokenizer, ImagePreprocessor.from_pretrained(vision_dir, image_size), config, image_count)
+
+
+def _flatten_images(images: list | None, num_texts: int) -> list[Image.Image]:
+    if images is None:
+        return []
+    if images and all(isinstance(item, list | tuple) for item in images):
+        if len(images) != num_texts:
+            raise ValueError(f"expected one list of images per text ({num_texts}), found {len(images)} lists")
+        return [image for per_text in images for image in per_text]
+    if isinstance(images, Image.Image):
+        return [images]
+    return list(images)

@@ -1,0 +1,142 @@
+"""The vision tower: a pretrained Hugging Face image encoder and the choice of which features leave it.
+
+One registry (`VISION_BACKBONES`) says, per encoder family, which HF class loads it, whether its sequence
+starts with a CLS token and where its final LayerNorm lives. Dispatch is on the checkpoint's `model_type`,
+never on substrings of a model name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    Blip2VisionModel,
+    CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    SiglipVisionModel,
+    ViTModel,
+)
+
+from kopru.config import VisionTowerConfig
+
+
+@dataclass(frozen=True)
+class VisionBackbone:
+    model_class: type[PreTrainedModel]
+    has_cls: bool
+    final_norm: str  # attribute path of the encoder's last LayerNorm
+    # Composite checkpoints (CLIPModel, SiglipModel, Blip2) keep the vision side in a sub-config.
+    load_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+VISION_BACKBONES: dict[str, VisionBackbone] = {
+    "clip_vision_model": VisionBackbone(CLIPVisionModel, has_cls=True, final_norm="post_layernorm"),
+    "siglip_vision_model": VisionBackbone(SiglipVisionModel, has_cls=False, final_norm="post_layernorm"),
+    "vit": VisionBackbone(ViTModel, has_cls=True, final_norm="layernorm", load_kwargs=(("add_pooling_layer", False),)),
+    "blip_2_vision_model": VisionBackbone(Blip2VisionModel, has_cls=True, final_norm="post_layernorm"),
+}
+
+
+def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The vision half of a composite config (CLIP, SigLIP, BLIP-2), or the config itself."""
+    if config.model_type in VISION_BACKBONES:
+        return config
+    sub = getattr(config, "vision_config", None)
+    if sub is not None and sub.model_type in VISION_BACKBONES:
+        return sub
+    raise ValueError(
+        f"expected a vision encoder of type {sorted(VISION_BACKBONES)}, found model_type {config.model_type!r}"
+    )
+
+
+def load_vision_encoder(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load the encoder of a local directory or hub id, safetensors only."""
+    if _looks_local(name_or_path) and not Path(name_or_path).exists():
+        raise FileNotFoundError(f"vision encoder path {name_or_path!r} does not exist")
+    try:
+        config = _vision_config(AutoConfig.from_pretrained(name_or_path))
+    except OSError as error:
+        raise FileNotFoundError(
+            f"expected a Hugging Face vision encoder (config.json) at {name_or_path!r}: {error}"
+        ) from None
+    backbone = VISION_BACKBONES[config.model_type]
+    return backbone.model_class.from_pretrained(
+        name_or_path, config=config, use_safetensors=True, dtype=dtype, **dict(backbone.load_kwargs)
+    )
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists() or name_or_path.count("/") > 1
+
+
+def vision_token_count(encoder_config: PretrainedConfig, config: VisionTowerConfig) -> int:
+    """Tokens per image the connector receives, from the configs alone (no weights needed)."""
+    encoder_config = _vision_config(encoder_config)
+    has_cls = VISION_BACKBONES[encoder_config.model_type].has_cls
+    drop_cls = has_cls if config.drop_cls is None else config.drop_cls
+    patches = (encoder_config.image_size // encoder_config.patch_size) ** 2
+    return patches + int(has_cls and not drop_cls)
+
+
+class VisionTower(nn.Module):
+    """Encoder + feature selection. Frozen and run without autograd unless `config.trainable`."""
+
+    def __init__(self, encoder: PreTrainedModel, config: VisionTowerConfig) -> None:
+        super().__init__()
+        model_type = encoder.config.model_type
+        if model_type not in VISION_BACKBONES:
+            raise ValueError(f"expected a vision encoder of type {sorted(VISION_BACKBONES)}, found {model_type!r}")
+        self.encoder = encoder
+        self.config = config
+        self.backbone = VISION_BACKBONES[model_type]
+        num_layers = encoder.config.num_hidden_layers
+        layers = config.feature_layer if isinstance(config.feature_layer, list) else [config.feature_layer]
+        for layer in layers:
+            if not -(num_layers + 1) <= layer <= num_layers:
+                raise ValueError(
+                    f"feature_layer {layer} is outside the encoder's hidden states "
+                    f"(expected -{num_layers + 1}..{num_layers})"
+                )
+        if config.final_norm and len(layers) > 1:
+            raise ValueError("final_norm applies to a single feature layer; found a list of layers")
+        self.feature_layers = layers
+        self.drop_cls = self.backbone.has_cls if config.drop_cls is None else config.drop_cls
+        if self.drop_cls and not self.backbone.has_cls:
+            raise ValueError(f"drop_cls=True but a {model_type!r} encoder has no CLS token to drop")
+        self.final_norm = encoder.get_submodule(self.backbone.final_norm) if config.final_norm else None
+        encoder.requires_grad_(config.trainable)
+
+    @classmethod
+    def from_config(cls, config: VisionTowerConfig, dtype: torch.dtype | None = None) -> VisionTower:
+        return cls(load_vision_encoder(config.name_or_path, dtype=dtype), config)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the features handed to the connector."""
+        return self.encoder.config.hidden_size * len(self.feature_layers)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image the connector receives, at the encoder's native resolution."""
+        return vision_token_count(self.encoder.config, self.config)
+
+    @property
+    def image_size(self) -> int:
+        return self.encoder.config.image_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[images, 3, H, W] -> [images, tokens, hidden_size]"""
+        dtype = next(self.encoder.parameters()).dtype
+        with torch.set_grad_enabled(self.config.trainable and torch.is_grad_enabled()):
+            hidden_states = self.encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True).hidden_states
+            features = torch.cat([hidden_states[layer] for layer in self.feature_layers], dim=-1)
+            if self.final_norm is not None:
+                features = self.final_norm(features)
+            if self.drop_cls:
+                features = features[:, 1:]
+        return features
