@@ -1,0 +1,52 @@
+"""Real checkpoints in: HF LLaVA, BLIP-2 and Llama-3.2-Vision (Mllama) turned into Köprü models.
+
+Each converter module provides `load_reference(src)` (the HF model, safetensors only), `to_kopru(reference,
+src)` (a Köprü model + processor with the same weights) and `random_inputs(reference)` (inputs on which both
+are run to verify the conversion). `convert()` ties them together.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONVERTERS = {"llava": "kopru.convert.llava", "blip2": "kopru.convert.blip2", "mllama": "kopru.convert.mllama"}
+
+
+def converter(kind: str):
+    if kind not in CONVERTERS:
+        raise ValueError(f"unknown source format {kind!r}; expected one of {sorted(CONVERTERS)}")
+    return importlib.import_module(CONVERTERS[kind])
+
+
+def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Convert the HF checkpoint at `src` into a Köprü model at `dst` (None: in memory only)."""
+    module = converter(kind)
+    if not Path(src).exists():
+        raise FileNotFoundError(f"source checkpoint {src} does not exist")
+    reference = module.load_reference(str(src))
+    model, processor = module.to_kopru(reference, str(src))
+    report: dict[str, Any] = {"from": kind, "src": str(src), "strategy": model.config.strategy,
+                              "image_positions": model.image_count.llm_positions}
+    if verify:
+        report["max_abs_diff"] = max_abs_logit_diff(module, reference, model, seed)
+    if dst is not None:
+        model.save_pretrained(dst, processor)
+        report["dst"] = str(dst)
+    return report
+
+
+@torch.no_grad()
+def max_abs_logit_diff(module, reference, model, seed: int = 0) -> float:
+    """Largest |logit difference| between the source model and its conversion on the same random inputs."""
+    torch.manual_seed(seed)
+    reference.eval()
+    model.eval()
+    reference_inputs, kopru_inputs = module.random_inputs(reference, model)
+    expected = reference(**reference_inputs).logits.float()
+    found = model(**kopru_inputs).logits.float()
+    vocab = min(expected.shape[-1], found.shape[-1])
+    return float((expected[..., :vocab] - found[..., :vocab]).abs().max())

@@ -1,0 +1,67 @@
+"""HF `LlavaForConditionalGeneration` (LLaVA-1.5) -> Köprü `projection` strategy."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.connectors.projection import ProjectionConfig
+from kopru.convert.common import copy_language_model, image_preprocessor, load_tokenizer
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
+from kopru.vision import VisionTower
+
+
+def load_reference(src: str) -> LlavaForConditionalGeneration:
+    return LlavaForConditionalGeneration.from_pretrained(src, use_safetensors=True)
+
+
+def to_kopru(reference: LlavaForConditionalGeneration, src: str) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
+    config = reference.config
+    if config.vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(
+            f"expected vision_feature_select_strategy 'default' or 'full', found {config.vision_feature_select_strategy!r}"
+        )
+    projector = reference.model.multi_modal_projector
+    if config.projector_hidden_act != "gelu":
+        raise ValueError(f"expected a GELU projector (mlp2x_gelu), found activation {config.projector_hidden_act!r}")
+    kopru_config = KopruConfig(
+        vision=VisionTowerConfig(
+            name_or_path=src,
+            feature_layer=config.vision_feature_layer,
+            # HF's "default" drops position 0 whatever the encoder; Köprü only drops a real CLS token, so a
+            # SigLIP-based LLaVA keeps its first patch (REFERENCE.md: a known bug in the wild).
+            drop_cls=config.vision_feature_select_strategy == "default",
+        ),
+        llm=src,
+        strategy="projection",
+        connector=ProjectionConfig(kind="mlp", depth=2),
+        image_token="<image>",
+        image_start_token=None,
+        image_end_token=None,
+        image_token_id=config.image_token_id,
+    )
+    vision = VisionTower(reference.model.vision_tower, kopru_config.vision)
+    llm = AutoModelForCausalLM.from_config(config.text_config)
+    copy_language_model(llm, reference.model.language_model, reference.lm_head)
+    model = KopruForConditionalGeneration(kopru_config, vision, llm)
+    layers = model.connector.layers
+    layers[0].load_state_dict(projector.linear_1.state_dict())
+    layers[2].load_state_dict(projector.linear_2.state_dict())
+    tokenizer = load_tokenizer(src, kopru_config)
+    processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count)
+    return model, processor
+
+
+def random_inputs(reference: LlavaForConditionalGeneration, model: KopruForConditionalGeneration):
+    """Two prompts, one image each, the image block in the middle of random text."""
+    vision_config = reference.config.vision_config
+    per_image = model.image_count.placeholders
+    text_ids = torch.randint(0, min(reference.config.image_token_id, 1000), (2, 12))
+    image = torch.full((2, per_image), reference.config.image_token_id)
+    input_ids = torch.cat([text_ids[:, :5], image, text_ids[:, 5:]], dim=1)
+    pixel_values = torch.randn(2, 3, vision_config.image_size, vision_config.image_size)
+    inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": torch.ones_like(input_ids)}
+    return inputs, inputs
+
