@@ -180,7 +180,7 @@ def test_load_bert_weights_errors(tmp_path) -> None:
     GPT2Config(n_embd=HIDDEN, n_layer=4, n_head=HEADS).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="BERT-family.*'gpt2'"):
         load_bert_weights(qformer, str(tmp_path / "gpt2"))
-    with pytest.raises(FileNotFoundError, match="no such path"):
+    with pytest.raises(FileNotFoundError, match="init_from path .* does not exist"):
         load_bert_weights(qformer, str(tmp_path / "missing"))
 
 

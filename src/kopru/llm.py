@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from kopru.paths import check_exists
+
 
 def load_llm(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a causal LM from a local directory or hub id, safetensors only."""
-    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).exists():
-        raise FileNotFoundError(f"LLM path {name_or_path!r} does not exist")
+    check_exists(name_or_path, "LLM")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as error:

@@ -7,8 +7,8 @@ never on substrings of a model name.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,15 +23,25 @@ from transformers import (
 )
 
 from kopru.config import VisionTowerConfig
+from kopru.paths import check_exists
 
 
 @dataclass(frozen=True)
 class VisionBackbone:
-    model_class: type[PreTrainedModel]
+    # The HF class, or "module:Class" for an adapter defined elsewhere (imported on first use: no import cycle).
+    model_class: type[PreTrainedModel] | str
     has_cls: bool
-    final_norm: str  # attribute path of the encoder's last LayerNorm
+    final_norm: str | None  # attribute path of the encoder's last LayerNorm (None: it has none to apply)
     # Composite checkpoints (CLIPModel, SiglipModel, Blip2) keep the vision side in a sub-config.
     load_kwargs: tuple[tuple[str, object], ...] = ()
+    # The encoder config's attribute giving the width of one feature layer.
+    width: str = "hidden_size"
+
+    def load_class(self) -> type[PreTrainedModel]:
+        if isinstance(self.model_class, str):
+            module, _, name = self.model_class.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return self.model_class
 
 
 VISION_BACKBONES: dict[str, VisionBackbone] = {
@@ -39,6 +49,9 @@ VISION_BACKBONES: dict[str, VisionBackbone] = {
     "siglip_vision_model": VisionBackbone(SiglipVisionModel, has_cls=False, final_norm="post_layernorm"),
     "vit": VisionBackbone(ViTModel, has_cls=True, final_norm="layernorm", load_kwargs=(("add_pooling_layer", False),)),
     "blip_2_vision_model": VisionBackbone(Blip2VisionModel, has_cls=True, final_norm="post_layernorm"),
+    # Llama-3.2-Vision's tiled encoder run on one tile per image; features = last + intermediate layers.
+    "mllama_vision_model": VisionBackbone("kopru.convert.mllama:MllamaSingleTileVisionModel", has_cls=True,
+                                          final_norm=None, width="vision_output_dim"),
 }
 
 
@@ -56,8 +69,7 @@ def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def load_vision_encoder(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load the encoder of a local directory or hub id, safetensors only."""
-    if _looks_local(name_or_path) and not Path(name_or_path).exists():
-        raise FileNotFoundError(f"vision encoder path {name_or_path!r} does not exist")
+    check_exists(name_or_path, "vision encoder")
     try:
         config = _vision_config(AutoConfig.from_pretrained(name_or_path))
     except OSError as error:
@@ -65,13 +77,9 @@ def load_vision_encoder(name_or_path: str, dtype: torch.dtype | None = None) -> 
             f"expected a Hugging Face vision encoder (config.json) at {name_or_path!r}: {error}"
         ) from None
     backbone = VISION_BACKBONES[config.model_type]
-    return backbone.model_class.from_pretrained(
+    return backbone.load_class().from_pretrained(
         name_or_path, config=config, use_safetensors=True, dtype=dtype, **dict(backbone.load_kwargs)
     )
-
-
-def _looks_local(name_or_path: str) -> bool:
-    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists() or name_or_path.count("/") > 1
 
 
 def vision_token_count(encoder_config: PretrainedConfig, config: VisionTowerConfig) -> int:
@@ -108,6 +116,8 @@ class VisionTower(nn.Module):
         self.drop_cls = self.backbone.has_cls if config.drop_cls is None else config.drop_cls
         if self.drop_cls and not self.backbone.has_cls:
             raise ValueError(f"drop_cls=True but a {model_type!r} encoder has no CLS token to drop")
+        if config.final_norm and self.backbone.final_norm is None:
+            raise ValueError(f"final_norm=True but a {model_type!r} encoder has no final LayerNorm to apply")
         self.final_norm = encoder.get_submodule(self.backbone.final_norm) if config.final_norm else None
         encoder.requires_grad_(config.trainable)
 
@@ -118,7 +128,7 @@ class VisionTower(nn.Module):
     @property
     def hidden_size(self) -> int:
         """Width of the features handed to the connector."""
-        return self.encoder.config.hidden_size * len(self.feature_layers)
+        return getattr(self.encoder.config, self.backbone.width) * len(self.feature_layers)
 
     @property
     def num_tokens(self) -> int:

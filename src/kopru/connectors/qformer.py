@@ -13,7 +13,6 @@ those modules will be added together with the stage-1 training code.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from kopru.connectors.base import Connector, register_strategy
+from kopru.paths import check_exists
 
 logger = logging.getLogger(__name__)
 
@@ -257,12 +257,7 @@ def load_bert_weights(qformer: QFormer, name_or_path: str) -> list[str]:
     """
     from transformers import AutoConfig, AutoModel
 
-    # A hub id is "name" or "org/name"; anything else can only be a local path.
-    looks_local = (
-        os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-    )
-    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"qformer init_from: no such path {name_or_path!r}")
+    check_exists(name_or_path, "qformer init_from")
     try:
         bert_config = AutoConfig.from_pretrained(name_or_path)
     except OSError as err:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from kopru.paths import check_exists
+
 CONVERTERS = {"llava": "kopru.convert.llava", "blip2": "kopru.convert.blip2", "mllama": "kopru.convert.mllama"}
 
 
@@ -25,8 +27,7 @@ def converter(kind: str):
 def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = False, seed: int = 0) -> dict[str, Any]:
     """Convert the HF checkpoint at `src` into a Köprü model at `dst` (None: in memory only)."""
     module = converter(kind)
-    if not Path(src).exists():
-        raise FileNotFoundError(f"source checkpoint {src} does not exist")
+    check_exists(str(src), "source checkpoint")
     reference = module.load_reference(str(src))
     model, processor = module.to_kopru(reference, str(src))
     report: dict[str, Any] = {"from": kind, "src": str(src), "strategy": model.config.strategy,

@@ -1,0 +1,16 @@
+"""Telling a local checkpoint path from a hub id, so a mistyped path fails with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A hub id is "name" or "org/name"; anything else can only be a local path."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or Path(name_or_path).exists()
+
+
+def check_exists(name_or_path: str, what: str) -> None:
+    """Raise FileNotFoundError when `name_or_path` can only be a local path and nothing is there."""
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"{what} path {name_or_path!r} does not exist")
