@@ -1,0 +1,85 @@
+"""HF `Blip2ForConditionalGeneration` (decoder-only LLM: OPT, Llama, ...) -> Köprü `qformer` strategy.
+
+BLIP-2 feeds the Q-Former the vision model's `last_hidden_state`: the last encoder layer, CLS token
+included, after `post_layernorm`. The projected query outputs replace the `num_query_tokens` image-token
+positions the HF processor writes into the text, which is exactly how Köprü splices them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, Blip2ForConditionalGeneration
+
+from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.connectors.qformer import QFormerConfig, qformer_state_dict_from_hf
+from kopru.convert.common import image_preprocessor, load_tokenizer
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
+from kopru.vision import VisionTower
+
+
+def load_reference(src: str) -> Blip2ForConditionalGeneration:
+    return Blip2ForConditionalGeneration.from_pretrained(src, use_safetensors=True)
+
+
+def to_kopru(reference: Blip2ForConditionalGeneration, src: str) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
+    config = reference.config
+    if not config.use_decoder_only_language_model:
+        raise ValueError(
+            "expected a BLIP-2 checkpoint with a decoder-only language model (use_decoder_only_language_model=True), "
+            f"found text model_type {config.text_config.model_type!r} (encoder-decoder LMs such as Flan-T5 "
+            "have no Köprü strategy)"
+        )
+    if config.image_token_id is None:
+        raise ValueError(
+            f"expected config.image_token_id (image_token_index) in the BLIP-2 checkpoint at {src}, found None; "
+            "older checkpoints that prepend the query outputs instead of filling image tokens are not supported"
+        )
+    qformer_config = config.qformer_config
+    kopru_config = KopruConfig(
+        vision=VisionTowerConfig(name_or_path=src, feature_layer=-1, drop_cls=False, final_norm=True),
+        llm=src,
+        strategy="qformer",
+        connector=QFormerConfig(
+            num_queries=config.num_query_tokens,
+            hidden_size=qformer_config.hidden_size,
+            num_layers=qformer_config.num_hidden_layers,
+            num_heads=qformer_config.num_attention_heads,
+            intermediate_size=qformer_config.intermediate_size,
+            cross_attention_frequency=qformer_config.cross_attention_frequency,
+            layer_norm_eps=qformer_config.layer_norm_eps,
+            hidden_act=qformer_config.hidden_act,
+        ),
+        image_token="<image>",
+        image_start_token=None,
+        image_end_token=None,
+        image_token_id=config.image_token_id,
+    )
+    vision = VisionTower(reference.vision_model, kopru_config.vision)
+    llm = AutoModelForCausalLM.from_config(config.text_config)
+    llm.load_state_dict(reference.language_model.state_dict())
+    model = KopruForConditionalGeneration(kopru_config, vision, llm)
+    connector = model.connector
+    connector.qformer.load_state_dict(
+        qformer_state_dict_from_hf(reference.qformer.state_dict(), query_tokens=reference.query_tokens.detach())
+    )
+    connector.projection.load_state_dict(reference.language_projection.state_dict())
+    tokenizer = load_tokenizer(src, kopru_config)
+    processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count)
+    return model, processor
+
+
+def random_inputs(reference: Blip2ForConditionalGeneration, model: KopruForConditionalGeneration):
+    """Two prompts, one image each, the `num_query_tokens` image positions in the middle of random text."""
+    config = reference.config
+    image_size = config.vision_config.image_size
+    per_image = model.image_count.placeholders
+    if per_image != config.num_query_tokens:
+        raise ValueError(f"expected {config.num_query_tokens} image positions per image, found {per_image}")
+    text_ids = torch.randint(0, min(config.text_config.vocab_size, 1000), (2, 12))
+    text_ids[text_ids == config.image_token_id] = 0 if config.image_token_id != 0 else 1
+    image = torch.full((2, per_image), config.image_token_id)
+    input_ids = torch.cat([text_ids[:, :5], image, text_ids[:, 5:]], dim=1)
+    pixel_values = torch.randn(2, 3, image_size, image_size)
+    inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": torch.ones_like(input_ids)}
+    return inputs, inputs

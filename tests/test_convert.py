@@ -1,0 +1,253 @@
+"""Converting HF LLaVA and BLIP-2 checkpoints: the converted model, reloaded from disk, matches HF's logits.
+
+Every reference is a tiny random HF model saved to a temporary directory with its tokenizer; nothing is
+downloaded. The real check is the reloaded Köprü model: it shares no module with the HF reference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    OPTConfig,
+    PreTrainedModel,
+    T5Config,
+)
+
+from kopru.convert import CONVERTERS, convert
+from kopru.convert import blip2 as blip2_converter
+from kopru.model import KopruForConditionalGeneration
+from kopru.tiny import tiny_tokenizer
+
+ATOL = 1e-4
+IMAGE_SIZE, PATCH = 32, 8
+NUM_QUERIES = 6
+
+
+def tokenizer_with_image_token():
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    return tokenizer, tokenizer.convert_tokens_to_ids("<image>")
+
+
+def randomise(model: PreTrainedModel) -> None:
+    """HF's init leaves norms at 1/0 and biases at 0; randomise everything so the weight mapping is fully tested."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(mean=1.0 if param.dim() == 1 else 0.0, std=0.2)
+
+
+def save_reference(model: PreTrainedModel, tokenizer, path: Path) -> Path:
+    model.eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_llava(path: Path, **overrides) -> tuple[LlavaForConditionalGeneration, Path]:
+    torch.manual_seed(0)
+    tokenizer, image_id = tokenizer_with_image_token()
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        ),
+        image_token_id=image_id,
+        vision_feature_layer=overrides.pop("vision_feature_layer", -2),
+        **overrides,
+    )
+    model = LlavaForConditionalGeneration(config)
+    randomise(model)
+    return model, save_reference(model, tokenizer, path)
+
+
+def blip2_config(text_config, image_id: int | None) -> Blip2Config:
+    return Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=IMAGE_SIZE, patch_size=PATCH,
+        ),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            cross_attention_frequency=1,
+        ),
+        text_config=text_config,
+        num_query_tokens=NUM_QUERIES,
+        image_token_id=image_id,
+    )
+
+
+def build_blip2(path: Path) -> tuple[Blip2ForConditionalGeneration, Path]:
+    torch.manual_seed(1)
+    tokenizer, image_id = tokenizer_with_image_token()
+    text = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    model = Blip2ForConditionalGeneration(blip2_config(text, image_id))
+    randomise(model)
+    return model, save_reference(model, tokenizer, path)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> tuple[LlavaForConditionalGeneration, Path]:
+    return build_llava(tmp_path_factory.mktemp("llava") / "hf")
+
+
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory) -> tuple[Blip2ForConditionalGeneration, Path]:
+    return build_blip2(tmp_path_factory.mktemp("blip2") / "hf")
+
+
+def fresh_inputs(image_id: int, per_image: int, vocab: int, seed: int = 123) -> dict[str, torch.Tensor]:
+    """Two prompts with the image block at different offsets; the second left-padded by three positions."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for before, after in ((3, 9), (7, 2)):
+        text = torch.randint(3, min(vocab, image_id), (before + after,), generator=generator)
+        rows.append(torch.cat([text[:before], torch.full((per_image,), image_id), text[before:]]))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((2, width), 2)
+    attention_mask = torch.zeros(2, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = row
+        attention_mask[i, width - len(row):] = 1
+    pixel_values = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+@torch.no_grad()
+def reloaded_logit_diff(reference: PreTrainedModel, dst: Path, image_id: int, per_image: int) -> float:
+    """Largest |logit difference| of the converted model, loaded from `dst`, against the HF reference."""
+    model, processor = KopruForConditionalGeneration.from_pretrained(dst)
+    model.eval()
+    reference.eval()
+    assert model.image_count.placeholders == per_image
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == image_id
+    inputs = fresh_inputs(image_id, per_image, reference.config.text_config.vocab_size)
+    expected = reference(**inputs).logits.float()
+    found = model(**inputs).logits.float()
+    assert found.shape == expected.shape
+    valid = inputs["attention_mask"].bool()
+    return float((expected[valid] - found[valid]).abs().max())
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA
+
+
+LLAVA_VARIANTS = {
+    "penultimate": {},
+    "two_layers": {"vision_feature_layer": [-2, -1]},
+    "full": {"vision_feature_select_strategy": "full"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LLAVA_VARIANTS))
+def test_llava_converts_and_reloads(variant: str, llava, tmp_path: Path) -> None:
+    if variant == "penultimate":
+        reference, src = llava
+    else:
+        reference, src = build_llava(tmp_path / "hf", **LLAVA_VARIANTS[variant])
+    patches = (IMAGE_SIZE // PATCH) ** 2
+    per_image = patches + int(variant == "full")
+
+    report = convert("llava", src, tmp_path / "kopru", verify=True)
+    assert report["strategy"] == "projection"
+    assert report["image_positions"] == per_image
+    assert report["max_abs_diff"] <= ATOL
+
+    model, _ = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
+    vision_width = reference.config.vision_config.hidden_size
+    assert model.connector.layers[0].in_features == vision_width * (2 if variant == "two_layers" else 1)
+    diff = reloaded_logit_diff(reference, tmp_path / "kopru", reference.config.image_token_id, per_image)
+    assert diff <= ATOL, f"reloaded {variant} LLaVA differs from HF by {diff}"
+
+
+# ----------------------------------------------------------------------------------------------- BLIP-2
+
+
+def test_blip2_converts_and_reloads(blip2, tmp_path: Path) -> None:
+    reference, src = blip2
+    report = convert("blip2", src, tmp_path / "kopru", verify=True)
+    assert report["strategy"] == "qformer"
+    assert report["image_positions"] == NUM_QUERIES
+    assert report["max_abs_diff"] <= ATOL
+
+    model, _ = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
+    assert model.config.image_start_token is None and model.config.image_end_token is None
+    assert model.vision.num_tokens == (IMAGE_SIZE // PATCH) ** 2 + 1  # BLIP-2 keeps the CLS token
+    diff = reloaded_logit_diff(reference, tmp_path / "kopru", reference.config.image_token_id, NUM_QUERIES)
+    assert diff <= ATOL, f"reloaded BLIP-2 differs from HF by {diff}"
+
+
+def test_blip2_tokenizer_without_image_token(blip2, tmp_path: Path) -> None:
+    _, src = blip2
+    broken = shutil.copytree(src, tmp_path / "hf")
+    for file in broken.glob("tokenizer*"):
+        file.unlink()
+    (broken / "special_tokens_map.json").unlink(missing_ok=True)
+    tiny_tokenizer().save_pretrained(broken)
+    with pytest.raises(ValueError, match=r"expected '<image>' -> \d+, found"):
+        convert("blip2", broken, None)
+
+
+def test_blip2_encoder_decoder_llm_is_refused() -> None:
+    text = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    reference = Blip2ForConditionalGeneration(blip2_config(text, image_id=63))
+    with pytest.raises(ValueError, match="decoder-only.*found text model_type 't5'"):
+        blip2_converter.to_kopru(reference, "unused")
+
+
+def test_blip2_without_image_token_id_is_refused(blip2, monkeypatch) -> None:
+    reference, src = blip2
+    monkeypatch.setattr(reference.config, "image_token_index", None)
+    with pytest.raises(ValueError, match="image_token_id"):
+        blip2_converter.to_kopru(reference, str(src))
+
+
+# ------------------------------------------------------------------------------------------- CLI, errors
+
+
+def test_cli_convert_json(llava, tmp_path: Path) -> None:
+    _, src = llava
+    dst = tmp_path / "kopru"
+    result = subprocess.run(
+        [sys.executable, "-m", "kopru.cli", "convert", "--from", "llava", str(src), str(dst), "--verify", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["from"] == "llava" and report["dst"] == str(dst)
+    assert report["max_abs_diff"] <= ATOL
+    assert (dst / "kopru_config.json").is_file()
+
+
+def test_missing_source_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert("llava", tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_format_lists_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nope") as error:
+        convert("nope", tmp_path, tmp_path / "out")
+    for kind in CONVERTERS:
+        assert kind in str(error.value)
