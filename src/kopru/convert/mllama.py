@@ -1,0 +1,295 @@
+"""HF `MllamaForConditionalGeneration` (Llama-3.2-Vision) -> Köprü `cross_attention` strategy.
+
+Language side. Mllama's text decoder interleaves self-attention layers with gated cross-attention layers
+(`text_config.cross_attention_layers`, [3, 8, 13, ...] in the 11B model). Köprü splits them apart:
+
+* the self-attention layers, with the embeddings, final norm and `lm_head`, become a plain
+  `LlamaForCausalLM` (rope parameters, RMSNorm eps, heads, key/value heads, sizes copied from the text
+  config);
+* each cross-attention layer becomes a `GatedCrossAttentionBlock` placed in front of the self-attention layer
+  that followed it in Mllama: block positions [3, 7, 11, ...] for [3, 8, 13, ...]. Two adjacent
+  cross-attention layers, or one at the very end, have no such layer and are refused.
+
+Vocabulary. Mllama's `embed_tokens` has `vocab_size + 8` rows (the extra rows hold `<|image|>` and friends)
+while its `lm_head` has `vocab_size`. A causal LM needs one size for both, so the Llama gets `vocab_size + 8`
+and the 8 extra `lm_head` rows are zero: the first `vocab_size` logits equal Mllama's, the extra tokens (which
+Mllama cannot emit at all) get logit 0. Mask them when sampling if that matters; for a trained model the top
+logits are far above 0, so greedy decoding is not affected in practice.
+
+Vision side. `MllamaVisionModel` takes tiled images ([B, images, tiles, 3, H, W] plus aspect-ratio ids and
+masks). `MllamaSingleTileVisionModel` below adapts it to the `VisionTower` interface ([images, 3, H, W] ->
+[images, tokens, vision_output_dim]): every image is one tile (aspect ratio 1x1, id = index of [1, 1]
+in `supported_aspect_ratios` + 1, aspect-ratio mask [1, 0, ...]). It still runs all `max_num_tiles` tiles
+with the unused ones zero, exactly as HF's processor pads them: Mllama's encoder lets real patches attend to
+padding patches (its mask only hides padding from padding), so only that reproduces HF's features exactly
+(at max_num_tiles times the compute of one tile). The image states are tile 0's: (image_size /
+patch_size)^2 patches + CLS, `vision_output_dim` wide (last layer and the intermediate layers, as Mllama
+concatenates them), so `feature_layer` must stay -1. Köprü's image preprocessing squashes a picture to one
+`image_size` tile; HF's processor would instead split a large picture into up to `max_num_tiles` tiles, which
+this conversion does not do (limitation: single-tile images only; multi-tile inputs are not supported).
+
+Semantics. Mllama text rows that see no image still get cross-attention output (uniform attention over all
+image positions; only the MLP is zeroed by `full_text_row_masked_out_mask`); Köprü zeroes both, so text before
+the first image gets no image signal. The two agree when every row sees an image, i.e. when the prompt starts
+with the image placeholder(s) -- which is how Llama-3.2-Vision prompts are written, and what `random_inputs`
+uses. Köprü's blocks attend to every image before a token ("previous"); HF's processor builds that mask for
+consecutive images only (non-consecutive ones see just the most recent image). In the text an image is one
+`<|image|>` (`config.image_token_id`) and there are no markers, as in Mllama.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, MllamaForConditionalGeneration, MllamaVisionModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.connectors.cross_attention import CrossAttentionConfig, CrossAttentionConnector
+from kopru.convert.common import image_preprocessor, load_tokenizer
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
+from kopru.vision import VisionTower
+
+EXTRA_EMBEDDINGS = 8  # MllamaTextModel.embed_tokens has vocab_size + 8 rows
+IMAGE_TOKEN = "<|image|>"
+
+
+# ------------------------------------------------------------------------------------------------ vision
+def single_tile_aspect_ratio_id(config) -> int:
+    """Mllama's aspect-ratio id of a 1x1 tiling (ids are 1-based; 0 is padding)."""
+    ratios = [list(ratio) for ratio in config.supported_aspect_ratios]
+    if [1, 1] not in ratios:
+        raise ValueError(f"expected [1, 1] among the encoder's supported_aspect_ratios, found {ratios}")
+    return ratios.index([1, 1]) + 1
+
+
+def single_tile_inputs(pixel_values: torch.Tensor, config) -> dict[str, torch.Tensor]:
+    """[images, 3, H, W] -> MllamaVisionModel inputs with one image per sample, each image one tile."""
+    if pixel_values.dim() != 4:
+        raise ValueError(f"expected pixel_values [images, 3, H, W], found shape {tuple(pixel_values.shape)}")
+    images = pixel_values.shape[0]
+    tiles = pixel_values.new_zeros(images, 1, config.max_num_tiles, *pixel_values.shape[1:])
+    tiles[:, 0, 0] = pixel_values
+    device = pixel_values.device
+    aspect_ratio_ids = torch.full((images, 1), single_tile_aspect_ratio_id(config), device=device)
+    aspect_ratio_mask = torch.zeros(images, 1, config.max_num_tiles, dtype=torch.long, device=device)
+    aspect_ratio_mask[..., 0] = 1
+    return {"pixel_values": tiles, "aspect_ratio_ids": aspect_ratio_ids,
+            "aspect_ratio_mask": aspect_ratio_mask}
+
+
+class MllamaSingleTileVisionModel(MllamaVisionModel):
+    """`MllamaVisionModel` on plain [images, 3, H, W] pixels, each image one tile; the weights (and their
+    names) are MllamaVisionModel's, so `vision/` of a converted model is an ordinary Mllama vision checkpoint.
+
+    Output: `last_hidden_state` and `hidden_states[-1]` = tile 0's features [images, patches + 1,
+    vision_output_dim] (what Mllama's multi-modal projector consumes). There is one entry in `hidden_states`.
+    """
+
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> BaseModelOutput:
+        tiled = super().forward(**single_tile_inputs(pixel_values, self.config), **kwargs).last_hidden_state
+        features = tiled[:, 0, 0]  # [images, 1 image, tiles, patches, dim] -> tile 0
+        return BaseModelOutput(last_hidden_state=features, hidden_states=(features,))
+
+
+# ---------------------------------------------------------------------------------------------- language
+def block_positions(cross_attention_layers: list[int], num_layers: int) -> list[int]:
+    """For each Mllama cross-attention layer, the index among the self-attention layers of the next layer."""
+    cross = sorted(cross_attention_layers)
+    if len(set(cross)) != len(cross) or any(not 0 <= i < num_layers for i in cross):
+        raise ValueError(
+            f"cross_attention_layers must be distinct indices in 0..{num_layers - 1}, found {cross}"
+        )
+    positions = [layer - before for before, layer in enumerate(cross)]
+    num_self = num_layers - len(cross)
+    if len(set(positions)) != len(positions) or positions and positions[-1] >= num_self:
+        raise ValueError(
+            f"Köprü places each gated block in front of a self-attention layer; cross_attention_layers "
+            f"{cross} of {num_layers} have two adjacent cross-attention layers or one at the end"
+        )
+    return positions
+
+
+def language_config(text) -> LlamaConfig:
+    """A Llama config for the self-attention layers of a `MllamaTextConfig`."""
+    return LlamaConfig(
+        vocab_size=text.vocab_size + EXTRA_EMBEDDINGS,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers - len(text.cross_attention_layers),
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        head_dim=text.hidden_size // text.num_attention_heads,
+        hidden_act=text.hidden_act,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        rope_parameters=dict(text.rope_parameters),
+        attention_dropout=text.dropout,
+        initializer_range=text.initializer_range,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
+    )
+
+
+def language_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM weights: embeddings, self-attention layers renumbered, norm, zero-padded lm_head."""
+    text = reference.model.language_model
+    cross = set(reference.config.text_config.cross_attention_layers)
+    state = {"model.embed_tokens.weight": text.embed_tokens.weight, "model.norm.weight": text.norm.weight}
+    self_layers = [layer for index, layer in enumerate(text.layers) if index not in cross]
+    for index, layer in enumerate(self_layers):
+        state.update({f"model.layers.{index}.{name}": t for name, t in layer.state_dict().items()})
+    head = reference.lm_head.weight.detach()
+    padded = head.new_zeros(head.shape[0] + EXTRA_EMBEDDINGS, head.shape[1])
+    padded[: head.shape[0]] = head
+    state["lm_head.weight"] = padded
+    return state
+
+
+def connector_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """CrossAttentionConnector weights: multi-modal projector, one gated block per cross-attention layer."""
+    text = reference.model.language_model
+    projector = reference.model.multi_modal_projector
+    state = {"projection.weight": projector.weight, "projection.bias": projector.bias}
+    for block, index in enumerate(sorted(reference.config.text_config.cross_attention_layers)):
+        layer = text.layers[index]
+        names = {
+            "input_norm.weight": layer.input_layernorm.weight,
+            "q_proj.weight": layer.cross_attn.q_proj.weight,
+            "k_proj.weight": layer.cross_attn.k_proj.weight,
+            "v_proj.weight": layer.cross_attn.v_proj.weight,
+            "o_proj.weight": layer.cross_attn.o_proj.weight,
+            "q_norm.weight": layer.cross_attn.q_norm.weight,
+            "k_norm.weight": layer.cross_attn.k_norm.weight,
+            "attn_gate": layer.cross_attn_attn_gate,
+            "post_attention_norm.weight": layer.post_attention_layernorm.weight,
+            "mlp.gate_proj.weight": layer.mlp.gate_proj.weight,
+            "mlp.up_proj.weight": layer.mlp.up_proj.weight,
+            "mlp.down_proj.weight": layer.mlp.down_proj.weight,
+            "mlp_gate": layer.cross_attn_mlp_gate,
+        }
+        state.update({f"blocks.{block}.{name}": t for name, t in names.items()})
+    return state
+
+
+def _build(make, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """`make()` on the meta device, then the (shared, not copied) tensors of `state`; no random init of a
+    billion-parameter module only to overwrite it. Non-persistent buffers (rotary frequencies) are rebuilt."""
+    with torch.device("meta"):
+        module = make()
+    module.load_state_dict({name: t.detach() for name, t in state.items()}, strict=True, assign=True)
+    for owner in list(module.modules()):
+        if any(b.is_meta for b in owner.buffers(recurse=False)) and hasattr(owner, "config"):
+            rebuilt = _rebuild(owner, device)
+            for name, buffer in rebuilt.named_buffers(recurse=False):
+                setattr(owner, name, buffer)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"conversion left tensors without values: {left[:5]}")
+    return module
+
+
+def _rebuild(owner: nn.Module, device: torch.device) -> nn.Module:
+    with torch.device(device):
+        return type(owner)(owner.config)
+
+
+def build_llm(reference: MllamaForConditionalGeneration) -> LlamaForCausalLM:
+    config = language_config(reference.config.text_config)
+    device = reference.lm_head.weight.device
+    llm = _build(lambda: LlamaForCausalLM(config), language_state_dict(reference), device)
+    llm.config.dtype = reference.lm_head.weight.dtype
+    return llm.eval()
+
+
+def build_vision(reference: MllamaForConditionalGeneration) -> MllamaSingleTileVisionModel:
+    source = reference.model.vision_model
+    device = source.patch_embedding.weight.device
+    vision = _build(lambda: MllamaSingleTileVisionModel(source.config), source.state_dict(), device)
+    vision.config.dtype = source.patch_embedding.weight.dtype
+    return vision.eval()
+
+
+# --------------------------------------------------------------------------------------------- converter
+def load_reference(src: str) -> MllamaForConditionalGeneration:
+    return MllamaForConditionalGeneration.from_pretrained(src, use_safetensors=True)
+
+
+def kopru_config(reference: MllamaForConditionalGeneration, src: str) -> KopruConfig:
+    text = reference.config.text_config
+    return KopruConfig(
+        vision=VisionTowerConfig(name_or_path=src, feature_layer=-1, drop_cls=False),
+        llm=src,
+        strategy="cross_attention",
+        connector=CrossAttentionConfig(
+            every_n_layers=None,
+            layers=block_positions(text.cross_attention_layers, text.num_hidden_layers),
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads,
+            intermediate_size=text.intermediate_size,
+            qk_norm=True,
+            attend_to="previous",
+        ),
+        image_token=IMAGE_TOKEN,
+        image_start_token=None,
+        image_end_token=None,
+        image_token_id=reference.config.image_token_id,
+    )
+
+
+def to_kopru(
+    reference: MllamaForConditionalGeneration, src: str
+) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
+    activation = reference.config.text_config.hidden_act
+    if activation != "silu":
+        raise ValueError(f"expected a SiLU (SwiGLU) text MLP like the gated blocks', found {activation!r}")
+    config = kopru_config(reference, src)
+    vision = VisionTower(build_vision(reference), config.vision)
+    llm = build_llm(reference)
+    device = reference.lm_head.weight.device
+    connector = _build(
+        lambda: CrossAttentionConnector(config.connector, vision.hidden_size, llm.config),
+        connector_state_dict(reference), device,
+    )
+    model = KopruForConditionalGeneration(config, vision, llm, connector)
+    tokenizer = load_tokenizer(src, config)
+    processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), config, model.image_count)
+    return model, processor
+
+
+def random_inputs(reference: MllamaForConditionalGeneration, model: KopruForConditionalGeneration,
+                  images_per_sample: int = 1, batch: int = 2, text_length: int = 10):
+    """`images_per_sample` single-tile images at the start of each prompt, then random text.
+
+    HF side: the same pixels as tile 0 of `max_num_tiles` (the rest zero, as HF's processor pads), and a
+    cross-attention mask in which each row sees the images up to its position (all rows see one).
+    """
+    config = reference.config
+    vision = config.vision_config
+    image_id = config.image_token_id
+    text_ids = torch.randint(0, min(image_id, config.text_config.vocab_size), (batch, text_length))
+    input_ids = torch.cat([torch.full((batch, images_per_sample), image_id), text_ids], dim=1)
+    pixels = torch.randn(batch * images_per_sample, 3, vision.image_size, vision.image_size)
+    tiled = single_tile_inputs(pixels, vision)
+    images_seen = torch.cumsum(input_ids == image_id, dim=1)  # [B, T]
+    sees = images_seen.unsqueeze(-1) > torch.arange(images_per_sample)  # [B, T, images]
+    cross_attention_mask = torch.zeros(*sees.shape, vision.max_num_tiles, dtype=torch.long)
+    cross_attention_mask[..., 0] = sees.long()
+    attention_mask = torch.ones_like(input_ids)
+    reference_inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": tiled["pixel_values"].unflatten(0, (batch, images_per_sample)).squeeze(2),
+        "aspect_ratio_ids": tiled["aspect_ratio_ids"].view(batch, images_per_sample),
+        "aspect_ratio_mask": tiled["aspect_ratio_mask"].view(batch, images_per_sample, -1),
+        "cross_attention_mask": cross_attention_mask,
+    }
+    kopru_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
+    return reference_inputs, kopru_inputs

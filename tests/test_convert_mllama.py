@@ -1,0 +1,173 @@
+"""Converting HF Llama-3.2-Vision (Mllama) into Köprü's `cross_attention` strategy matches HF's logits.
+
+The reference is a tiny random `MllamaForConditionalGeneration` (nothing downloaded) with every weight
+randomised, the tanh gates included: with HF's zero gates the cross-attention blocks would contribute nothing
+and the comparison would prove nothing. Images come first in each prompt so that every text row sees an image
+(where HF and Köprü treat image-less rows differently; see kopru.convert.mllama).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, MllamaConfig, MllamaForConditionalGeneration
+
+from kopru.convert import convert
+from kopru.convert import mllama as converter
+from kopru.model import KopruForConditionalGeneration
+from kopru.tiny import tiny_tokenizer
+
+ATOL = 1e-4
+IMAGE_SIZE, PATCH, MAX_TILES = 16, 4, 2  # 16 patches + CLS = 17 tokens per tile (Mllama pads them to 24)
+VISION_HIDDEN, INTERMEDIATE_LAYERS = 32, [0, 1]
+
+
+def tokenizer_with_image_token():
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([converter.IMAGE_TOKEN], special_tokens=True)
+    return tokenizer, tokenizer.convert_tokens_to_ids(converter.IMAGE_TOKEN)
+
+
+def tiny_mllama(cross_attention_layers: list[int], num_layers: int, seed: int = 0):
+    tokenizer, image_id = tokenizer_with_image_token()
+    # As in Llama-3.2-Vision: <|image|> is the first id past the text vocabulary (an extra embedding row).
+    assert image_id == len(tokenizer) - 1
+    config = MllamaConfig(
+        vision_config=dict(
+            hidden_size=VISION_HIDDEN, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+            intermediate_size=64, vision_output_dim=VISION_HIDDEN * (1 + len(INTERMEDIATE_LAYERS)),
+            image_size=IMAGE_SIZE, patch_size=PATCH, max_num_tiles=MAX_TILES,
+            intermediate_layers_indices=INTERMEDIATE_LAYERS, supported_aspect_ratios=[[1, 2], [1, 1], [2, 1]],
+        ),
+        text_config=dict(
+            vocab_size=image_id, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128, cross_attention_layers=cross_attention_layers,
+            rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        ),
+        image_token_index=image_id,
+    )
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # norms around 1, gates (tanh) well away from 0, everything else small and random
+        for name, param in model.named_parameters():
+            if "gate" in name and param.numel() == 1:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(mean=1.0 if param.dim() == 1 and "norm" in name else 0.0, std=0.2)
+    return model
+
+
+def save_reference(model: MllamaForConditionalGeneration, path: Path) -> Path:
+    tokenizer, _ = tokenizer_with_image_token()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory) -> Path:
+    return save_reference(tiny_mllama([1, 4], 6), tmp_path_factory.mktemp("mllama"))
+
+
+def max_diff(expected: torch.Tensor, found: torch.Tensor) -> float:
+    vocab = expected.shape[-1]
+    assert found.shape[-1] == vocab + converter.EXTRA_EMBEDDINGS
+    return float((expected.float() - found[..., :vocab].float()).abs().max())
+
+
+def test_block_positions():
+    assert converter.block_positions([3, 8, 13, 18, 23, 28, 33, 38], 40) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert converter.block_positions([0, 2], 4) == [0, 1]
+    with pytest.raises(ValueError, match="adjacent"):
+        converter.block_positions([2, 3], 6)
+    with pytest.raises(ValueError, match="at the end"):
+        converter.block_positions([1, 5], 6)
+
+
+@pytest.mark.parametrize(("cross_attention_layers", "num_layers"), [([1, 4], 6), ([3], 8), ([0, 2, 5], 8)])
+@torch.no_grad()
+def test_language_side_matches_hf(tmp_path, cross_attention_layers, num_layers):
+    """The Llama + gated blocks against Mllama's text path, given the same (projected) image states."""
+    reference = tiny_mllama(cross_attention_layers, num_layers, seed=num_layers)
+    model, _ = converter.to_kopru(reference, str(save_reference(reference, tmp_path)))
+    model.eval()
+    assert isinstance(model.llm, LlamaForCausalLM)
+    assert model.llm.config.num_hidden_layers == num_layers - len(cross_attention_layers)
+    assert model.connector.positions == converter.block_positions(cross_attention_layers, num_layers)
+    assert all(float(block.attn_gate.abs()) > 0.1 and float(block.mlp_gate.abs()) > 0.1
+               for block in model.connector.blocks)
+
+    config = reference.config
+    image_id, tokens = config.image_token_id, reference.model.vision_model.num_patches
+    batch, images, length = 2, 2, 9
+    text = torch.randint(0, image_id, (batch, length))
+    # Row 0: two consecutive images first; row 1: one image first, one inside the text.
+    input_ids = torch.cat([torch.full((batch, 1), image_id), text], dim=1)
+    input_ids[0, 1] = image_id
+    input_ids[1, 5] = image_id
+    images_seen = torch.cumsum(input_ids == image_id, dim=1)
+    states = torch.randn(batch, images, MAX_TILES, tokens, 64)  # padding tiles random: masked out by HF
+    sees = images_seen.unsqueeze(-1) > torch.arange(images)
+    cross_attention_mask = torch.zeros(batch, input_ids.shape[1], images, MAX_TILES, dtype=torch.long)
+    cross_attention_mask[..., 0] = sees.long()
+
+    expected = reference(
+        input_ids=input_ids, cross_attention_states=states.reshape(-1, tokens, 64),
+        cross_attention_mask=cross_attention_mask,
+    ).logits
+    context = model.connector.build_context(states[:, :, 0].reshape(-1, tokens, 64), images_seen[:, -1])
+    found = model.llm(input_ids=input_ids, kopru_image_context=context.for_positions(images_seen)).logits
+    assert max_diff(expected, found) <= ATOL
+
+    # The blocks matter: without the image context the logits differ.
+    text_only = model.llm(input_ids=input_ids).logits
+    assert max_diff(expected, text_only) > 1e-2
+    # Text-only prompts: Mllama skips its cross-attention layers, Köprü runs the bare Llama.
+    assert max_diff(reference(input_ids=text).logits, model.llm(input_ids=text).logits) <= ATOL
+
+
+@pytest.mark.parametrize("images_per_sample", [1, 2])
+@torch.no_grad()
+def test_end_to_end_from_pixels_and_reloaded(reference_dir, tmp_path, images_per_sample):
+    reference = converter.load_reference(str(reference_dir)).eval()
+    model, processor = converter.to_kopru(reference, str(reference_dir))
+    model.eval()
+    assert model.vision.num_tokens == reference.model.vision_model.num_patches
+    assert model.image_count.llm_positions == 1
+    torch.manual_seed(1)
+    reference_inputs, kopru_inputs = converter.random_inputs(reference, model, images_per_sample)
+    expected = reference(**reference_inputs).logits
+    assert max_diff(expected, model(**kopru_inputs).logits) <= ATOL
+    other_pixels = dict(kopru_inputs, pixel_values=torch.randn_like(kopru_inputs["pixel_values"]))
+    assert max_diff(expected, model(**other_pixels).logits) > 1e-2  # the pixels do reach the logits
+
+    model.save_pretrained(tmp_path / "kopru", processor)
+    reloaded, reloaded_processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
+    reloaded.eval()
+    assert type(reloaded.vision.encoder) is converter.MllamaSingleTileVisionModel
+    assert reloaded_processor.config.image_token_id == reference.config.image_token_id
+    assert max_diff(expected, reloaded(**kopru_inputs).logits) <= ATOL
+
+
+def test_convert_verifies(reference_dir, tmp_path):
+    report = convert("mllama", reference_dir, tmp_path / "out", verify=True)
+    assert report["strategy"] == "cross_attention"
+    assert report["image_positions"] == 1
+    assert report["max_abs_diff"] <= ATOL
+    assert (tmp_path / "out" / "connector.safetensors").is_file()
+
+
+def test_processor_prompt_runs(reference_dir):
+    """The converted processor and model accept a prompt with the `<|image|>` placeholder first."""
+    from PIL import Image
+
+    reference = converter.load_reference(str(reference_dir))
+    model, processor = converter.to_kopru(reference, str(reference_dir))
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    inputs = processor(converter.IMAGE_TOKEN + "what colour is the shape?", images=[image])
+    assert int((inputs["input_ids"] == reference.config.image_token_id).sum()) == 1
+    assert inputs["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    new = model.eval().generate(**inputs, max_new_tokens=3)
+    assert new.shape == (1, 3)
