@@ -42,10 +42,11 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     eos_token_id: int | list[int] | None = None,
-    pad_token_id: int = 0,
+    pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Returns the new tokens [batch, <= max_new_tokens]; a finished row is filled with `pad_token_id`.
+    """Returns the new tokens [batch, <= max_new_tokens]; a finished row is filled with `pad_token_id`
+    (default: the LLM config's pad id, else the first eos id, else 0).
 
     Prompts must be left padded (`processor(..., padding_side="left")`).
     """
@@ -55,8 +56,10 @@ def generate(
         raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
     llm = model.llm
     eos = torch.tensor([] if eos_token_id is None else
-                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long, device=input_ids.device)
     temperature = temperature if do_sample else 0.0
+    if pad_token_id is None:
+        pad_token_id = llm.config.pad_token_id if llm.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
 
     embeds, extra = model.prepare_inputs(input_ids, pixel_values)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -79,7 +82,7 @@ def generate(
         next_token = next_token.masked_fill(finished, pad_token_id)
         tokens.append(next_token)
         finished |= torch.isin(next_token, eos)
-        if bool(finished.all()):
+        if bool(finished.all()) or len(tokens) == max_new_tokens:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         out = llm(input_ids=next_token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,

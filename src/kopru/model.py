@@ -67,8 +67,8 @@ class KopruForConditionalGeneration(nn.Module):
         check_tokenizer_fits(tokenizer, llm)
         vocab = add_image_tokens(tokenizer, config)
         if vocab > llm.get_input_embeddings().num_embeddings:
-            llm.resize_token_embeddings(vocab)
-        model = cls(config, vision, llm)
+            _grow_embeddings(llm, vocab)
+        model = cls(config, vision, llm).eval()
         image_processor = ImagePreprocessor.from_pretrained(config.vision.name_or_path, vision.image_size)
         return model, KopruProcessor(tokenizer, image_processor, config, model.image_count)
 
@@ -158,16 +158,17 @@ class KopruForConditionalGeneration(nn.Module):
             self.llm.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------- save / load
-    def save_pretrained(self, path: str | Path, processor: KopruProcessor | None = None) -> None:
-        """Whole model: written to a temporary folder beside `path`, then renamed into place."""
+    def save_pretrained(self, path: str | Path, processor: KopruProcessor) -> None:
+        """Whole model and its processor: written to a temporary folder beside `path`, then renamed into place."""
+        if not isinstance(processor, KopruProcessor):
+            raise TypeError(f"save_pretrained needs the model's KopruProcessor, found {type(processor).__name__}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             self.vision.encoder.save_pretrained(staging / "vision", safe_serialization=True)
             self.llm.save_pretrained(staging / "llm", safe_serialization=True)
-            if processor is not None:
-                processor.save_pretrained(staging / "llm", staging / "vision")
+            processor.save_pretrained(staging / "llm", staging / "vision")
             self._write_connector(staging)
             saved = dataclasses.replace(
                 self.config, llm="llm", vision=dataclasses.replace(self.config.vision, name_or_path="vision")
@@ -195,7 +196,7 @@ class KopruForConditionalGeneration(nn.Module):
         )
         vision = VisionTower.from_config(resolved.vision, dtype=dtype)
         llm = load_llm(resolved.llm, dtype=dtype)
-        model = cls(config, vision, llm)
+        model = cls(config, vision, llm).eval()
         model.load_connector_weights(path / CONNECTOR_FILE)
         processor = KopruProcessor.from_dirs(
             resolved.llm, resolved.vision.name_or_path, config, model.image_count, vision.image_size
@@ -251,6 +252,19 @@ class KopruForConditionalGeneration(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
+
+
+@torch.no_grad()
+def _grow_embeddings(llm: PreTrainedModel, vocab: int) -> None:
+    """Add rows for the image tokens, each the mean of the existing rows.
+
+    Deterministic on purpose (HF's mean resizing samples from the RNG): in stage 1 these rows stay frozen, so a
+    connector-only checkpoint reproduces the model exactly on freshly built backbones.
+    """
+    old = llm.get_input_embeddings().num_embeddings
+    llm.resize_token_embeddings(vocab, mean_resizing=False)
+    for embedding in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
+        embedding.weight[old:] = embedding.weight[:old].mean(0)
 
 
 def check_tokenizer_fits(tokenizer, llm: PreTrainedModel) -> None:

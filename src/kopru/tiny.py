@@ -46,7 +46,10 @@ def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    # unk_token names an existing id: AutoTokenizer loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer, which
+    # otherwise appends "<|endoftext|>" as its default unk and outgrows the LLM's embedding table.
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="</s>")
 
 
 def _vision(kind: str, image_size: int, patch_size: int, hidden: int, layers: int):

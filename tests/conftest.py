@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random backbones saved once per session in Hugging Face format, and model builders.
+
+Everything runs on CPU in float32 and eval mode; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.utils import logging as hf_logging
+
+from kopru import KopruConfig, KopruForConditionalGeneration, KopruProcessor, VisionTowerConfig
+from kopru.tiny import save_tiny_llm, save_tiny_vision
+
+hf_logging.disable_progress_bar()
+
+VISION_KINDS = ("clip", "siglip", "vit")
+LLM_KINDS = ("llama", "qwen2", "gpt2")
+STRATEGIES = ("projection", "qformer", "cross_attention")
+
+# The tiny backbones' sizes (kopru.tiny defaults): vision 32x32 images, 8x8 patches, width 32, 2 layers;
+# LLMs width 64, 4 layers.
+IMAGE_SIZE, PATCH_SIZE, VISION_HIDDEN, VISION_LAYERS = 32, 8, 32, 2
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+LLM_HIDDEN, LLM_LAYERS, NARROW_LLM_HIDDEN = 64, 4, 32
+
+QFORMER = {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
+CROSS_ATTENTION = {"every_n_layers": 2}
+CONNECTORS: dict[str, dict | None] = {
+    "projection": None, "qformer": QFORMER, "cross_attention": CROSS_ATTENTION,
+}
+
+
+@pytest.fixture(scope="session")
+def vision_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vision")
+    return {kind: save_tiny_vision(root / kind, kind) for kind in VISION_KINDS}
+
+
+@pytest.fixture(scope="session")
+def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llm")
+    return {
+        "llama": save_tiny_llm(root / "llama", "llama", tie=False),  # grouped-query attention, untied head
+        "qwen2": save_tiny_llm(root / "qwen2", "qwen2", tie=True),
+        "gpt2": save_tiny_llm(root / "gpt2", "gpt2"),
+        # Same family as "llama" but another width: a connector trained for one does not fit the other.
+        "llama_narrow": save_tiny_llm(root / "llama_narrow", "llama", hidden=NARROW_LLM_HIDDEN, tie=False),
+    }
+
+
+Builder = Callable[..., tuple[KopruForConditionalGeneration, KopruProcessor]]
+
+
+@pytest.fixture(scope="session")
+def build(vision_dirs: dict[str, Path], llm_dirs: dict[str, Path]) -> Builder:
+    """build(strategy, llm="llama", vision="clip", connector=<tiny default>, seed=0, **config)
+    -> (model, processor), the model in eval mode.
+
+    The seed fixes both the random connector and the rows `resize_token_embeddings` adds for the image tokens,
+    so two builds with the same arguments are the same model.
+    """
+
+    def _build(strategy: str = "projection", llm: str = "llama", vision: str = "clip", connector=None,
+               seed: int = 0, vision_config: dict | None = None, **config):
+        torch.manual_seed(seed)
+        kopru_config = KopruConfig(
+            vision=VisionTowerConfig(str(vision_dirs[vision]), **(vision_config or {})),
+            llm=str(llm_dirs[llm]),
+            strategy=strategy,
+            connector=CONNECTORS.get(strategy) if connector is None else connector,
+            **config,
+        )
+        model, processor = KopruForConditionalGeneration.from_backbones(kopru_config)
+        return model.eval(), processor
+
+    return _build
+
+
+@pytest.fixture(scope="session")
+def make_image() -> Callable[[int], Image.Image]:
+    """A deterministic random RGB image per seed (not square, so the processor has to resize it)."""
+
+    def _make(seed: int) -> Image.Image:
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+        return Image.fromarray(pixels)
+
+    return _make
