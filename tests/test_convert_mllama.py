@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, MllamaConfig, MllamaForConditionalGeneration
 
-from kopru.convert import convert
+from kopru.convert import convert, load_reference
 from kopru.convert import mllama as converter
 from kopru.model import KopruForConditionalGeneration
 from kopru.tiny import tiny_tokenizer
@@ -131,7 +131,7 @@ def test_language_side_matches_hf(tmp_path, cross_attention_layers, num_layers):
 @pytest.mark.parametrize("images_per_sample", [1, 2])
 @torch.no_grad()
 def test_end_to_end_from_pixels_and_reloaded(reference_dir, tmp_path, images_per_sample):
-    reference = converter.load_reference(str(reference_dir)).eval()
+    reference = load_reference("mllama", str(reference_dir)).eval()
     model, processor = converter.to_kopru(reference, str(reference_dir))
     model.eval()
     assert model.vision.num_tokens == reference.model.vision_model.num_patches
@@ -163,7 +163,7 @@ def test_processor_prompt_runs(reference_dir):
     """The converted processor and model accept a prompt with the `<|image|>` placeholder first."""
     from PIL import Image
 
-    reference = converter.load_reference(str(reference_dir))
+    reference = load_reference("mllama", str(reference_dir))
     model, processor = converter.to_kopru(reference, str(reference_dir))
     image = Image.new("RGB", (40, 30), (200, 30, 30))
     inputs = processor(converter.IMAGE_TOKEN + "what colour is the shape?", images=[image])

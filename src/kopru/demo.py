@@ -65,9 +65,10 @@ def run_demo(workdir: str | Path | None = None, steps: int = 40, seed: int = 0) 
         model, processor = KopruForConditionalGeneration.from_backbones(config)
         colours = list(COLOURS)
         images = [drawn_image(c) for c in colours]
-        texts = [f"<image>a {c} square" for c in colours]
-        batch = processor(texts, images, return_labels=True)
         eos = processor.tokenizer.eos_token_id
+        # The caption ends with eos so that generation learns where to stop.
+        texts = [f"<image>a {c} square{processor.tokenizer.eos_token}" for c in colours]
+        batch = processor(texts, images, return_labels=True)
         model.eval()
         with torch.no_grad():
             model(**batch)  # warm-up, so the timing below is of a steady-state forward

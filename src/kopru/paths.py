@@ -12,5 +12,10 @@ def looks_local(name_or_path: str) -> bool:
 
 def check_exists(name_or_path: str, what: str) -> None:
     """Raise FileNotFoundError when `name_or_path` can only be a local path and nothing is there."""
-    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+    if not looks_local(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
         raise FileNotFoundError(f"{what} path {name_or_path!r} does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"expected a Hugging Face {what} checkpoint (config.json) in {name_or_path!r}, found none")

@@ -1,7 +1,7 @@
 """Real checkpoints in: HF LLaVA, BLIP-2 and Llama-3.2-Vision (Mllama) turned into Köprü models.
 
-Each converter module provides `load_reference(src)` (the HF model, safetensors only), `to_kopru(reference,
-src)` (a Köprü model + processor with the same weights) and `random_inputs(reference)` (inputs on which both
+Each converter module provides `REFERENCE_CLASS` (the HF class it reads), `to_kopru(reference, src)` (a
+Köprü model + processor with the same weights) and `random_inputs(reference, model)` (inputs on which both
 are run to verify the conversion). `convert()` ties them together.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from kopru.paths import check_exists
 
@@ -28,7 +29,7 @@ def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = F
     """Convert the HF checkpoint at `src` into a Köprü model at `dst` (None: in memory only)."""
     module = converter(kind)
     check_exists(str(src), "source checkpoint")
-    reference = module.load_reference(str(src))
+    reference = load_reference(kind, str(src))
     model, processor = module.to_kopru(reference, str(src))
     report: dict[str, Any] = {"from": kind, "src": str(src), "strategy": model.config.strategy,
                               "image_positions": model.image_count.llm_positions}
@@ -38,6 +39,20 @@ def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = F
         model.save_pretrained(dst, processor)
         report["dst"] = str(dst)
     return report
+
+
+def load_reference(kind: str, src: str):
+    """The source model in its HF class, safetensors only; a checkpoint of another type is refused up front
+    (HF would build the class anyway and leave most weights random)."""
+    reference_class = converter(kind).REFERENCE_CLASS
+    expected = reference_class.config_class.model_type
+    try:
+        found = AutoConfig.from_pretrained(src).model_type
+    except OSError as error:
+        raise FileNotFoundError(f"expected a {expected} checkpoint (config.json) at {src!r}: {error}") from None
+    if found != expected:
+        raise ValueError(f"--from {kind} expects a checkpoint of model_type {expected!r}, found {found!r} at {src!r}")
+    return reference_class.from_pretrained(src, use_safetensors=True)
 
 
 @torch.no_grad()

@@ -17,9 +17,7 @@ from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.vision import VisionTower
 
-
-def load_reference(src: str) -> Blip2ForConditionalGeneration:
-    return Blip2ForConditionalGeneration.from_pretrained(src, use_safetensors=True)
+REFERENCE_CLASS = Blip2ForConditionalGeneration
 
 
 def to_kopru(reference: Blip2ForConditionalGeneration, src: str) -> tuple[KopruForConditionalGeneration, KopruProcessor]:

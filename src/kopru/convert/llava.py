@@ -12,9 +12,7 @@ from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.vision import VisionTower
 
-
-def load_reference(src: str) -> LlavaForConditionalGeneration:
-    return LlavaForConditionalGeneration.from_pretrained(src, use_safetensors=True)
+REFERENCE_CLASS = LlavaForConditionalGeneration
 
 
 def to_kopru(reference: LlavaForConditionalGeneration, src: str) -> tuple[KopruForConditionalGeneration, KopruProcessor]:

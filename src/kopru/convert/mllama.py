@@ -218,8 +218,7 @@ def build_vision(reference: MllamaForConditionalGeneration) -> MllamaSingleTileV
 
 
 # --------------------------------------------------------------------------------------------- converter
-def load_reference(src: str) -> MllamaForConditionalGeneration:
-    return MllamaForConditionalGeneration.from_pretrained(src, use_safetensors=True)
+REFERENCE_CLASS = MllamaForConditionalGeneration
 
 
 def kopru_config(reference: MllamaForConditionalGeneration, src: str) -> KopruConfig:
