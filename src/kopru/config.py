@@ -31,7 +31,7 @@ class VisionTowerConfig:
 
 @dataclass
 class KopruConfig:
-    vision: VisionTowerConfig
+    vision: VisionTowerConfig  # or just the encoder's path / hub id
     llm: str
     strategy: str = "projection"
     # The strategy's own dataclass (ProjectionConfig, QFormerConfig, CrossAttentionConfig); None = defaults.
@@ -62,6 +62,13 @@ class KopruConfig:
             )
         if isinstance(self.vision, dict):
             self.vision = _from_dict(VisionTowerConfig, self.vision)
+        elif isinstance(self.vision, str):
+            self.vision = VisionTowerConfig(self.vision)
+        if (self.image_start_token is None) != (self.image_end_token is None):
+            raise ValueError(
+                f"image markers come in pairs: found image_start_token={self.image_start_token!r}, "
+                f"image_end_token={self.image_end_token!r}; give both or neither"
+            )
 
     @property
     def uses_markers(self) -> bool:

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from kopru.connectors.cross_attention import CONTEXT_KWARG
+from kopru.model import check_blocks_ran
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -46,7 +47,8 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Returns the new tokens [batch, <= max_new_tokens]; a finished row is filled with `pad_token_id`
-    (default: the LLM config's pad id, else the first eos id, else 0).
+    (default: the LLM config's pad id, else the first eos id, else 0). A row stops at `eos_token_id` (default:
+    the LLM's generation config; `[]` never stops early).
 
     Prompts must be left padded (`processor(..., padding_side="left")`).
     """
@@ -55,6 +57,8 @@ def generate(
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
     llm = model.llm
+    if eos_token_id is None:
+        eos_token_id = llm.generation_config.eos_token_id
     eos = torch.tensor([] if eos_token_id is None else
                        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long, device=input_ids.device)
     temperature = temperature if do_sample else 0.0
@@ -67,6 +71,7 @@ def generate(
     cache_kwargs = {model._cache_argument: cache}
     out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
               logits_to_keep=1, **cache_kwargs, **extra)
+    check_blocks_ran(extra)
     step_extra = {}
     if CONTEXT_KWARG in extra:
         # Every new token comes after all of the prompt's images.

@@ -12,9 +12,7 @@ import torch
 from PIL import Image
 
 CONFIG_NAME = "preprocessor_config.json"
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_RESAMPLE = {0: Image.Resampling.NEAREST, 2: Image.Resampling.BILINEAR, 3: Image.Resampling.BICUBIC}
+_RESAMPLE = {int(mode): mode for mode in Image.Resampling}  # PIL codes as HF configs store them
 
 
 @dataclass
@@ -27,6 +25,16 @@ class ImagePreprocessor:
     resample: int = 3  # PIL code; 3 = bicubic
 
     @classmethod
+    def for_encoder(cls, name_or_path: str, vision) -> ImagePreprocessor:
+        """The encoder checkpoint's own preprocessing (its `preprocessor_config.json`, local or from the hub
+        cache); without one, its native size and its family's mean/std (see kopru.vision.VISION_BACKBONES)."""
+        file = _find_config(name_or_path)
+        if file is not None:
+            return cls._from_file(file, vision.image_size)
+        mean, std = vision.backbone.image_mean, vision.backbone.image_std
+        return cls(size=vision.image_size, image_mean=mean, image_std=std)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, default_size: int | None = None) -> ImagePreprocessor:
         """Read an HF `preprocessor_config.json` (CLIP, SigLIP, ViT, Köprü's own); fall back to `default_size`."""
         file = Path(path) / CONFIG_NAME
@@ -34,6 +42,10 @@ class ImagePreprocessor:
             if default_size is None:
                 raise FileNotFoundError(f"expected {CONFIG_NAME} in {path}, found none and no default size given")
             return cls(size=default_size)
+        return cls._from_file(file, default_size)
+
+    @classmethod
+    def _from_file(cls, file: Path, default_size: int | None) -> ImagePreprocessor:
         data = json.loads(file.read_text())
         if "mode" in data and "size" in data and isinstance(data["size"], int):  # our own format
             return cls(**{k: data[k] for k in asdict(cls()) if k in data})
@@ -77,3 +89,16 @@ class ImagePreprocessor:
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)
         return (pixels - mean) / std
+
+
+def _find_config(name_or_path: str) -> Path | None:
+    local = Path(name_or_path) / CONFIG_NAME
+    if Path(name_or_path).is_dir():
+        return local if local.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(name_or_path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    return Path(found) if found else None

@@ -30,12 +30,12 @@ def load_llm(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedM
 def decoder_layers(llm: PreTrainedModel) -> nn.ModuleList:
     """The LLM's stack of decoder layers, found structurally (Llama `model.layers`, GPT-2 `transformer.h`, ...)."""
     count = llm.config.num_hidden_layers
-    for module in llm.base_model.children():
+    for module in llm.base_model.modules():  # the first such list, at any depth (OPT: model.decoder.layers)
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     raise ValueError(
         f"could not find a list of {count} decoder layers in {type(llm).__name__}; "
-        "expected an nn.ModuleList child of its base model"
+        "expected an nn.ModuleList of that length inside its base model"
     )
 
 

@@ -10,6 +10,7 @@ load through the same code path as any encoder / causal LM) and `connector.safet
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.connectors import Connector, strategy_class
-from kopru.connectors.cross_attention import CONTEXT_KWARG, CrossAttentionConnector, ImageContext
+from kopru.connectors.cross_attention import CONTEXT_KWARG
 from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
 from kopru.processing import KopruProcessor, add_image_tokens
@@ -43,12 +44,15 @@ class KopruForConditionalGeneration(nn.Module):
         self.config = config
         self.vision = vision
         self.llm = llm
-        self.connector = connector or strategy_class(config.strategy)(config.connector, vision.hidden_size, llm.config)
+        if connector is None:
+            connector = strategy_class(config.strategy)(config.connector, vision.hidden_size, llm.config)
+            connector.to(dtype=next(llm.parameters()).dtype)
+        self.connector = connector
         self.image_count = count_image_tokens(config, vision.num_tokens)
         self._cache_argument = cache_argument(llm)
-        if isinstance(self.connector, CrossAttentionConnector):
+        if not connector.llm_trains_in_stage2:
             llm.requires_grad_(False)  # the base LLM stays frozen; only the gated blocks (and resampler) learn
-            self.connector.attach(llm)
+        connector.attach(llm)
         marker_ids = [config.image_token_id, config.image_start_token_id, config.image_end_token_id]
         self.register_buffer("_image_ids", torch.tensor([i for i in marker_ids if i is not None]), persistent=False)
 
@@ -69,7 +73,8 @@ class KopruForConditionalGeneration(nn.Module):
         if vocab > llm.get_input_embeddings().num_embeddings:
             _grow_embeddings(llm, vocab)
         model = cls(config, vision, llm).eval()
-        image_processor = ImagePreprocessor.from_pretrained(config.vision.name_or_path, vision.image_size)
+        model.connector.init_pretrained_weights()
+        image_processor = ImagePreprocessor.for_encoder(config.vision.name_or_path, vision)
         return model, KopruProcessor(tokenizer, image_processor, config, model.image_count)
 
     # ------------------------------------------------------------------------------------------------ forward
@@ -78,27 +83,22 @@ class KopruForConditionalGeneration(nn.Module):
         return self.connector(self.vision(pixel_values))
 
     def prepare_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-        image_context: ImageContext | None = None,
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict]:
-        """Text embeddings with the images in them, and the extra keyword arguments for the LLM call.
-
-        For `cross_attention`, pass the `image_context` of an earlier call to reuse its keys/values.
-        """
+        """Text embeddings with the images in them, and the extra keyword arguments for the LLM call."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_placeholder = input_ids == self.config.image_token_id
-        if pixel_values is None and image_context is None:
+        if pixel_values is None:
             if bool(is_placeholder.any()):
                 raise ValueError(
                     f"the text holds {int(is_placeholder.sum())} image placeholder position(s) but no images were given"
                 )
             return embeds, {}
         if not self.connector.splices_into_text:
-            if image_context is None:
-                images_per_sample = is_placeholder.sum(1)
-                self._check_image_count(int(images_per_sample.sum()), pixel_values.shape[0], per_image=1)
-                states = self.encode_images(pixel_values).to(embeds.dtype)
-                image_context = self.connector.build_context(states, images_per_sample)
+            images_per_sample = is_placeholder.sum(1)
+            self._check_image_count(int(images_per_sample.sum()), pixel_values.shape[0], per_image=1)
+            states = self.encode_images(pixel_values).to(embeds.dtype)
+            image_context = self.connector.build_context(states, images_per_sample)
             images_seen = torch.cumsum(is_placeholder, dim=1)
             return embeds, {CONTEXT_KWARG: image_context.for_positions(images_seen)}
         features = self.encode_images(pixel_values).to(embeds.dtype)
@@ -120,24 +120,30 @@ class KopruForConditionalGeneration(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        image_context: ImageContext | None = None,
         **llm_kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits, and with `labels` the causal-LM loss; image and marker positions never count in the loss."""
-        embeds, extra = self.prepare_inputs(input_ids, pixel_values, image_context)
+        embeds, extra = self.prepare_inputs(input_ids, pixel_values)
         if labels is not None:
             labels = labels.masked_fill(torch.isin(input_ids, self._image_ids), IGNORE_INDEX)
         if "cache" in llm_kwargs and self._cache_argument != "cache":
             llm_kwargs[self._cache_argument] = llm_kwargs.pop("cache")
-        return self.llm(
+        output = self.llm(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
             **extra, **llm_kwargs,
         )
+        check_blocks_ran(extra)
+        return output
+
+    def count_loss_tokens(self, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
+        """Positions that count in the loss (after the causal shift, image positions excluded)."""
+        labels = labels.masked_fill(torch.isin(input_ids, self._image_ids), IGNORE_INDEX)
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """New tokens [batch, new]; see `kopru.generation.generate` for the options."""
-        from kopru.generation import generate
+        from kopru.generation import generate  # generation imports this module
 
         return generate(self, input_ids, attention_mask, pixel_values, **kwargs)
 
@@ -154,7 +160,8 @@ class KopruForConditionalGeneration(nn.Module):
         `cross_attention` keeps its base LLM frozen in every stage (Flamingo, Llama-3.2-Vision).
         """
         self.freeze_for_stage1()
-        if self.connector.splices_into_text:
+        self.vision.encoder.requires_grad_(self.config.vision.trainable)
+        if self.connector.llm_trains_in_stage2:
             self.llm.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------- save / load
@@ -163,6 +170,11 @@ class KopruForConditionalGeneration(nn.Module):
         if not isinstance(processor, KopruProcessor):
             raise TypeError(f"save_pretrained needs the model's KopruProcessor, found {type(processor).__name__}")
         path = Path(path)
+        if path.exists() and any(path.iterdir()) and not (path / CONFIG_FILE).is_file():
+            raise FileExistsError(
+                f"{path} exists and is not a Köprü model directory (no {CONFIG_FILE}); expected a new or empty "
+                "directory, or an earlier save to replace"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -220,16 +232,41 @@ class KopruForConditionalGeneration(nn.Module):
                 f"connector checkpoint at {path} is for strategy {saved.strategy!r} with {saved.connector}; "
                 f"this model has {self.config.strategy!r} with {self.config.connector}"
             )
-        self.load_connector_weights(path / CONNECTOR_FILE)
+        tensors = self._fitting_connector_weights(path / CONNECTOR_FILE)
+        mine, theirs = self._backbone_identity(), _read_metadata(path / CONNECTOR_FILE)
+        differ = {k: (mine[k], theirs.get(k)) for k in mine if k in theirs and theirs[k] != mine[k]}
+        if differ:
+            raise ValueError(
+                f"connector checkpoint at {path} was trained on other backbones: "
+                + ", ".join(f"{k}: this model {a!r}, checkpoint {b!r}" for k, (a, b) in differ.items())
+            )
+        self.connector.load_state_dict(tensors)
+
+    def _backbone_identity(self) -> dict[str, str]:
+        """What a connector depends on beyond its own shapes: which features it reads, which LLM it writes to."""
+        vision, llm = self.vision, self.llm.config
+        return {
+            "vision_model_type": vision.encoder.config.model_type,
+            "feature_layers": json.dumps(vision.feature_layers),
+            "drop_cls": str(vision.drop_cls),
+            "final_norm": str(vision.config.final_norm),
+            "llm_model_type": llm.model_type,
+            "llm_hidden_size": str(llm.hidden_size),
+            "markers": json.dumps([self.config.image_start_token, self.config.image_end_token]),
+        }
 
     def _write_connector(self, directory: Path) -> None:
         tensors = {name: t.detach().contiguous() for name, t in self.connector.state_dict().items()}
         target = directory / CONNECTOR_FILE
         temporary = target.with_suffix(".tmp")
-        save_file(tensors, str(temporary), metadata={"strategy": self.config.strategy})
+        save_file(tensors, str(temporary), metadata={"strategy": self.config.strategy, **self._backbone_identity()})
         temporary.replace(target)
 
     def load_connector_weights(self, file: str | Path) -> None:
+        self.connector.load_state_dict(self._fitting_connector_weights(file))
+
+    def _fitting_connector_weights(self, file: str | Path) -> dict[str, torch.Tensor]:
+        """The tensors of a connector file, after checking every name and shape against this connector."""
         file = Path(file)
         if not file.is_file():
             raise FileNotFoundError(f"expected connector weights at {file}, found nothing")
@@ -247,7 +284,7 @@ class KopruForConditionalGeneration(nn.Module):
                 f"connector weights in {file} do not fit the {self.config.strategy!r} config: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}"
             )
-        self.connector.load_state_dict(loaded)
+        return loaded
 
     @property
     def device(self) -> torch.device:
@@ -267,6 +304,26 @@ def _grow_embeddings(llm: PreTrainedModel, vocab: int) -> None:
         embedding.weight[old:] = embedding.weight[:old].mean(0)
 
 
+def check_blocks_ran(llm_kwargs: dict) -> None:
+    """Cross-attention reaches the LLM through its decoder layers' keyword arguments; an LLM class that does not
+    pass them on would silently ignore the images."""
+    context = llm_kwargs.get(CONTEXT_KWARG)
+    if context is not None and len(context.ran) != len(context.blocks):
+        raise RuntimeError(
+            f"{len(context.blocks)} gated cross-attention block(s) should have run, {len(context.ran)} did: this LLM "
+            "does not pass extra keyword arguments on to its decoder layers; use projection or qformer with it"
+        )
+
+
+def _read_metadata(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"expected connector weights at {file}, found nothing")
+    with safe_open(str(file), "pt") as handle:
+        return handle.metadata() or {}
+
+
 def check_tokenizer_fits(tokenizer, llm: PreTrainedModel) -> None:
     """A tokenizer with more ids than the LLM has embedding rows belongs to another model."""
     rows = llm.get_input_embeddings().num_embeddings
@@ -275,6 +332,16 @@ def check_tokenizer_fits(tokenizer, llm: PreTrainedModel) -> None:
             f"tokenizer does not match the LLM: it has {len(tokenizer)} tokens, the LLM's embedding table has "
             f"{rows} rows"
         )
+    model_eos = {*_ids(llm.config.eos_token_id), *_ids(getattr(llm.generation_config, "eos_token_id", None))}
+    if tokenizer.eos_token_id is not None and model_eos and tokenizer.eos_token_id not in model_eos:
+        raise ValueError(
+            f"tokenizer does not match the LLM: its end-of-sequence id is {tokenizer.eos_token_id}, the LLM's "
+            f"config expects one of {sorted(model_eos)}"
+        )
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def _resolve(root: Path, name: str) -> str:

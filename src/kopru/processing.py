@@ -66,21 +66,16 @@ class KopruProcessor:
         images: list[Image.Image] | list[list[Image.Image]] | None = None,
         padding_side: str = "right",
         return_labels: bool = False,
+        add_special_tokens: bool = True,
     ) -> dict[str, torch.Tensor]:
         """`images` in order of appearance: a flat list for the batch, or one list per text.
 
         Right padding for training, `padding_side="left"` for generation.
         """
         texts = [text] if isinstance(text, str) else list(text)
-        flat = _flatten_images(images, len(texts))
-        placeholders = sum(t.count(self.config.image_token) for t in texts)
-        if placeholders != len(flat):
-            raise ValueError(
-                f"the text holds {placeholders} {self.config.image_token!r} placeholder(s) but {len(flat)} "
-                "image(s) were given; expected one image per placeholder"
-            )
-        self.tokenizer.padding_side = padding_side
-        encoded = self.tokenizer([self.expand(t) for t in texts], return_tensors="pt", padding=True)
+        flat = self._images_in_order(texts, images)
+        encoded = self.tokenizer([self.expand(t) for t in texts], return_tensors="pt", padding=True,
+                                 padding_side=padding_side, add_special_tokens=add_special_tokens)
         batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if flat:
             batch["pixel_values"] = self.image_processor(flat)
@@ -88,6 +83,31 @@ class KopruProcessor:
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             batch["labels"] = labels
         return batch
+
+    def _images_in_order(self, texts: list[str], images) -> list[Image.Image]:
+        """All images in order of appearance; with one list per text, each list must match its text."""
+        token = self.config.image_token
+        if images is None:
+            images = []
+        elif isinstance(images, Image.Image):
+            images = [images]
+        if images and all(isinstance(item, list | tuple) for item in images):
+            if len(images) != len(texts):
+                raise ValueError(f"expected one list of images per text ({len(texts)}), found {len(images)} lists")
+            for index, (text, per_text) in enumerate(zip(texts, images, strict=True)):
+                if text.count(token) != len(per_text):
+                    raise ValueError(
+                        f"text {index} holds {text.count(token)} {token!r} placeholder(s) but {len(per_text)} "
+                        "image(s) were given for it"
+                    )
+            return [image for per_text in images for image in per_text]
+        placeholders = sum(t.count(token) for t in texts)
+        if placeholders != len(images):
+            raise ValueError(
+                f"the text holds {placeholders} {token!r} placeholder(s) but {len(images)} image(s) were given; "
+                "expected one image per placeholder"
+            )
+        return list(images)
 
     def decode(self, token_ids: torch.Tensor | list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -108,15 +128,3 @@ class KopruProcessor:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return cls(tokenizer, ImagePreprocessor.from_pretrained(vision_dir, image_size), config, image_count)
-
-
-def _flatten_images(images: list | None, num_texts: int) -> list[Image.Image]:
-    if images is None:
-        return []
-    if images and all(isinstance(item, list | tuple) for item in images):
-        if len(images) != num_texts:
-            raise ValueError(f"expected one list of images per text ({num_texts}), found {len(images)} lists")
-        return [image for per_text in images for image in per_text]
-    if isinstance(images, Image.Image):
-        return [images]
-    return list(images)

@@ -36,6 +36,9 @@ class VisionBackbone:
     load_kwargs: tuple[tuple[str, object], ...] = ()
     # The encoder config's attribute giving the width of one feature layer.
     width: str = "hidden_size"
+    # Pixel normalisation of the family, used when a checkpoint ships no preprocessor_config.json.
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def load_class(self) -> type[PreTrainedModel]:
         if isinstance(self.model_class, str):
@@ -44,14 +47,16 @@ class VisionBackbone:
         return self.model_class
 
 
+_CLIP_PIXELS = {"image_mean": (0.48145466, 0.4578275, 0.40821073), "image_std": (0.26862954, 0.26130258, 0.27577711)}
+
 VISION_BACKBONES: dict[str, VisionBackbone] = {
-    "clip_vision_model": VisionBackbone(CLIPVisionModel, has_cls=True, final_norm="post_layernorm"),
+    "clip_vision_model": VisionBackbone(CLIPVisionModel, has_cls=True, final_norm="post_layernorm", **_CLIP_PIXELS),
     "siglip_vision_model": VisionBackbone(SiglipVisionModel, has_cls=False, final_norm="post_layernorm"),
     "vit": VisionBackbone(ViTModel, has_cls=True, final_norm="layernorm", load_kwargs=(("add_pooling_layer", False),)),
-    "blip_2_vision_model": VisionBackbone(Blip2VisionModel, has_cls=True, final_norm="post_layernorm"),
+    "blip_2_vision_model": VisionBackbone(Blip2VisionModel, has_cls=True, final_norm="post_layernorm", **_CLIP_PIXELS),
     # Llama-3.2-Vision's tiled encoder run on one tile per image; features = last + intermediate layers.
     "mllama_vision_model": VisionBackbone("kopru.convert.mllama:MllamaSingleTileVisionModel", has_cls=True,
-                                          final_norm=None, width="vision_output_dim"),
+                                          final_norm=None, width="vision_output_dim", **_CLIP_PIXELS),
 }
 
 

@@ -19,6 +19,8 @@ class Connector(nn.Module):
     config_class: ClassVar[type]
     # True: image features take LLM positions; False: they are reached through cross-attention.
     splices_into_text: ClassVar[bool] = True
+    # Whether instruction tuning (stage 2) trains the LLM too; cross-attention keeps it frozen.
+    llm_trains_in_stage2: ClassVar[bool] = True
 
     @classmethod
     def output_tokens(cls, config: Any, vision_tokens: int) -> int:
@@ -29,6 +31,12 @@ class Connector(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:  # [images, tokens, vision_dim]
         raise NotImplementedError
+
+    def attach(self, llm: nn.Module) -> None:
+        """Connect to the LLM's internals, if the strategy needs to (cross-attention hooks its layers)."""
+
+    def init_pretrained_weights(self) -> None:
+        """Load pretrained initial weights the config names (Q-Former from BERT); only for a new model."""
 
     def stage1_modules(self) -> list[nn.Module]:
         """The modules trained in stage 1 (alignment); by default the whole connector."""

@@ -14,8 +14,10 @@ each decoding step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +62,15 @@ class CrossAttentionConfig:
                 raise ValueError(
                     f"cross-attention layers must be distinct indices in 0..{num_layers - 1}, found {self.layers}"
                 )
-            return sorted(self.layers)
-        return [i for i in range(num_layers) if (i + 1) % self.every_n_layers == 0]
+            positions = sorted(self.layers)
+        else:
+            positions = [i for i in range(num_layers) if (i + 1) % self.every_n_layers == 0]
+        if not positions:
+            raise ValueError(
+                f"cross_attention would insert no block: layers={self.layers}, every_n_layers={self.every_n_layers} "
+                f"on an LLM with {num_layers} layers; expected at least one position"
+            )
+        return positions
 
 
 class SwiGLU(nn.Module):
@@ -120,15 +129,22 @@ class GatedCrossAttentionBlock(nn.Module):
 
 @dataclass
 class ImageContext:
-    """What the gated blocks need for one LLM call; built by the model, passed through the call."""
+    """What the gated blocks need for one LLM call; built by the model, passed through the call.
+
+    It carries the blocks themselves, so the hooks on the decoder layers are plain functions holding nothing
+    (a deep copy of the model runs its own blocks).
+    """
 
     keys_values: list[tuple[torch.Tensor, torch.Tensor]]  # per block, [B, kv_heads, images * per_image, head_dim]
     images_per_sample: torch.Tensor  # [B]
     tokens_per_image: int
     attend_to: str
+    blocks: nn.ModuleList | None = None
     # Per call: [B, 1, T, N] visibility of each image position from each text position, and [B, T, 1] of 0/1.
     mask: torch.Tensor | None = None
     sees_image: torch.Tensor | None = None
+    # Indices of the blocks that ran during the call: the model checks that the LLM passed the context on.
+    ran: list[int] = field(default_factory=list)
 
     def for_positions(self, images_seen: torch.Tensor) -> ImageContext:
         """The same keys/values with the mask for text positions that have `images_seen` [B, T] images before them
@@ -142,16 +158,30 @@ class ImageContext:
             mask = image_of_position < seen
         sees_image = mask.any(-1, keepdim=True)
         mask = mask | ~sees_image
-        return ImageContext(
-            self.keys_values, self.images_per_sample, self.tokens_per_image, self.attend_to,
-            mask.unsqueeze(1), sees_image.to(self.keys_values[0][0].dtype),
-        )
+        return dataclasses.replace(self, mask=mask.unsqueeze(1), sees_image=sees_image.to(self.keys_values[0][0].dtype),
+                                   ran=[])
+
+
+def run_block(index: int, _layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of a decoder layer: run gated block `index` on the layer's input, if the call carries
+    an image context."""
+    context: ImageContext | None = kwargs.get(CONTEXT_KWARG)
+    if context is None:
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    keys, values = context.keys_values[index]
+    hidden = context.blocks[index](hidden, keys, values, context.mask, context.sees_image)
+    context.ran.append(index)
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 @register_strategy("cross_attention")
 class CrossAttentionConnector(Connector):
     config_class = CrossAttentionConfig
     splices_into_text = False
+    llm_trains_in_stage2 = False  # the base LLM stays frozen (Flamingo, Llama-3.2-Vision)
 
     def __init__(self, config: CrossAttentionConfig, vision_dim: int, llm_config: PretrainedConfig) -> None:
         super().__init__()
@@ -168,7 +198,6 @@ class CrossAttentionConnector(Connector):
             GatedCrossAttentionBlock(dim, num_heads, num_kv_heads, intermediate, eps, config.qk_norm)
             for _ in self.positions
         )
-        self._hooks: list[Any] = []
 
     @classmethod
     def output_tokens(cls, config: CrossAttentionConfig, vision_tokens: int) -> int:
@@ -182,29 +211,13 @@ class CrossAttentionConnector(Connector):
 
     def attach(self, llm: PreTrainedModel) -> None:
         """Put each block in front of its decoder layer (forward pre-hooks; the LLM's weights are untouched)."""
-        self.detach()
         layers = decoder_layers(llm)
         for index, position in enumerate(self.positions):
-            self._hooks.append(layers[position].register_forward_pre_hook(self._hook(index), with_kwargs=True))
-
-    def detach(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-
-    def _hook(self, index: int):
-        def run_block(_layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            context: ImageContext | None = kwargs.get(CONTEXT_KWARG)
-            if context is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            keys, values = context.keys_values[index]
-            hidden = self.blocks[index](hidden, keys, values, context.mask, context.sees_image)
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        return run_block
+            layer = layers[position]
+            for key, hook in list(layer._forward_pre_hooks.items()):
+                if isinstance(hook, functools.partial) and hook.func is run_block:
+                    del layer._forward_pre_hooks[key]  # attached before (e.g. to this LLM's previous connector)
+            layer.register_forward_pre_hook(functools.partial(run_block, index), with_kwargs=True)
 
     def build_context(self, image_states: torch.Tensor, images_per_sample: torch.Tensor) -> ImageContext:
         """Lay the flat [images, N, dim] states out per sample ([B, max_images * N, dim], zero padded) and
@@ -218,4 +231,4 @@ class CrossAttentionConnector(Connector):
         padded[occupied] = image_states
         padded = padded.flatten(1, 2)
         keys_values = [block.keys_values(padded) for block in self.blocks]
-        return ImageContext(keys_values, images_per_sample, per_image, self.config.attend_to)
+        return ImageContext(keys_values, images_per_sample, per_image, self.config.attend_to, self.blocks)

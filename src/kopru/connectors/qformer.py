@@ -216,9 +216,12 @@ class QFormerConnector(Connector):
         super().__init__()
         self.qformer = QFormer(config, encoder_hidden_size=vision_dim)
         self.projection = nn.Linear(config.hidden_size, llm_config.hidden_size)
-        if config.init_from is not None:
-            random = load_bert_weights(self.qformer, config.init_from)
-            logger.info("qformer initialised from %s; still random: %s", config.init_from, random)
+        self.init_from = config.init_from
+
+    def init_pretrained_weights(self) -> None:
+        if self.init_from is not None:
+            random = load_bert_weights(self.qformer, self.init_from)
+            logger.info("qformer initialised from %s; still random: %s", self.init_from, random)
 
     @classmethod
     def output_tokens(cls, config: QFormerConfig, vision_tokens: int) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -35,4 +33,4 @@ def load_tokenizer(src: str, config: KopruConfig) -> PreTrainedTokenizerBase:
 
 
 def image_preprocessor(src: str, vision: VisionTower) -> ImagePreprocessor:
-    return ImagePreprocessor.from_pretrained(Path(src), vision.image_size)
+    return ImagePreprocessor.for_encoder(src, vision)

@@ -28,9 +28,9 @@ def to_kopru(reference: LlavaForConditionalGeneration, src: str) -> tuple[KopruF
         vision=VisionTowerConfig(
             name_or_path=src,
             feature_layer=config.vision_feature_layer,
-            # HF's "default" drops position 0 whatever the encoder; Köprü only drops a real CLS token, so a
-            # SigLIP-based LLaVA keeps its first patch (REFERENCE.md: a known bug in the wild).
-            drop_cls=config.vision_feature_select_strategy == "default",
+            # HF's "default" drops position 0 whatever the encoder; Köprü only drops a real CLS token (None: drop
+            # exactly when there is one), so a SigLIP-based LLaVA keeps its first patch (a known bug in the wild).
+            drop_cls=None if config.vision_feature_select_strategy == "default" else False,
         ),
         llm=src,
         strategy="projection",
