@@ -1,9 +1,10 @@
-"""`kopru` command line: demo, convert."""
+"""`kopru` command line: demo, convert, train."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -32,6 +33,72 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from kopru.training import TrainConfig, read_config_file, train
+
+    overrides = {name: getattr(args, name) for name in _train_fields() if getattr(args, name) is not None}
+    base = read_config_file(args.config) if args.config else {}
+    summary = train(TrainConfig(**{**base, **overrides}))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary) -> str:
+    lines = [
+        f"steps: {summary.steps}   final loss: {summary.losses[-1]:.4f}" if summary.losses else "steps: 0",
+        f"trainable parameters: {summary.trainable_params:,} of {summary.total_params:,}",
+        f"throughput: {summary.tokens_per_second:,.0f} loss tokens/s over {summary.seconds:.1f} s",
+        f"skipped samples: {summary.skipped or 'none'}",
+    ]
+    if summary.eval:
+        last = summary.eval[-1]
+        lines.append(f"held-out loss at step {last['step']}: {last['loss']:.4f}")
+        for key, value in sorted(last.get("accuracy", {}).items()):
+            lines.append(f"  accuracy {key}: {value['accuracy']:.3f} (chance {value['chance']:.3f}, n={value['n']})")
+    lines.append(f"model: {summary.final_model or 'not saved (run stopped early)'}; summary: {summary.output_dir}/summary.json")
+    return "\n".join(lines)
+
+
+def _train_fields():
+    import dataclasses
+
+    from kopru.training import TrainConfig
+
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; a given flag overrides the config file."""
+    import json as _json
+
+    def parse_json(text: str):
+        try:
+            return _json.loads(text)
+        except ValueError:
+            return text
+
+    def parse_bool(text: str) -> bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
+        return text.lower() in ("true", "1", "yes")
+
+    for name, field in _train_fields().items():
+        kind = str(field.type)
+        if kind.startswith("bool"):
+            convert = parse_bool
+        elif kind.startswith("int |") or kind == "int":
+            convert = int
+        elif kind.startswith("float") or kind == "float":
+            convert = float
+        elif kind.startswith(("str", "'str")):
+            convert = str
+        else:
+            convert = parse_json  # lists, dicts, int | list[int]: JSON
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=convert, default=None,
+                            help=f"({kind}) overrides the config file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kopru", description="Join a vision encoder to a causal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--json", action="store_true", help="print one JSON object")
     convert.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     convert.set_defaults(run=_convert)
+
+    train = commands.add_parser(
+        "train", help="train with a recipe (align / instruct / single-stage); config file + flags",
+        description="Train a Köprü model. Settings come from --config (YAML or TOML) and any flag below, "
+                    "flags winning. Run under `torchrun --nproc-per-node N` for data parallelism.",
+    )
+    train.add_argument("--config", help="YAML or TOML file with TrainConfig settings")
+    _add_train_flags(train)
+    train.set_defaults(run=_train)
     return parser
 
 
@@ -60,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError, TypeError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"kopru {args.command}: error: {error}", file=sys.stderr)
         return 2
 

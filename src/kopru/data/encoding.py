@@ -1,0 +1,321 @@
+"""Samples -> training inputs: token ids with every image expanded, labels on the answers only, and pixels.
+
+Templates:
+
+- "chat": the tokenizer's chat template (`tokenizer.apply_chat_template`) when it has one, otherwise the
+  fallback below. Loss on the assistant turns, each with the end-of-turn / eos token that closes it, so the
+  model learns to stop.
+- "plain": the `align` recipe (LLaVA stage 1): bos + "<image>" per image + caption + eos, loss on caption + eos.
+  User text other than the images is ignored; the sample must have exactly one assistant message.
+
+Fallback chat template, for tokenizers without one (base LLMs); bos and eos are the tokenizer's own::
+
+    {bos}System: {system}\\n
+    User: {user}\\n
+    Assistant: {answer}{eos}\\n
+
+The labelled text of a turn is " {answer}{eos}": the space after "Assistant:" belongs to the answer, so a
+prompt ending in "Assistant:" (see `SampleEncoder.prompt`) is continued the way BPE tokenisers split text.
+
+How the labels are found (chat): the conversation is rendered to text once. For each assistant message,
+rendering the messages before it with the generation prompt gives where its answer starts, and rendering
+through it gives where its turn ends (trailing whitespace left out, the end-of-turn token kept). Both must be
+prefixes of the full rendering; a template that rewrites earlier turns when later ones follow (one that drops
+earlier reasoning, say) breaks that, and is refused with an error rather than given wrong labels. The text is
+tokenised once with each "<image>" still a single special token; a token is labelled when any of its
+characters lies in an answer span (offset mapping: BPE merges the space before a word into the word). Only
+then is each image token id replaced by the processor's expansion ([start] + [image] * n + [end], exactly the
+ids `KopruProcessor.expand` gives), labelled -100.
+
+Nothing is truncated: a sample longer than `max_length` could lose part of an image's positions, so it is an
+error or skipped ("too_long"). A sample whose labels are all -100 would train on nothing (LLaVA's silent
+"tokenization mismatch" case) and is an error or skipped ("no_loss_tokens").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from kopru.data.formats import (
+    IMAGE_PLACEHOLDER,
+    MALFORMED,
+    NO_LOSS_TOKENS,
+    PLACEHOLDER_MISMATCH,
+    TEMPLATE_ERROR,
+    TOO_LONG,
+    UNREADABLE_IMAGE,
+    Policy,
+    SampleError,
+    SkipReport,
+    check_policy,
+    open_image,
+)
+from kopru.data.sample import Sample
+from kopru.processing import KopruProcessor
+
+IGNORE_INDEX = -100
+Template = Literal["chat", "plain"]
+Span = tuple[int, int]  # [start, end) character offsets of labelled text
+
+FALLBACK_HEADS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
+_UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
+
+
+@dataclass
+class EncodedSample:
+    input_ids: torch.Tensor  # LongTensor [L], images expanded
+    labels: torch.Tensor  # LongTensor [L], -100 except the answer tokens
+    pixel_values: torch.Tensor  # [num_images, 3, H, W]; [0, 3, H, W] for a text-only sample
+    id: str | None = None
+    strategy: str = "projection"  # the model's strategy: packing is refused for cross_attention
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_images(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+    @property
+    def has_image(self) -> bool:
+        return self.num_images > 0
+
+
+class TemplateMismatchError(ValueError):
+    """The chat template does not render a conversation as a prefix of its continuation."""
+
+
+class SampleEncoder:
+    """`Sample` -> `EncodedSample` with one template (see the module docstring); skips are counted in `report`."""
+
+    def __init__(
+        self,
+        processor: KopruProcessor,
+        template: Template = "chat",
+        max_length: int | None = None,
+        policy: Policy = "error",
+        report: SkipReport | None = None,
+    ) -> None:
+        if template not in ("chat", "plain"):
+            raise ValueError(f"template must be 'chat' or 'plain', found {template!r}")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        if not self.tokenizer.is_fast:
+            raise ValueError(
+                f"SampleEncoder needs a fast tokenizer (for its offset mapping), found {type(self.tokenizer).__name__}"
+            )
+        self.template = template
+        self.max_length = max_length
+        self.policy = check_policy(policy)
+        self.report = report if report is not None else SkipReport()
+        self.image_token = processor.config.image_token
+        self.image_token_id = processor.config.image_token_id
+        # The ids of one expanded image, from the processor's own text expansion: the two can never disagree.
+        self.image_ids = torch.tensor(
+            self.tokenizer(processor.expand(self.image_token), add_special_tokens=False)["input_ids"]
+        )
+        self.uses_chat_template = template == "chat" and bool(getattr(self.tokenizer, "chat_template", None))
+        self._bos = self.tokenizer.bos_token or ""
+        self._eos = self.tokenizer.eos_token or ""
+        if not self.uses_chat_template and not self._eos:
+            raise ValueError(f"the {template!r} template ends each answer with eos, but the tokenizer has no eos token")
+        if self.uses_chat_template:
+            self._check_template_ends_turns()
+
+    # ------------------------------------------------------------------------------------------------- public
+    def encode(self, sample: Sample) -> EncodedSample | None:
+        """The sample's training inputs; None when it is skipped (policy "skip", counted in `report`)."""
+        try:
+            return self._encode(sample)
+        except SampleError as error:
+            self.report.handle(error, self.policy)
+            return None
+
+    def encode_all(self, samples: Iterable[Sample]) -> list[EncodedSample]:
+        return [encoded for encoded in map(self.encode, samples) if encoded is not None]
+
+    def render(self, sample: Sample) -> tuple[str, list[Span]]:
+        """The sample as text (images still one placeholder each) and the character spans that carry labels."""
+        messages = self._messages(sample)
+        if self.template == "plain":
+            return self._render_plain(messages, len(sample.images), _name(sample))
+        if self.uses_chat_template:
+            return self._render_chat(messages, _name(sample))
+        return _render_fallback(messages, self._bos, self._eos)
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        """The text to generate an answer from at inference, rendered as in training."""
+        messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)} for m in messages]
+        if self.template == "plain":
+            images = sum(m["content"].count(self.image_token) for m in messages)
+            return self._bos + self.image_token * images
+        if self.uses_chat_template:
+            return self._apply_template(messages, generation_prompt=True)
+        return _render_fallback(messages, self._bos, self._eos)[0] + FALLBACK_HEADS["assistant"]
+
+    # ------------------------------------------------------------------------------------------------ encode
+    def _encode(self, sample: Sample) -> EncodedSample:
+        name = _name(sample)
+        text, spans = self.render(sample)
+        input_ids, labels = self._tokenize(text, spans)
+        found = int((input_ids == self.image_token_id).sum())
+        if found != len(sample.images):
+            raise SampleError(
+                PLACEHOLDER_MISMATCH, f"{name}: expected {len(sample.images)} image token(s) after rendering, found "
+                f"{found} (the template added or dropped text holding {self.image_token!r})"
+            )
+        input_ids, labels = self._expand(input_ids, labels)
+        if self.max_length is not None and len(input_ids) > self.max_length:
+            raise SampleError(
+                TOO_LONG, f"{name}: expected at most max_length={self.max_length} tokens, found {len(input_ids)} "
+                "after expanding its images (not truncated: that could cut through an image's positions)"
+            )
+        # Position 0 is never predicted (the loss shifts labels left), so it cannot carry the sample's loss.
+        if not bool((labels[1:] != IGNORE_INDEX).any()):
+            raise SampleError(
+                NO_LOSS_TOKENS, f"{name}: expected at least one answer token to train on, found none labelled "
+                f"(template {self.template!r}, roles {[m['role'] for m in sample.messages]})"
+            )
+        pixel_values = self.processor.image_processor([self._open(image, name) for image in sample.images])
+        return EncodedSample(input_ids, labels, pixel_values, sample.id, self.processor.config.strategy)
+
+    def _messages(self, sample: Sample) -> list[dict[str, str]]:
+        name = _name(sample)
+        for message in sample.messages:
+            if not isinstance(message, dict) or message.get("role") not in FALLBACK_HEADS \
+                    or not isinstance(message.get("content"), str):
+                raise SampleError(
+                    MALFORMED, f"{name}: expected messages {{'role': system|user|assistant, 'content': str}}, "
+                    f"found {message!r:.80}"
+                )
+        found = sum(message["content"].count(IMAGE_PLACEHOLDER) for message in sample.messages)
+        if found != len(sample.images):
+            raise SampleError(
+                PLACEHOLDER_MISMATCH, f"{name}: expected one {IMAGE_PLACEHOLDER!r} per image ({len(sample.images)} "
+                f"image(s)), found {found} placeholder(s)"
+            )
+        if self.image_token == IMAGE_PLACEHOLDER:
+            return [dict(message) for message in sample.messages]
+        return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)} for m in sample.messages]
+
+    def _tokenize(self, text: str, spans: list[Span]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The rendered text spells out bos / end-of-turn tokens itself, as apply_chat_template(tokenize=True) assumes.
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+        starts, ends = torch.tensor(encoded["offset_mapping"], dtype=torch.long).view(-1, 2).unbind(-1)
+        labelled = torch.zeros_like(input_ids, dtype=torch.bool)
+        for start, end in spans:
+            labelled |= (starts < end) & (ends > start)
+        labelled &= input_ids != self.image_token_id
+        return input_ids, input_ids.masked_fill(~labelled, IGNORE_INDEX)
+
+    def _expand(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image token -> the processor's expansion, labels -100 there."""
+        ids_pieces, label_pieces, start = [], [], 0
+        ignored = torch.full_like(self.image_ids, IGNORE_INDEX)
+        for position in (input_ids == self.image_token_id).nonzero().flatten().tolist():
+            ids_pieces += [input_ids[start:position], self.image_ids]
+            label_pieces += [labels[start:position], ignored]
+            start = position + 1
+        ids_pieces.append(input_ids[start:])
+        label_pieces.append(labels[start:])
+        return torch.cat(ids_pieces), torch.cat(label_pieces)
+
+    def _open(self, image: Image.Image | str | bytes, name: str) -> Image.Image:
+        try:
+            return open_image(image)
+        except _UNREADABLE as error:
+            source = image if isinstance(image, str) else type(image).__name__
+            raise SampleError(
+                UNREADABLE_IMAGE, f"{name}: expected a readable image, found {source!s:.120} that PIL cannot read "
+                f"({type(error).__name__}: {error})"
+            ) from None
+
+    # ---------------------------------------------------------------------------------------------- templates
+    def _render_plain(self, messages: list[dict[str, str]], num_images: int, name: str) -> tuple[str, list[Span]]:
+        answers = [message["content"] for message in messages if message["role"] == "assistant"]
+        if len(answers) != 1:
+            raise SampleError(
+                MALFORMED, f"{name}: the plain template expects one assistant message (the caption), found "
+                f"{len(answers)}"
+            )
+        head = self._bos + self.image_token * num_images
+        body = answers[0] + self._eos
+        return head + body, [(len(head), len(head) + len(body))]
+
+    def _apply_template(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _render_chat(self, messages: list[dict[str, str]], name: str) -> tuple[str, list[Span]]:
+        from jinja2 import TemplateError  # a transformers chat template is Jinja; only needed on this path
+
+        try:
+            full = self._apply_template(messages, generation_prompt=False)
+            spans = []
+            for index, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                before = self._apply_template(messages[:index], generation_prompt=True)
+                through = self._apply_template(messages[: index + 1], generation_prompt=False)
+                _check_prefix(before, full, f"the {index} message(s) before assistant message {index}", name)
+                _check_prefix(through, full, f"the messages through assistant message {index}", name)
+                spans.append((len(before), max(len(before), len(through.rstrip()))))
+        except TemplateError as error:
+            raise SampleError(TEMPLATE_ERROR, f"{name}: the chat template refused this conversation: {error}") from None
+        return full, spans
+
+    def _check_template_ends_turns(self) -> None:
+        """Refuse a chat template that puts nothing after an answer: the model could never learn to stop."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Köprü probe answer"}]
+        try:
+            text, spans = self._render_chat(probe, "the template probe")
+        except SampleError:
+            return  # a template with demands of its own (a system turn, say); samples are checked as they come
+        answer = text[spans[0][0]:spans[0][1]]
+        cut = answer.rfind(probe[1]["content"])
+        if cut >= 0 and not answer[cut + len(probe[1]["content"]):].strip():
+            raise ValueError(
+                "the tokenizer's chat template puts nothing after an assistant message (no end-of-turn or eos "
+                "token), so a model trained on it never learns to stop; give the tokenizer a template that ends "
+                "assistant turns, or remove it to use the fallback template"
+            )
+
+
+def _render_fallback(messages: list[dict[str, str]], bos: str, eos: str) -> tuple[str, list[Span]]:
+    text, spans = bos, []
+    for message in messages:
+        text += FALLBACK_HEADS[message["role"]]
+        if message["role"] == "assistant":
+            body = " " + message["content"] + eos
+            spans.append((len(text), len(text) + len(body)))
+            text += body + "\n"
+        else:
+            text += " " + message["content"] + "\n"
+    return text, spans
+
+
+def _check_prefix(prefix: str, full: str, what: str, name: str) -> None:
+    if full.startswith(prefix):
+        return
+    at = next((i for i, (a, b) in enumerate(zip(prefix, full, strict=False)) if a != b), min(len(prefix), len(full)))
+    raise TemplateMismatchError(
+        f"{name}: the chat template renders {what} as text that is not a prefix of the whole conversation "
+        f"(they differ at character {at}: {prefix[at:at + 40]!r} vs {full[at:at + 40]!r}), so the answers "
+        "cannot be located for the labels; use a template whose earlier turns do not change when later ones "
+        "follow, or template='plain'"
+    )
+
+
+def _name(sample: Sample) -> str:
+    return f"sample {sample.id!r}" if sample.id is not None else "sample (no id)"
+
+
+__all__ = ["IGNORE_INDEX", "EncodedSample", "SampleEncoder", "TemplateMismatchError"]

@@ -1,0 +1,460 @@
+"""`kopru train`: one loop for every recipe, from one CPU to many GPUs through torchrun.
+
+The global batch (batch_size x processes x grad_accum samples) is cut from one seeded order of the data, so a
+run gives the same losses whatever the number of processes; the loss of each micro-batch is its summed token
+loss divided by the token count of the whole global batch, so accumulation and data parallelism are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions
+from tqdm import tqdm
+
+from kopru.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.data.batching import LengthGroupedSampler, collate
+from kopru.data.encoding import EncodedSample, SampleEncoder
+from kopru.data.formats import SkipReport
+from kopru.data.sample import Sample
+from kopru.model import KopruForConditionalGeneration
+from kopru.recipes import (
+    LoraSettings,
+    OptimizerSettings,
+    apply_recipe,
+    count_parameters,
+    make_optimizer,
+    merge_lora,
+    template_for,
+)
+
+
+@dataclass
+class TrainConfig:
+    # Model: a Köprü model directory to continue from, or backbones + strategy for a new one.
+    model: str | None = None
+    vision: str | None = None
+    llm: str | None = None
+    strategy: str = "projection"
+    connector: dict[str, Any] = field(default_factory=dict)
+    feature_layer: int | list[int] = -2
+    init_connector: str | None = None  # a stage-1 connector checkpoint to start from
+    # Data: a file / directory (see kopru.data.formats) or "builtin:shapes", "builtin:digits", "builtin:all".
+    train_data: str = "builtin:shapes"
+    eval_data: str | None = None  # None with builtin data: its held-out split
+    image_root: str | None = None
+    builtin_train_size: int = 2000
+    builtin_eval_size: int = 200
+    eval_questions: int | None = 400  # answer accuracy on at most this many held-out questions (evenly spaced)
+    languages: list[str] = field(default_factory=lambda: ["en", "tr"])
+    skip_policy: str = "skip"  # "error" stops at the first bad sample; "skip" counts it by reason
+    max_length: int | None = None  # None: the LLM's context window
+    # Recipe and optimisation.
+    recipe: str = "single-stage"
+    lora: dict[str, Any] | None = None  # LoraSettings fields; None = full fine-tuning
+    lr: float = 1e-3
+    connector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 200
+    batch_size: int = 16  # per process and micro-batch
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: on when CUDA is available
+    seed: int = 0
+    # Bookkeeping.
+    output_dir: str = "runs/train"
+    eval_every: int = 50
+    save_every: int = 100
+    log_every: int = 10
+    resume: bool = False
+    fsdp: bool = False
+    stop_after: int | None = None  # stop (as if killed) after this many steps; for resume tests and debugging
+
+    def __post_init__(self) -> None:
+        template_for(self.recipe)
+        if self.skip_policy not in ("error", "skip"):
+            raise ValueError(f"skip_policy must be 'error' or 'skip', found {self.skip_policy!r}")
+        if self.model is None and (self.vision is None or self.llm is None):
+            raise ValueError("expected either model (a Köprü model directory) or both vision and llm; found neither")
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """A YAML or TOML file; keyword arguments (e.g. command-line flags) override it."""
+        return cls(**{**read_config_file(path), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix == ".toml":
+        data = tomllib.loads(path.read_text())
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+    else:
+        raise ValueError(f"expected a .yaml, .yml or .toml config file, found {path.name}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {unknown}; expected some of {sorted(known)}")
+    return data
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    losses: list[float]
+    eval: list[dict[str, Any]]
+    skipped: dict[str, int]
+    trainable_params: int
+    total_params: int
+    tokens_per_second: float
+    seconds: float
+    output_dir: str
+    final_model: str | None
+
+
+# ------------------------------------------------------------------------------------------------- setup
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(config: TrainConfig) -> tuple[KopruForConditionalGeneration, Any]:
+    if config.model is not None:
+        model, processor = KopruForConditionalGeneration.from_pretrained(config.model)
+    else:
+        kopru_config = KopruConfig(
+            vision=VisionTowerConfig(config.vision, feature_layer=config.feature_layer), llm=config.llm,
+            strategy=config.strategy, connector=dict(config.connector) or None,
+        )
+        model, processor = KopruForConditionalGeneration.from_backbones(kopru_config)
+    if config.init_connector is not None:
+        model.load_connector(config.init_connector)
+    return model, processor
+
+
+def load_data(spec: str, config: TrainConfig, split: str, report: SkipReport) -> list[Sample]:
+    if spec.startswith("builtin:"):
+        from kopru.data.builtin import builtin_dataset
+
+        size = config.builtin_train_size if split == "train" else config.builtin_eval_size
+        kind = "caption" if config.recipe == "align" else "qa"
+        return builtin_dataset(spec.removeprefix("builtin:"), size, split=split, seed=config.seed,
+                               languages=tuple(config.languages), kind=kind)
+    from kopru.data.formats import load_samples
+
+    samples, file_report = load_samples(spec, image_root=config.image_root, policy=config.skip_policy)
+    report.counts.update(file_report.counts)
+    return samples
+
+
+class EncodedDataset:
+    """Encodes samples on first use and remembers the result (None for a skipped sample)."""
+
+    def __init__(self, samples: list[Sample], encoder: SampleEncoder) -> None:
+        self.samples, self.encoder = samples, encoder
+        self._cache: dict[int, EncodedSample | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> EncodedSample | None:
+        if index not in self._cache:
+            self._cache[index] = self.encoder.encode(self.samples[index])
+        return self._cache[index]
+
+    def lengths(self) -> tuple[list[int], list[bool]]:
+        """Cheap length estimates for grouping: text characters + image count (no tokenisation)."""
+        lengths = [sum(len(m["content"]) for m in s.messages) for s in self.samples]
+        return lengths, [bool(s.images) for s in self.samples]
+
+
+def global_batches(dataset: EncodedDataset, global_size: int, seed: int, epoch: int, grouped: bool) -> list[list[int]]:
+    """The epoch's order cut into global batches; identical for any number of processes."""
+    if grouped:  # the sampler yields whole batches of one modality, similar lengths
+        lengths, has_image = dataset.lengths()
+        sampler = LengthGroupedSampler(lengths, has_image, global_size, seed)
+        sampler.set_epoch(epoch)
+        return [batch for batch in sampler if len(batch) == global_size]
+    else:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+    return [order[i:i + global_size] for i in range(0, len(order) - global_size + 1, global_size)]
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _loss_tokens(model: KopruForConditionalGeneration, batch: dict[str, torch.Tensor]) -> int:
+    return model.count_loss_tokens(batch["input_ids"], batch["labels"])
+
+
+# -------------------------------------------------------------------------------------------------- train
+def train(config: TrainConfig) -> TrainSummary:
+    rank, world = _distributed()
+    seed_everything(config.seed)
+    device = _device()
+    model, processor = build_model(config)
+    apply_recipe(model, config.recipe, LoraSettings(**config.lora) if config.lora else None)
+    model.to(device)
+    if config.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total = count_parameters(model)
+
+    report = SkipReport()
+    max_length = config.max_length or getattr(model.llm.config, "max_position_embeddings", None)
+    encoder = SampleEncoder(processor, template=template_for(config.recipe), max_length=max_length,
+                            policy=config.skip_policy, report=report)
+    train_set = EncodedDataset(load_data(config.train_data, config, "train", report), encoder)
+    eval_spec = config.eval_data or (config.train_data if config.train_data.startswith("builtin:") else None)
+    eval_set = EncodedDataset(load_data(eval_spec, config, "test", report), encoder) if eval_spec else None
+
+    forward_model = _wrap(model, config, world, device)
+    optimizer = make_optimizer(model, OptimizerSettings(lr=config.lr, connector_lr=config.connector_lr,
+                                                        weight_decay=config.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
+
+    output = Path(config.output_dir)
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "losses": [], "eval": [],
+                             "tokens": 0, "skipped_train": {}}
+    if config.resume:
+        checkpoint = latest_checkpoint(output)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {output} (expected {output}/latest)")
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        report.counts.update(state["skipped_train"])
+
+    global_size = config.batch_size * world * config.grad_accum
+    if len(train_set) < global_size:
+        raise ValueError(f"the training data has {len(train_set)} samples, fewer than one global batch "
+                         f"({config.batch_size} x {world} processes x {config.grad_accum} accumulation)")
+    autocast = _autocast(config, device)
+    pad_id = processor.tokenizer.pad_token_id
+    started, tokens_at_start = time.perf_counter(), state["tokens"]
+    progress = tqdm(total=config.max_steps, initial=state["step"], desc=f"train {config.recipe}",
+                    disable=rank != 0)
+    model.train()
+    while state["step"] < config.max_steps:
+        batches = global_batches(train_set, global_size, config.seed, state["epoch"], config.group_by_length)
+        if state["batch_in_epoch"] >= len(batches):
+            state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+            continue
+        indices = batches[state["batch_in_epoch"]]
+        micro = _micro_batches(train_set, indices, config.batch_size, world, rank, pad_id)
+        global_tokens = _all_reduce_sum(sum(_loss_tokens(model, b) for b in micro if b), device)
+        step_loss = torch.zeros((), device=device)
+        for i, batch in enumerate(micro):
+            if batch is None:
+                continue
+            batch = _move(batch, device)
+            sync = i == len(micro) - 1 or world == 1
+            with _no_sync(forward_model, sync), autocast:
+                out = forward_model(**batch, num_items_in_batch=max(global_tokens, 1))
+                # DDP averages gradients over processes; the loss is already normalised globally.
+                (out.loss * world).backward()
+            step_loss += out.loss.detach()
+        loss = _all_reduce_sum(step_loss, device)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {state['step'] + 1}; stopping. The last good checkpoint is "
+                f"{latest_checkpoint(output) or 'none (no checkpoint was written yet)'}"
+            )
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["batch_in_epoch"] += 1
+        state["losses"].append(loss)
+        state["tokens"] += global_tokens
+        speed = (state["tokens"] - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{speed:.0f}")
+        if eval_set is not None and config.eval_every and state["step"] % config.eval_every == 0:
+            state["eval"].append({"step": state["step"], **evaluate(model, eval_set, config, pad_id, device)})
+            model.train()
+        if config.save_every and state["step"] % config.save_every == 0:
+            state["skipped_train"] = dict(report.counts)
+            save_checkpoint(output, model, optimizer, scheduler, state)
+        if config.stop_after is not None and state["step"] >= config.stop_after:
+            break
+    progress.close()
+    seconds = time.perf_counter() - started
+    finished = state["step"] >= config.max_steps
+    if finished and eval_set is not None and (not state["eval"] or state["eval"][-1]["step"] != state["step"]):
+        state["eval"].append({"step": state["step"], **evaluate(model, eval_set, config, pad_id, device)})
+    final_model = None
+    if finished:
+        final_model = str(_save_final(model, processor, config, output, rank))
+    summary = TrainSummary(
+        steps=state["step"], losses=state["losses"], eval=state["eval"], skipped=dict(report.counts),
+        trainable_params=trainable, total_params=total,
+        tokens_per_second=(state["tokens"] - tokens_at_start) / max(seconds, 1e-9), seconds=seconds,
+        output_dir=str(output), final_model=final_model,
+    )
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1))
+    return summary
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _micro_batches(dataset: EncodedDataset, indices: list[int], batch_size: int, world: int, rank: int,
+                   pad_id: int) -> list[dict[str, torch.Tensor] | None]:
+    """This process's micro-batches of a global batch: chunk (a * world + rank) for accumulation step a."""
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    mine = chunks[rank::world]
+    batches = []
+    for chunk in mine:
+        encoded = [e for e in (dataset[i] for i in chunk) if e is not None]
+        batches.append(collate(encoded, pad_id) if encoded else None)
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model: KopruForConditionalGeneration, dataset: EncodedDataset, config: TrainConfig, pad_id: int,
+             device: torch.device) -> dict[str, Any]:
+    """Held-out token-weighted loss, and exact-match accuracy per task and language for QA samples."""
+    from kopru.evaluation import answer_accuracy
+
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(dataset), config.batch_size):
+        encoded = [e for e in (dataset[i] for i in range(start, min(start + config.batch_size, len(dataset))))
+                   if e is not None]
+        if not encoded:
+            continue
+        batch = _move(collate(encoded, pad_id), device)
+        count = _loss_tokens(model, batch)
+        total += float(model(**batch, num_items_in_batch=max(count, 1)).loss) * count
+        tokens += count
+    result: dict[str, Any] = {"loss": total / max(tokens, 1)}
+    qa = [s for s in dataset.samples if "answer" in s.meta]
+    if config.eval_questions and len(qa) > config.eval_questions:
+        qa = qa[:: math.ceil(len(qa) / config.eval_questions)]
+    if qa:
+        result["accuracy"] = answer_accuracy(model, dataset.encoder, qa, batch_size=config.batch_size)
+    return result
+
+
+def _save_final(model: KopruForConditionalGeneration, processor, config: TrainConfig, output: Path,
+                rank: int) -> Path:
+    final = output / "final"
+    if config.fsdp and dist.is_initialized():
+        _gather_full_weights(model)  # every process takes part; process 0 then holds plain tensors to save
+    if rank != 0:
+        return final
+    if config.recipe == "align":
+        model.save_connector(final)  # stage 1 produces a connector for these backbones
+    else:
+        merge_lora(model)
+        model.save_pretrained(final, processor)
+    return final
+
+
+def _gather_full_weights(model: KopruForConditionalGeneration) -> None:
+    """Replace FSDP's sharded parameters by full plain tensors (the run is over) so that save_pretrained works."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for name, tensor in full.items():
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attribute in module._parameters:
+            module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _wrap(model: KopruForConditionalGeneration, config: TrainConfig, world: int, device: torch.device):
+    if world == 1:
+        return model
+    if config.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        from kopru.llm import decoder_layers
+
+        for layer in decoder_layers(model.llm):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def _no_sync(model, sync: bool):
+    if sync or not hasattr(model, "no_sync"):
+        return _NullContext()
+    return model.no_sync()
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return _NullContext()
+
+
+def _all_reduce_sum(value: torch.Tensor | int | float, device: torch.device) -> Any:
+    is_tensor = torch.is_tensor(value)
+    tensor = value.detach().clone().float() if is_tensor else torch.tensor(float(value), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return float(tensor) if is_tensor else int(tensor.item())
