@@ -49,6 +49,13 @@ def test_gradient_accumulation_matches_one_large_batch(vision_dirs, llm_dirs, tm
     torch.testing.assert_close(torch.tensor(accumulated.losses), torch.tensor(large.losses), rtol=0, atol=1e-5)
 
 
+def test_packing_gives_the_losses_of_padded_batches(vision_dirs, llm_dirs, tmp_path):
+    padded = train(_config(vision_dirs, llm_dirs, tmp_path / "a", max_steps=3, save_every=0))
+    packed = train(_config(vision_dirs, llm_dirs, tmp_path / "b", max_steps=3, save_every=0, packing=True,
+                           pack_length=128))
+    torch.testing.assert_close(torch.tensor(packed.losses), torch.tensor(padded.losses), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_give_the_losses_of_one(vision_dirs, llm_dirs, tmp_path, sharding):
     from kopru import KopruForConditionalGeneration

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kopru.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kopru.config import KopruConfig, VisionTowerConfig
-from kopru.data.batching import LengthGroupedSampler, collate
+from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
 from kopru.data.encoding import EncodedSample, SampleEncoder
 from kopru.data.formats import SkipReport
 from kopru.data.sample import Sample
@@ -75,6 +75,10 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     group_by_length: bool = True
+    # Pack each micro-batch's samples into rows of at most pack_length tokens, attention kept within each sample
+    # (projection and qformer only).
+    packing: bool = False
+    pack_length: int = 2048
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: on when CUDA is available
     seed: int = 0
@@ -280,7 +284,8 @@ def train(config: TrainConfig) -> TrainSummary:
             state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
             continue
         indices = batches[state["batch_in_epoch"]]
-        micro = _micro_batches(train_set, indices, config.batch_size, world, rank, pad_id)
+        micro = _micro_batches(train_set, indices, config.batch_size, world, rank, pad_id,
+                               config.pack_length if config.packing else None)
         global_tokens = _all_reduce_sum(sum(_loss_tokens(model, b) for b in micro if b), device)
         step_loss = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
@@ -350,14 +355,19 @@ def warmup_cosine(warmup: int, total: int):
 
 
 def _micro_batches(dataset: EncodedDataset, indices: list[int], batch_size: int, world: int, rank: int,
-                   pad_id: int) -> list[dict[str, torch.Tensor] | None]:
+                   pad_id: int, pack_length: int | None = None) -> list[dict[str, torch.Tensor] | None]:
     """This process's micro-batches of a global batch: chunk (a * world + rank) for accumulation step a."""
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     mine = chunks[rank::world]
     batches = []
     for chunk in mine:
         encoded = [e for e in (dataset[i] for i in chunk) if e is not None]
-        batches.append(collate(encoded, pad_id) if encoded else None)
+        if not encoded:
+            batches.append(None)
+        elif pack_length is not None:
+            batches.append(collate_packed(pack(encoded, pack_length), pad_id))
+        else:
+            batches.append(collate(encoded, pad_id))
     return batches
 
 
