@@ -17,9 +17,11 @@ _RESAMPLE = {int(mode): mode for mode in Image.Resampling}  # PIL codes as HF co
 
 @dataclass
 class ImagePreprocessor:
-    size: int = 224
-    # "resize": squash to size x size; "crop": shortest side to size, then centre crop (CLIP's processor).
+    size: int = 224  # the output is size x size
+    # "resize": squash to size x size; "crop": shortest side to `shortest_edge`, then a centre crop of size x size
+    # (CLIP's processor).
     mode: Literal["resize", "crop"] = "resize"
+    shortest_edge: int | None = None  # None: size
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resample: int = 3  # PIL code; 3 = bicubic
@@ -49,12 +51,17 @@ class ImagePreprocessor:
         data = json.loads(file.read_text())
         if "mode" in data and "size" in data and isinstance(data["size"], int):  # our own format
             return cls(**{k: data[k] for k in asdict(cls()) if k in data})
-        size = data.get("crop_size") or data.get("size") or {}
+        crop = data.get("do_center_crop", False)
+        size, resize = data.get("crop_size") if crop else None, data.get("size") or {}
+        if isinstance(resize, dict):
+            edge = resize.get("shortest_edge")
+            resize = resize.get("height") or edge or default_size
         if isinstance(size, dict):
-            size = size.get("height") or size.get("shortest_edge") or default_size
+            size = size.get("height")
         return cls(
-            size=int(size),
-            mode="crop" if data.get("do_center_crop") else "resize",
+            size=int(size or resize),
+            mode="crop" if crop else "resize",
+            shortest_edge=int(resize) if crop else None,
             image_mean=tuple(data.get("image_mean", (0.5, 0.5, 0.5))),
             image_std=tuple(data.get("image_std", (0.5, 0.5, 0.5))),
             resample=int(data.get("resample", 3)),
@@ -78,8 +85,11 @@ class ImagePreprocessor:
         image = image.convert("RGB")
         resample = _RESAMPLE.get(self.resample, Image.Resampling.BICUBIC)
         if self.mode == "crop":
-            scale = self.size / min(image.width, image.height)
-            width, height = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+            # Shortest side to size, the long side truncated as HF's (and torchvision's) resize computes it.
+            edge = self.shortest_edge or self.size
+            short, long = sorted((image.width, image.height))
+            new_long = int(edge * long / short)
+            width, height = (edge, new_long) if image.width <= image.height else (new_long, edge)
             image = image.resize((width, height), resample)
             left, top = (width - self.size) // 2, (height - self.size) // 2
             image = image.crop((left, top, left + self.size, top + self.size))
