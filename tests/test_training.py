@@ -155,3 +155,15 @@ def test_bad_samples_are_counted_in_the_summary(vision_dirs, llm_dirs, tmp_path,
     with pytest.raises(ValueError, match="missing"):
         train(_config(vision_dirs, llm_dirs, tmp_path / "strict", recipe="align", skip_policy="error",
                       train_data=str(tmp_path / "data.jsonl"), max_steps=1, save_every=0, batch_size=4))
+
+
+def test_qformer_stage1_recipe_then_align(vision_dirs, llm_dirs, tmp_path):
+    qformer = {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
+    stage1 = train(_config(vision_dirs, llm_dirs, tmp_path / "s1", strategy="qformer", connector=qformer,
+                           recipe="qformer-stage1", max_steps=3, batch_size=4))
+    assert stage1.steps == 3 and all(math.isfinite(x) for x in stage1.losses)
+    align = train(_config(vision_dirs, llm_dirs, tmp_path / "s2", strategy="qformer", connector=qformer,
+                          recipe="align", init_connector=stage1.final_model, max_steps=1, save_every=0))
+    assert align.steps == 1
+    with pytest.raises(ValueError, match="needs the qformer strategy"):
+        train(_config(vision_dirs, llm_dirs, tmp_path / "s3", recipe="qformer-stage1", max_steps=1))

@@ -3,6 +3,8 @@
 - `align` (LLaVA stage 1): encoder and LLM frozen, the connector trains, plain caption template.
 - `instruct` (LLaVA stage 2): connector + LLM, fully or with LoRA adapters through `peft`.
 - `single-stage` (Prismatic): `instruct` straight from the backbones, skipping `align`.
+- `qformer-stage1` (BLIP-2 stage 1): the Q-Former alone learns from captions with ITC / ITG / ITM
+  (kopru.qformer_pretraining), before `align` or `instruct`.
 `cross_attention` keeps its base LLM frozen in every recipe: its gated blocks (and resampler) train.
 """
 
@@ -17,7 +19,9 @@ from torch import nn
 from kopru.model import KopruForConditionalGeneration
 
 Recipe = Literal["align", "instruct", "single-stage"]
-RECIPES: dict[str, str] = {"align": "plain", "instruct": "chat", "single-stage": "chat"}  # recipe -> template
+RECIPES: dict[str, str] = {  # recipe -> prompt template
+    "align": "plain", "instruct": "chat", "single-stage": "chat", "qformer-stage1": "plain",
+}
 
 
 @dataclass
@@ -47,6 +51,12 @@ def template_for(recipe: str) -> str:
 def apply_recipe(model: KopruForConditionalGeneration, recipe: str, lora: LoraSettings | None = None) -> None:
     """Set requires_grad for `recipe`; wrap the LLM with LoRA adapters when `lora` is given."""
     template_for(recipe)
+    if recipe == "qformer-stage1":
+        if model.config.strategy != "qformer":
+            raise ValueError(f"the qformer-stage1 recipe needs the qformer strategy, found {model.config.strategy!r}")
+        model.requires_grad_(False)
+        model.connector.qformer.requires_grad_(True)
+        return
     if recipe == "align":
         if lora is not None:
             raise ValueError("LoRA adapts the LLM, which the align recipe keeps frozen; found lora settings")

@@ -175,7 +175,7 @@ def load_data(spec: str, config: TrainConfig, split: str, report: SkipReport) ->
         from kopru.data.builtin import builtin_dataset
 
         size = config.builtin_train_size if split == "train" else config.builtin_eval_size
-        kind = "caption" if config.recipe == "align" else "qa"
+        kind = "caption" if template_for(config.recipe) == "plain" else "qa"
         return builtin_dataset(spec.removeprefix("builtin:"), size, split=split, seed=config.seed,
                                languages=tuple(config.languages), kind=kind)
     from kopru.data.formats import load_samples
@@ -244,6 +244,9 @@ def train(config: TrainConfig) -> TrainSummary:
     if config.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
+
+    if config.recipe == "qformer-stage1":
+        return _qformer_stage1(model, processor, config, trainable, total)
 
     report = SkipReport()
     max_length = config.max_length or getattr(model.llm.config, "max_position_embeddings", None)
@@ -341,6 +344,27 @@ def train(config: TrainConfig) -> TrainSummary:
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1))
+    return summary
+
+
+def _qformer_stage1(model: KopruForConditionalGeneration, processor, config: TrainConfig, trainable: int,
+                    total: int) -> TrainSummary:
+    """BLIP-2 stage 1 on captions: one process, no checkpoints (a short phase before align / instruct)."""
+    from kopru.qformer_pretraining import pretrain_qformer
+
+    report = SkipReport()
+    samples = load_data(config.train_data, config, "train", report)
+    started = time.perf_counter()
+    history = pretrain_qformer(model, processor, samples, steps=config.max_steps, batch_size=config.batch_size,
+                               lr=config.lr, seed=config.seed)
+    output = Path(config.output_dir)
+    model.save_connector(output / "final")
+    summary = TrainSummary(
+        steps=len(history), losses=[h["total"] for h in history], eval=[], skipped=dict(report.counts),
+        trainable_params=trainable, total_params=total, tokens_per_second=0.0,
+        seconds=time.perf_counter() - started, output_dir=str(output), final_model=str(output / "final"),
+    )
+    (output / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1))
     return summary
 
 
