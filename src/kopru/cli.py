@@ -99,6 +99,18 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"({kind}) overrides the config file")
 
 
+def _pretrain_tiny(args: argparse.Namespace) -> int:
+    import time
+
+    from kopru.pretrain_tiny import build_tiny_backbones, iter_report_lines
+
+    start = time.perf_counter()
+    paths = build_tiny_backbones(args.out, seed=args.seed, num_threads=args.threads)
+    print("\n".join(iter_report_lines(args.out)))
+    print(f"built in {time.perf_counter() - start:.0f} s: vision encoder {paths['vision']}, LLM {paths['llm']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kopru", description="Join a vision encoder to a causal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML or TOML file with TrainConfig settings")
     _add_train_flags(train)
     train.set_defaults(run=_train)
+
+    pretrain = commands.add_parser(
+        "pretrain-tiny", help="pretrain the tiny vision encoder and LLM of the built-in tasks (CPU, minutes)"
+    )
+    pretrain.add_argument("--out", required=True, help="output directory (gets vision/ and llm/)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--threads", type=int, default=None,
+                          help="torch threads while training (default: one per idle core)")
+    pretrain.set_defaults(run=_pretrain_tiny)
     return parser
 
 
