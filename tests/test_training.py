@@ -42,6 +42,16 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(vision_dirs, llm_dirs, 
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["projection", "cross_attention"])
+def test_gradient_checkpointing_keeps_the_losses(vision_dirs, llm_dirs, tmp_path, strategy):
+    connector = {"every_n_layers": 2} if strategy == "cross_attention" else {}
+    plain = train(_config(vision_dirs, llm_dirs, tmp_path / "a", strategy=strategy, connector=connector,
+                          max_steps=3, save_every=0))
+    checkpointed = train(_config(vision_dirs, llm_dirs, tmp_path / "b", strategy=strategy, connector=connector,
+                                 max_steps=3, save_every=0, gradient_checkpointing=True))
+    torch.testing.assert_close(torch.tensor(checkpointed.losses), torch.tensor(plain.losses), rtol=0, atol=1e-5)
+
+
 def test_gradient_accumulation_matches_one_large_batch(vision_dirs, llm_dirs, tmp_path):
     large = train(_config(vision_dirs, llm_dirs, tmp_path / "a", max_steps=3, save_every=0))
     accumulated = train(_config(vision_dirs, llm_dirs, tmp_path / "b", max_steps=3, save_every=0,
@@ -167,3 +177,12 @@ def test_qformer_stage1_recipe_then_align(vision_dirs, llm_dirs, tmp_path):
     assert align.steps == 1
     with pytest.raises(ValueError, match="needs the qformer strategy"):
         train(_config(vision_dirs, llm_dirs, tmp_path / "s3", recipe="qformer-stage1", max_steps=1))
+
+
+@pytest.mark.parametrize("name", ["train_builtin.yaml", "train_llava_format.toml"])
+def test_example_configs_parse(name):
+    from pathlib import Path
+
+    settings = read_config_file(Path(__file__).parent.parent / "examples" / name)
+    config = TrainConfig(**settings)
+    assert config.max_steps > 0

@@ -45,7 +45,8 @@ from kopru.recipes import (
 
 @dataclass
 class TrainConfig:
-    # Model: a Köprü model directory to continue from, or backbones + strategy for a new one.
+    # Model: a Köprü model directory to continue from, or backbones + strategy for a new one (vision and llm
+    # both None: the built-in tiny pretrained backbones, kopru.pretrain_tiny.default_backbones()).
     model: str | None = None
     vision: str | None = None
     llm: str | None = None
@@ -59,7 +60,7 @@ class TrainConfig:
     image_root: str | None = None
     builtin_train_size: int = 2000
     builtin_eval_size: int = 200
-    eval_questions: int | None = 400  # answer accuracy on at most this many held-out questions (evenly spaced)
+    eval_questions: int | None = 400  # answer accuracy on at most this many held-out questions (a fixed subset)
     languages: list[str] = field(default_factory=lambda: ["en", "tr"])
     skip_policy: str = "skip"  # "error" stops at the first bad sample; "skip" counts it by reason
     max_length: int | None = None  # None: the LLM's context window
@@ -95,8 +96,8 @@ class TrainConfig:
         template_for(self.recipe)
         if self.skip_policy not in ("error", "skip"):
             raise ValueError(f"skip_policy must be 'error' or 'skip', found {self.skip_policy!r}")
-        if self.model is None and (self.vision is None or self.llm is None):
-            raise ValueError("expected either model (a Köprü model directory) or both vision and llm; found neither")
+        if self.model is None and (self.vision is None) != (self.llm is None):
+            raise ValueError("expected both vision and llm (or neither: the built-in tiny backbones), found one")
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
@@ -160,8 +161,14 @@ def build_model(config: TrainConfig) -> tuple[KopruForConditionalGeneration, Any
     if config.model is not None:
         model, processor = KopruForConditionalGeneration.from_pretrained(config.model)
     else:
+        vision, llm = config.vision, config.llm
+        if vision is None:
+            from kopru.pretrain_tiny import default_backbones
+
+            defaults = default_backbones()
+            vision, llm = str(defaults["vision"]), str(defaults["llm"])
         kopru_config = KopruConfig(
-            vision=VisionTowerConfig(config.vision, feature_layer=config.feature_layer), llm=config.llm,
+            vision=VisionTowerConfig(vision, feature_layer=config.feature_layer), llm=llm,
             strategy=config.strategy, connector=dict(config.connector) or None,
         )
         model, processor = KopruForConditionalGeneration.from_backbones(kopru_config)
@@ -415,7 +422,8 @@ def evaluate(model: KopruForConditionalGeneration, dataset: EncodedDataset, conf
     result: dict[str, Any] = {"loss": total / max(tokens, 1)}
     qa = [s for s in dataset.samples if "answer" in s.meta]
     if config.eval_questions and len(qa) > config.eval_questions:
-        qa = qa[:: math.ceil(len(qa) / config.eval_questions)]
+        # A fixed random subset: an evenly spaced one would alias with the data's task / language cycle.
+        qa = random.Random(config.seed).sample(qa, config.eval_questions)
     if qa:
         result["accuracy"] = answer_accuracy(model, dataset.encoder, qa, batch_size=config.batch_size)
     return result
