@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from kopru.paths import atomic_directory
 
 LATEST = "latest"
 
@@ -83,8 +83,7 @@ def save_checkpoint(
     tensors, meta = _optimizer_tensors(optimizer_state)
     directory.mkdir(parents=True, exist_ok=True)
     name = f"checkpoint-{trainer_state['step']}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
-    try:
+    with atomic_directory(directory / name) as staging:
         save_file(weights, str(staging / "trainable.safetensors"))
         save_file(tensors, str(staging / "optimizer.safetensors"))
         (staging / "optimizer.json").write_text(json.dumps(meta))
@@ -97,17 +96,10 @@ def save_checkpoint(
             "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         }
         (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        final = directory / name
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     pointer = directory / f".{LATEST}.tmp"
     pointer.write_text(name + "\n")
     pointer.replace(directory / LATEST)
-    return final
+    return directory / name
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:

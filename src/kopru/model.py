@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from kopru.connectors import Connector, strategy_class
 from kopru.connectors.cross_attention import CONTEXT_KWARG
 from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
+from kopru.paths import atomic_directory
 from kopru.processing import KopruProcessor, add_image_tokens
 from kopru.tokens import count_image_tokens
 from kopru.vision import VisionTower
@@ -175,9 +174,7 @@ class KopruForConditionalGeneration(nn.Module):
                 f"{path} exists and is not a Köprü model directory (no {CONFIG_FILE}); expected a new or empty "
                 "directory, or an earlier save to replace"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as staging:
             self.vision.encoder.save_pretrained(staging / "vision", safe_serialization=True)
             self.llm.save_pretrained(staging / "llm", safe_serialization=True)
             processor.save_pretrained(staging / "llm", staging / "vision")
@@ -186,12 +183,6 @@ class KopruForConditionalGeneration(nn.Module):
                 self.config, llm="llm", vision=dataclasses.replace(self.config.vision, name_or_path="vision")
             )
             saved.save(staging / CONFIG_FILE)
-            if path.exists():
-                shutil.rmtree(path)
-            staging.rename(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,3 +23,19 @@ def check_exists(name_or_path: str, what: str) -> None:
         raise FileNotFoundError(f"{what} path {name_or_path!r} does not exist")
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"expected a Hugging Face {what} checkpoint (config.json) in {name_or_path!r}, found none")
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path` to write into; on success it replaces `path` in one rename, on failure it
+    is removed, so a killed or failed write never leaves a half-written `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
