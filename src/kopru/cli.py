@@ -1,4 +1,4 @@
-"""`kopru` command line: demo, convert, train."""
+"""`kopru` command line: demo, convert, train, compare, pretrain-tiny."""
 
 from __future__ import annotations
 
@@ -99,6 +99,22 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"({kind}) overrides the config file")
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from kopru.compare import compare
+    from kopru.report import results_table
+
+    data = {k: v for k, v in (("vision", args.vision), ("llm", args.llm), ("train_data", args.train_data),
+                              ("eval_data", args.eval_data)) if v is not None}
+    results = compare(args.preset, args.output, **data)
+    print(results_table(results))
+    if args.json:
+        entries = [{k: v for k, v in e.items() if k != "losses"} for e in results["variants"]]
+        with open(args.json, "w") as handle:
+            json.dump(entries, handle, indent=1, ensure_ascii=False)
+    print(f"\nreport: {args.output}/report.md (plots and results.json beside it)")
+    return 0
+
+
 def _pretrain_tiny(args: argparse.Namespace) -> int:
     import time
 
@@ -141,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML or TOML file with TrainConfig settings")
     _add_train_flags(train)
     train.set_defaults(run=_train)
+
+    compare = commands.add_parser(
+        "compare", help="train and evaluate the strategies side by side; write a report with plots and a verdict"
+    )
+    compare.add_argument("--preset", choices=["micro", "default", "full"], default="default",
+                         help="micro: < 1 min; default: one variant per strategy x 3 seeds; full: every variant")
+    compare.add_argument("--output", default="runs/compare", help="report folder (default runs/compare)")
+    compare.add_argument("--json", help="also write the per-variant results here")
+    compare.add_argument("--vision", help="vision encoder path / hub id (default: the built-in tiny one)")
+    compare.add_argument("--llm", help="causal LM path / hub id (default: the built-in tiny one)")
+    compare.add_argument("--train-data", help="training data file (default: builtin:shapes)")
+    compare.add_argument("--eval-data", help="held-out data file (default: the built-in held-out split)")
+    compare.set_defaults(run=_compare)
 
     pretrain = commands.add_parser(
         "pretrain-tiny", help="pretrain the tiny vision encoder and LLM of the built-in tasks (CPU, minutes)"

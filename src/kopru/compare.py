@@ -1,0 +1,206 @@
+"""`kopru compare`: the three strategies trained and evaluated side by side on the same data, backbones,
+budget and seeds, with a report (markdown table, JSON, PNG plots) that ends with the lesson's claims next to
+what was measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kopru.training import TrainConfig, train
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    strategy: str
+    connector: dict[str, Any] = field(default_factory=dict)
+    stage1: bool = False  # an align (or qformer-stage1) phase before single-stage training
+
+
+SMALL_QFORMER = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256}
+VARIANTS = {
+    "projection-linear": Variant("projection-linear", "projection", {"kind": "linear"}),
+    "projection-mlp": Variant("projection-mlp", "projection", {"kind": "mlp", "depth": 2}),
+    "qformer-32": Variant("qformer-32", "qformer", {"num_queries": 32, **SMALL_QFORMER}),
+    "qformer-64": Variant("qformer-64", "qformer", {"num_queries": 64, **SMALL_QFORMER}),
+    "xattn-every4": Variant("xattn-every4", "cross_attention", {"every_n_layers": 4}),
+    "xattn-every2": Variant("xattn-every2", "cross_attention", {"every_n_layers": 2}),
+    "xattn-every4-resampler": Variant("xattn-every4-resampler", "cross_attention",
+                                      {"every_n_layers": 4, "resampler": {"num_latents": 16, "depth": 2,
+                                                                           "num_heads": 4, "head_dim": 32}}),
+    "xattn-every2-resampler": Variant("xattn-every2-resampler", "cross_attention",
+                                      {"every_n_layers": 2, "resampler": {"num_latents": 16, "depth": 2,
+                                                                           "num_heads": 4, "head_dim": 32}}),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    stage1_steps: int
+    train_scenes: int
+    eval_scenes: int
+    eval_questions: int
+    with_stage1: bool  # also run every variant with a stage-1 phase
+
+
+PRESETS = {
+    "micro": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0,), steps=6, stage1_steps=0,
+                    train_scenes=24, eval_scenes=4, eval_questions=16, with_stage1=False),
+    "default": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0, 1, 2), steps=250, stage1_steps=0,
+                      train_scenes=600, eval_scenes=60, eval_questions=240, with_stage1=False),
+    "full": Preset(tuple(VARIANTS), (0, 1, 2), steps=600, stage1_steps=200, train_scenes=1000, eval_scenes=100,
+                   eval_questions=480, with_stage1=True),
+}
+
+
+@dataclass
+class RunResult:
+    variant: str
+    strategy: str
+    stage1: bool
+    seed: int
+    trainable_params: int
+    total_params: int
+    image_positions: int
+    cross_attention_kv: int
+    train_seconds: float
+    ttft_ms: float
+    decode_tokens_per_s: float
+    peak_memory_mb: float | None
+    accuracy: dict[str, dict[str, float]]
+    losses: list[float]
+
+
+def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stage1: bool,
+                vision: str | None = None, llm: str | None = None, train_data: str = "builtin:shapes",
+                eval_data: str | None = None) -> RunResult:
+    """Train one variant with one seed (optionally stage 1 first), then measure it."""
+    common = dict(vision=vision, llm=llm, strategy=variant.strategy, connector=dict(variant.connector),
+                  batch_size=16, lr=1e-3, warmup_steps=10, eval_every=0, save_every=0, seed=seed,
+                  train_data=train_data, eval_data=eval_data, builtin_train_size=preset.train_scenes,
+                  builtin_eval_size=preset.eval_scenes, eval_questions=preset.eval_questions)
+    run_dir = workdir / f"{variant.name}{'-stage1' if stage1 else ''}-seed{seed}"
+    started = time.perf_counter()
+    init = None
+    if stage1:
+        recipe = "qformer-stage1" if variant.strategy == "qformer" else "align"
+        first = train(TrainConfig(**common, recipe=recipe, max_steps=preset.stage1_steps,
+                                  output_dir=str(run_dir / "stage1")))
+        init = first.final_model
+    summary = train(TrainConfig(**common, recipe="single-stage", max_steps=preset.steps, init_connector=init,
+                                output_dir=str(run_dir / "single-stage")))
+    seconds = time.perf_counter() - started
+    from kopru.model import KopruForConditionalGeneration
+
+    model, processor = KopruForConditionalGeneration.from_pretrained(summary.final_model)
+    ttft, decode, memory = measure_latency(model, processor)
+    return RunResult(
+        variant=variant.name, strategy=variant.strategy, stage1=stage1, seed=seed,
+        trainable_params=summary.trainable_params, total_params=summary.total_params,
+        image_positions=model.image_count.llm_positions, cross_attention_kv=model.image_count.cross_attention_kv,
+        train_seconds=seconds, ttft_ms=ttft, decode_tokens_per_s=decode, peak_memory_mb=memory,
+        accuracy=summary.eval[-1]["accuracy"] if summary.eval else {}, losses=summary.losses,
+    )
+
+
+@torch.no_grad()
+def measure_latency(model, processor, new_tokens: int = 16, repeats: int = 3) -> tuple[float, float, float | None]:
+    """Time to first token (ms), decode tokens/s and peak CUDA memory (MB; None on CPU) for one image and a
+    short question at batch 1, greedy, fastest of `repeats`."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (30, 60, 220))
+    batch = processor(["<image>\nHow many squares are there?"], [[image]], padding_side="left",
+                      add_special_tokens=False)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def timed(tokens: int) -> float:
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first call warms up
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(**batch, max_new_tokens=tokens, eos_token_id=[])
+            if cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    first, whole = timed(1), timed(new_tokens)
+    decode = (new_tokens - 1) / max(whole - first, 1e-9)
+    memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return 1000 * first, decode, memory
+
+
+def compare(preset_name: str = "default", output: str | Path = "runs/compare", **data: Any) -> dict[str, Any]:
+    """Run the preset, aggregate over seeds, write report.md, results.json and plots; return the results."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; expected one of {sorted(PRESETS)}")
+    preset = PRESETS[preset_name]
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    plan = [(VARIANTS[name], seed, stage1) for name in preset.variants for stage1 in
+            ((False, True) if preset.with_stage1 else (False,)) for seed in preset.seeds]
+    runs = []
+    for variant, seed, stage1 in tqdm(plan, desc=f"compare {preset_name}"):
+        runs.append(run_variant(variant, seed, preset, output / "runs", stage1, **data))
+    results = {"preset": preset_name, "settings": dataclasses.asdict(preset),
+               "variants": aggregate(runs), "runs": [dataclasses.asdict(r) for r in runs]}
+    (output / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    from kopru.report import write_report
+
+    write_report(results, output)
+    return results
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """One entry per (variant, stage1): means and spreads over seeds."""
+    groups: dict[tuple[str, bool], list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault((run.variant, run.stage1), []).append(run)
+    entries = []
+    for (name, stage1), group in groups.items():
+        keys = sorted({key for run in group for key in run.accuracy})
+        accuracy = {}
+        for key in keys:
+            mean, spread = _mean_spread([run.accuracy[key]["accuracy"] for run in group if key in run.accuracy])
+            accuracy[key] = {"mean": mean, "spread": spread, "chance": group[0].accuracy[key]["chance"]}
+        overall = _mean_spread([statistics.fmean(run.accuracy[k]["accuracy"] for k in run.accuracy
+                                                 if k.startswith("all/")) for run in group])
+        first = group[0]
+        entries.append({
+            "strategy": first.strategy, "variant": name + (" +stage1" if stage1 else ""), "stage1": stage1,
+            "seeds": [run.seed for run in group],
+            "trainable_params": first.trainable_params, "total_params": first.total_params,
+            "image_positions": first.image_positions, "cross_attention_kv": first.cross_attention_kv,
+            "accuracy": overall[0], "accuracy_spread": overall[1], "accuracy_by_task": accuracy,
+            "train_seconds": _mean_spread([r.train_seconds for r in group]),
+            "ttft_ms": _mean_spread([r.ttft_ms for r in group]),
+            "decode_tokens_per_s": _mean_spread([r.decode_tokens_per_s for r in group]),
+            "peak_memory_mb": first.peak_memory_mb,
+            "losses": [r.losses for r in group],
+        })
+    return entries
