@@ -54,13 +54,16 @@ class Preset:
     eval_scenes: int
     eval_questions: int
     with_stage1: bool  # also run every variant with a stage-1 phase
+    retrieval_captions: int = 20  # per language, for caption-likelihood retrieval (N x N scored pairs)
 
 
 PRESETS = {
     "micro": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0,), steps=6, stage1_steps=0,
-                    train_scenes=24, eval_scenes=4, eval_questions=16, with_stage1=False),
-    "default": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0, 1, 2), steps=250, stage1_steps=0,
-                      train_scenes=600, eval_scenes=60, eval_questions=240, with_stage1=False),
+                    train_scenes=24, eval_scenes=4, eval_questions=16, with_stage1=False,
+                    retrieval_captions=6),
+    "default": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0, 1, 2), steps=150, stage1_steps=0,
+                      train_scenes=400, eval_scenes=40, eval_questions=160, with_stage1=False,
+                      retrieval_captions=12),
     "full": Preset(tuple(VARIANTS), (0, 1, 2), steps=600, stage1_steps=200, train_scenes=1000, eval_scenes=100,
                    eval_questions=480, with_stage1=True),
 }
@@ -82,17 +85,20 @@ class RunResult:
     peak_memory_mb: float | None
     accuracy: dict[str, dict[str, float]]
     losses: list[float]
+    model_dir: str = ""
+    train_languages: tuple[str, ...] = ("en", "tr")
 
 
 def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stage1: bool,
                 vision: str | None = None, llm: str | None = None, train_data: str = "builtin:shapes",
-                eval_data: str | None = None) -> RunResult:
+                eval_data: str | None = None, train_languages: tuple[str, ...] = ("en", "tr")) -> RunResult:
     """Train one variant with one seed (optionally stage 1 first), then measure it."""
     common = dict(vision=vision, llm=llm, strategy=variant.strategy, connector=dict(variant.connector),
+                  languages=list(train_languages), eval_languages=["en", "tr"],
                   batch_size=16, lr=1e-3, warmup_steps=10, eval_every=0, save_every=0, seed=seed,
                   train_data=train_data, eval_data=eval_data, builtin_train_size=preset.train_scenes,
                   builtin_eval_size=preset.eval_scenes, eval_questions=preset.eval_questions)
-    run_dir = workdir / f"{variant.name}{'-stage1' if stage1 else ''}-seed{seed}"
+    run_dir = workdir / f"{variant.name}{'-stage1' if stage1 else ''}-{'+'.join(train_languages)}-seed{seed}"
     started = time.perf_counter()
     init = None
     if stage1:
@@ -113,6 +119,7 @@ def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stag
         image_positions=model.image_count.llm_positions, cross_attention_kv=model.image_count.cross_attention_kv,
         train_seconds=seconds, ttft_ms=ttft, decode_tokens_per_s=decode, peak_memory_mb=memory,
         accuracy=summary.eval[-1]["accuracy"] if summary.eval else {}, losses=summary.losses,
+        model_dir=summary.final_model, train_languages=tuple(train_languages),
     )
 
 
@@ -160,8 +167,14 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", *
     runs = []
     for variant, seed, stage1 in tqdm(plan, desc=f"compare {preset_name}"):
         runs.append(run_variant(variant, seed, preset, output / "runs", stage1, **data))
+    transfer = []
+    for name in tqdm(preset.variants, desc="cross-lingual transfer"):
+        for language in ("en", "tr"):
+            transfer.append(run_variant(VARIANTS[name], preset.seeds[0], preset, output / "runs", False,
+                                        train_languages=(language,), **data))
     results = {"preset": preset_name, "settings": dataclasses.asdict(preset),
-               "variants": aggregate(runs), "runs": [dataclasses.asdict(r) for r in runs]}
+               "variants": aggregate(runs), "runs": [dataclasses.asdict(r) for r in runs],
+               "alignment": turkish_alignment(runs, transfer, preset)}
     (output / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     from kopru.report import write_report
 
@@ -204,3 +217,36 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
             "losses": [r.losses for r in group],
         })
     return entries
+
+
+def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: Preset) -> dict[str, Any]:
+    """Tokenizer fertility and its cost in text budget, caption retrieval per language, cross-lingual transfer."""
+    from kopru.alignment import caption_retrieval, text_budget, tokenizer_fertility
+    from kopru.data.builtin import builtin_dataset
+    from kopru.model import KopruForConditionalGeneration
+
+    first = {run.variant: run for run in runs if run.seed == runs[0].seed and not run.stage1}
+    captions = builtin_dataset("shapes", max(preset.retrieval_captions, 2), split="test", kind="caption")
+    by_language = {lang: [s for s in captions if s.meta["language"] == lang][: preset.retrieval_captions]
+                   for lang in ("en", "tr")}
+    questions = builtin_dataset("shapes", preset.eval_scenes, split="test")
+    retrieval, fertility, budget = {}, {}, {}
+    for name, run in first.items():
+        model, processor = KopruForConditionalGeneration.from_pretrained(run.model_dir)
+        retrieval[name] = {lang: caption_retrieval(model, processor, samples) for lang, samples in by_language.items()}
+        if not fertility:
+            texts = {lang: [m["content"].replace("<image>", "").strip() for s in questions + captions
+                            if s.meta["language"] == lang for m in s.messages] for lang in ("en", "tr")}
+            fertility = tokenizer_fertility(processor.tokenizer, texts)
+            context = getattr(model.llm.config, "max_position_embeddings", 2048)
+        budget[name] = text_budget(fertility, context, run.image_positions)
+    cross = {}
+    for run in transfer:
+        trained = "+".join(run.train_languages)
+        cross.setdefault(run.variant, {})[f"train {trained}"] = {
+            lang: run.accuracy[f"all/{lang}"]["accuracy"] for lang in ("en", "tr") if f"all/{lang}" in run.accuracy}
+    for name, run in first.items():
+        cross.setdefault(name, {})["train en+tr"] = {
+            lang: run.accuracy[f"all/{lang}"]["accuracy"] for lang in ("en", "tr") if f"all/{lang}" in run.accuracy}
+    return {"fertility": fertility, "text_budget": budget, "retrieval": retrieval, "cross_lingual": cross,
+            "context_tokens": context}

@@ -160,6 +160,37 @@ def plot(results: dict[str, Any], output: Path) -> list[Path]:
     return files
 
 
+def alignment_section(results: dict[str, Any]) -> str:
+    """Turkish vision-text alignment: fertility and text budget, retrieval per language, cross-lingual transfer."""
+    alignment = results.get("alignment")
+    if not alignment:
+        return "Not measured in this run."
+    fertility = alignment["fertility"]
+    lines = ["### Tokenizer fertility (the LLM's tokenizer, held-out questions and captions)", "",
+             "| language | words | tokens | tokens per word | characters per token |", "|---|---|---|---|---|"]
+    for lang, f in fertility.items():
+        lines.append(f"| {lang} | {f['words']:.0f} | {f['tokens']:.0f} | {f['tokens_per_word']:.2f} | "
+                     f"{f['chars_per_token']:.2f} |")
+    lines += ["", f"Words of text that fit in the {alignment['context_tokens']}-token context beside one image:", "",
+              "| variant | " + " | ".join(fertility) + " |", "|" + "---|" * (len(fertility) + 1)]
+    for name, budget in alignment["text_budget"].items():
+        lines.append(f"| {name} | " + " | ".join(str(budget[lang]) for lang in fertility) + " |")
+    lines += ["", "### Image-text retrieval by caption likelihood (held-out captions, seed 0 model)", "",
+              "| variant | language | N | image→text R@1 | R@5 | text→image R@1 | R@5 | chance R@1 / R@5 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, per_language in alignment["retrieval"].items():
+        for lang, r in per_language.items():
+            lines.append(f"| {name} | {lang} | {r['n']} | {r['i2t@1']:.2f} | {r['i2t@5']:.2f} | {r['t2i@1']:.2f} | "
+                         f"{r['t2i@5']:.2f} | {r['chance@1']:.2f} / {r['chance@5']:.2f} |")
+    lines += ["", "### Cross-lingual transfer (held-out accuracy, seed 0)", "",
+              "| variant | trained on | English | Turkish |", "|---|---|---|---|"]
+    for name, per_training in alignment["cross_lingual"].items():
+        for trained, accuracy in sorted(per_training.items()):
+            lines.append(f"| {name} | {trained.removeprefix('train ')} | {accuracy.get('en', float('nan')):.3f} | "
+                         f"{accuracy.get('tr', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
 def write_report(results: dict[str, Any], output: Path) -> Path:
     plots = plot(results, output)
     settings = results["settings"]
@@ -170,6 +201,7 @@ def write_report(results: dict[str, Any], output: Path) -> Path:
         f"{settings['eval_questions']} held-out questions (Turkish-aware normalisation), mean ± sd over seeds.", "",
         results_table(results), "", "## Accuracy per task and language", "", task_table(results), "",
         "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], "",
+        "## Vision-text alignment for Turkish", "", alignment_section(results), "",
         "## Verdict: the lesson's table against the measurements", "", verdict(results), "",
     ]
     path = output / "report.md"

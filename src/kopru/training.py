@@ -62,6 +62,7 @@ class TrainConfig:
     builtin_eval_size: int = 200
     eval_questions: int | None = 400  # answer accuracy on at most this many held-out questions (a fixed subset)
     languages: list[str] = field(default_factory=lambda: ["en", "tr"])
+    eval_languages: list[str] | None = None  # None: `languages` (set it apart for cross-lingual transfer)
     skip_policy: str = "skip"  # "error" stops at the first bad sample; "skip" counts it by reason
     max_length: int | None = None  # None: the LLM's context window
     # Recipe and optimisation.
@@ -183,8 +184,9 @@ def load_data(spec: str, config: TrainConfig, split: str, report: SkipReport) ->
 
         size = config.builtin_train_size if split == "train" else config.builtin_eval_size
         kind = "caption" if template_for(config.recipe) == "plain" else "qa"
+        languages = config.languages if split == "train" else config.eval_languages or config.languages
         return builtin_dataset(spec.removeprefix("builtin:"), size, split=split, seed=config.seed,
-                               languages=tuple(config.languages), kind=kind)
+                               languages=tuple(languages), kind=kind)
     from kopru.data.formats import load_samples
 
     samples, file_report = load_samples(spec, image_root=config.image_root, policy=config.skip_policy)
