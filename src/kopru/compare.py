@@ -201,8 +201,10 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
         for key in keys:
             mean, spread = _mean_spread([run.accuracy[key]["accuracy"] for run in group if key in run.accuracy])
             accuracy[key] = {"mean": mean, "spread": spread, "chance": group[0].accuracy[key]["chance"]}
+        # Runs on data without reference answers (e.g. plain LLaVA conversations) have no accuracy.
         overall = _mean_spread([statistics.fmean(run.accuracy[k]["accuracy"] for k in run.accuracy
-                                                 if k.startswith("all/")) for run in group])
+                                                 if k.startswith("all/")) for run in group
+                                if any(k.startswith("all/") for k in run.accuracy)])
         first = group[0]
         entries.append({
             "strategy": first.strategy, "variant": name + (" +stage1" if stage1 else ""), "stage1": stage1,

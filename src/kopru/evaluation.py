@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from kopru.alignment import normalize_text
 from kopru.data.encoding import SampleEncoder, open_image
 from kopru.data.sample import Sample
-from kopru.data.synthetic import normalize_answer
 
 
 @torch.no_grad()
@@ -33,7 +33,8 @@ def answer_accuracy(model, encoder: SampleEncoder, samples: list[Sample], batch_
         new_tokens = model.generate(**batch, max_new_tokens=max_new_tokens)
         for sample, answer in zip(chunk, processor.batch_decode(new_tokens), strict=True):
             language = sample.meta.get("language", "any")
-            correct = normalize_answer(answer, language) == normalize_answer(str(sample.meta["answer"]), language)
+            # Turkish-correct case folding, punctuation and number words ("Üç." == "3" == "üç").
+            correct = normalize_text(answer, language) == normalize_text(str(sample.meta["answer"]), language)
             for key in (f"{sample.meta.get('task', 'qa')}/{language}", f"all/{language}"):
                 hits[key].append(correct)
                 choices = sample.meta.get("choices")
