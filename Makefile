@@ -1,4 +1,4 @@
-# The two entry points of the README: `make demo` (the main job) and `make test`.
+# The two entry points of the README: `make demo` (the main job: kopru compare) and `make test`.
 # Each creates .venv on first use; torch is pinned to the CPU wheel this machine installs quickly.
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +15,7 @@ $(BIN)/kopru: pyproject.toml
 	touch $(BIN)/kopru
 
 demo: $(BIN)/kopru
-	$(BIN)/kopru demo
+	$(BIN)/kopru compare --output runs/compare
 
 test: $(BIN)/kopru
 	$(BIN)/ruff check src tests

@@ -86,7 +86,8 @@ def verdict(results: dict[str, Any]) -> str:
         f"{quality['projection']:.3f} vs {quality['qformer']:.3f}", quality["projection"] > quality["qformer"])
     row("Inference speed", "projection slow (576 tokens), Q-Former and cross-attention fast",
         f"TTFT {ttft['projection']:.1f} / {ttft['qformer']:.1f} / {ttft['cross_attention']:.1f} ms",
-        ttft["projection"] > min(ttft["qformer"], ttft["cross_attention"]))
+        # Within 20% counts as no difference: latency at this size is timer noise more than image tokens.
+        ttft["projection"] > 1.2 * min(ttft["qformer"], ttft["cross_attention"]))
     row("Ease of moving to a new LLM", "easy / medium / hard",
         "code needed per LLM: none / none / its decoder layers must pass keyword arguments on", None)
     caveat = ("Caveats: tiny backbones (4-layer ViT and LLM, ~1M parameters each), synthetic scenes at 64 px "
