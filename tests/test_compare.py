@@ -48,3 +48,15 @@ def test_an_untrained_connector_scores_at_chance():
     for language in ("en", "tr"):
         found, chance = accuracy[f"all/{language}"]["accuracy"], accuracy[f"all/{language}"]["chance"]
         assert abs(found - chance) < 0.1, (language, found, chance)
+
+
+def test_the_same_seed_reproduces_the_numbers(tmp_path):
+    from kopru.compare import compare
+
+    first = compare("micro", tmp_path / "a")
+    second = compare("micro", tmp_path / "b")
+    for a, b in zip(first["variants"], second["variants"], strict=True):
+        assert a["variant"] == b["variant"]
+        assert a["losses"] == b["losses"]
+        assert a["accuracy_by_task"] == b["accuracy_by_task"]
+    assert first["alignment"]["retrieval"] == second["alignment"]["retrieval"]
