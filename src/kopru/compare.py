@@ -5,6 +5,7 @@ what was measured.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -125,8 +126,9 @@ def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stag
 
 @torch.no_grad()
 def measure_latency(model, processor, new_tokens: int = 16, repeats: int = 3) -> tuple[float, float, float | None]:
-    """Time to first token (ms), decode tokens/s and peak CUDA memory (MB; None on CPU) for one image and a
-    short question at batch 1, greedy, fastest of `repeats`."""
+    """Time to first token (ms), decode tokens/s and peak memory (MB) for one image and a short question at
+    batch 1, greedy, fastest of `repeats`. Peak memory is CUDA's allocator peak on GPU; on CPU the process's
+    peak resident set during generation (Linux, weights included), None where it cannot be read."""
     from PIL import Image
 
     image = Image.new("RGB", (64, 64), (30, 60, 220))
@@ -136,6 +138,8 @@ def measure_latency(model, processor, new_tokens: int = 16, repeats: int = 3) ->
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
 
     def timed(tokens: int) -> float:
         best = float("inf")
@@ -151,8 +155,23 @@ def measure_latency(model, processor, new_tokens: int = 16, repeats: int = 3) ->
 
     first, whole = timed(1), timed(new_tokens)
     decode = (new_tokens - 1) / max(whole - first, 1e-9)
-    memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
     return 1000 * first, decode, memory
+
+
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # Linux: writing 5 resets this process's peak resident set (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def compare(preset_name: str = "default", output: str | Path = "runs/compare", **data: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ def results_table(results: dict[str, Any]) -> str:
     languages = sorted({key.split("/")[1] for entry in results["variants"] for key in entry["accuracy_by_task"]
                         if key.startswith("all/")})
     header = ["strategy", "variant", "trainable params", "total params", "LLM positions / image",
-              "cross-attn K/V / image", "train s", "TTFT ms", "decode tok/s", "peak MB",
+              "cross-attn K/V / image", "train s", "TTFT ms", "decode tok/s", "peak memory MB",
               *[f"accuracy {language}" for language in languages], "chance"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in results["variants"]:
@@ -25,7 +25,7 @@ def results_table(results: dict[str, Any]) -> str:
         accuracy = [f"{by_task[f'all/{lang}']['mean']:.3f} ± {by_task[f'all/{lang}']['spread']:.3f}"
                     if f"all/{lang}" in by_task else "" for lang in languages]
         chance = next((v["chance"] for k, v in by_task.items() if k.startswith("all/")), float("nan"))
-        memory = f"{entry['peak_memory_mb']:.0f}" if entry["peak_memory_mb"] else "n/a (CPU)"
+        memory = f"{entry['peak_memory_mb']:.0f}" if entry["peak_memory_mb"] else "n/a"
         lines.append("| " + " | ".join([
             entry["strategy"], entry["variant"], f"{entry['trainable_params']:,}", f"{entry['total_params']:,}",
             str(entry["image_positions"]), str(entry["cross_attention_kv"]), _pm(entry["train_seconds"]),
