@@ -7,6 +7,7 @@ loss divided by the token count of the whole global batch, so accumulation and d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -238,10 +239,6 @@ def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _loss_tokens(model: KopruForConditionalGeneration, batch: dict[str, torch.Tensor]) -> int:
-    return model.count_loss_tokens(batch["input_ids"], batch["labels"])
-
-
 # -------------------------------------------------------------------------------------------------- train
 def train(config: TrainConfig) -> TrainSummary:
     rank, world = _distributed()
@@ -290,15 +287,18 @@ def train(config: TrainConfig) -> TrainSummary:
     progress = tqdm(total=config.max_steps, initial=state["step"], desc=f"train {config.recipe}",
                     disable=rank != 0)
     model.train()
+    batches, batches_epoch = [], None
     while state["step"] < config.max_steps:
-        batches = global_batches(train_set, global_size, config.seed, state["epoch"], config.group_by_length)
+        if batches_epoch != state["epoch"]:  # the order is computed once per epoch, not once per step
+            batches = global_batches(train_set, global_size, config.seed, state["epoch"], config.group_by_length)
+            batches_epoch = state["epoch"]
         if state["batch_in_epoch"] >= len(batches):
             state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
             continue
         indices = batches[state["batch_in_epoch"]]
         micro = _micro_batches(train_set, indices, config.batch_size, world, rank, pad_id,
                                config.pack_length if config.packing else None)
-        global_tokens = _all_reduce_sum(sum(_loss_tokens(model, b) for b in micro if b), device)
+        global_tokens = _all_reduce_sum(sum(model.count_loss_tokens(b["input_ids"], b["labels"]) for b in micro if b), device)
         step_loss = torch.zeros((), device=device)
         for i, batch in enumerate(micro):
             if batch is None:
@@ -418,7 +418,7 @@ def evaluate(model: KopruForConditionalGeneration, dataset: EncodedDataset, conf
         if not encoded:
             continue
         batch = _move(collate(encoded, pad_id), device)
-        count = _loss_tokens(model, batch)
+        count = model.count_loss_tokens(batch["input_ids"], batch["labels"])
         total += float(model(**batch, num_items_in_batch=max(count, 1)).loss) * count
         tokens += count
     result: dict[str, Any] = {"loss": total / max(tokens, 1)}
@@ -475,17 +475,9 @@ def _wrap(model: KopruForConditionalGeneration, config: TrainConfig, world: int,
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
-
-
 def _no_sync(model, sync: bool):
     if sync or not hasattr(model, "no_sync"):
-        return _NullContext()
+        return contextlib.nullcontext()
     return model.no_sync()
 
 
@@ -493,7 +485,7 @@ def _autocast(config: TrainConfig, device: torch.device):
     use_bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    return _NullContext()
+    return contextlib.nullcontext()
 
 
 def _all_reduce_sum(value: torch.Tensor | int | float, device: torch.device) -> Any:

@@ -11,7 +11,7 @@ Two families, both returning in-memory `Sample`s with PIL images:
   "Which digit is on the left?" / "Soldaki rakam hangisi?" → "7". The answer is the digit character in both
   languages: it is language-neutral, one token in most tokenizers, and leaves nothing to normalise.
 
-Answers are single words, so accuracy is an exact match after `normalize_answer`; `meta["choices"]` lists every
+Answers are single words, so accuracy is an exact match after `kopru.alignment.normalize_text`; `meta["choices"]` lists every
 possible answer of the task in that language, so chance level is 1 / len(choices) (`chance_levels`).
 
 The same (seed, split, image_size, ...) gives byte-identical images and identical text. "train" and "test" draw
@@ -268,13 +268,6 @@ PHRASEBOOKS: dict[str, Phrasebook] = {
         yes_no=turkish.yes_no,
     ),
 }
-
-
-def normalize_answer(text: str, language: str) -> str:
-    """Lower-case (the Turkish way for "tr": "SOLDA" → "solda", "IŞIK" → "ışık"), trim spaces and surrounding
-    punctuation, so "Solda." matches "solda"."""
-    text = " ".join(text.split()).strip(" .,!?;:\"'")
-    return turkish.tr_lower(text) if language == "tr" else text.lower()
 
 
 def chance_levels(samples: Sequence[Sample]) -> dict[str, float]:
