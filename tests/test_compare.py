@@ -36,6 +36,16 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
     assert entries["qformer"]["image_positions"] == 32 + 2
     assert (entries["cross_attention"]["image_positions"], entries["cross_attention"]["cross_attention_kv"]) == (3, 64)
     assert entries["projection"]["trainable_params"] < entries["projection"]["total_params"]
+    for entry in entries.values():  # a fresh process's peak: at least the weights, Python and torch
+        assert entry["peak_memory_mb"] > 50
+
+    # The Q-Former's contrastive head, trained by a stage-1 run, ranks the same held-out captions.
+    itc = json.loads((output / "results.json").read_text())["alignment"]["itc_retrieval"]
+    assert set(itc) == {"qformer-32"} and set(itc["qformer-32"]) == {"en", "tr"}
+    for recall in itc["qformer-32"].values():
+        assert recall["n"] == 6 and all(0.0 <= recall[k] <= 1.0 for k in ("i2t@1", "i2t@5", "t2i@1", "t2i@5"))
+        assert recall["i2t@5"] >= recall["i2t@1"] and recall["t2i@5"] >= recall["t2i@1"]
+    assert "contrastive (ITC) head" in report
 
 
 def test_an_untrained_connector_scores_at_chance():
@@ -60,3 +70,4 @@ def test_the_same_seed_reproduces_the_numbers(tmp_path):
         assert a["losses"] == b["losses"]
         assert a["accuracy_by_task"] == b["accuracy_by_task"]
     assert first["alignment"]["retrieval"] == second["alignment"]["retrieval"]
+    assert first["alignment"]["itc_retrieval"] == second["alignment"]["itc_retrieval"]

@@ -367,3 +367,10 @@ def test_pretraining_learns_and_keeps_the_connector(build, tmp_path, one_thread)
     pretrainer.save_heads(tmp_path / "heads.safetensors")
     heads = load_file(str(tmp_path / "heads.safetensors"))
     assert "text_side.word_embeddings.weight" in heads and not any(k.startswith("layers.") for k in heads)
+
+    # The heads load back onto the fresh model's pretrainer: retrieval there equals retrieval here.
+    reloaded = QFormerPretrainer(fresh, processor.tokenizer, seed=7)
+    reloaded.load_heads(tmp_path / "heads.safetensors")
+    assert retrieval_recall(fresh, reloaded, processor, samples) == recall
+    with pytest.raises(FileNotFoundError, match="stage-1 heads"):
+        reloaded.load_heads(tmp_path / "missing.safetensors")

@@ -5,10 +5,11 @@ what was measured.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +57,15 @@ class Preset:
     eval_questions: int
     with_stage1: bool  # also run every variant with a stage-1 phase
     retrieval_captions: int = 20  # per language, for caption-likelihood retrieval (N x N scored pairs)
+    # Q-Former stage-1 steps of a separate seed-0 run that trains the ITC head for retrieval, for presets
+    # whose Q-Former variants do not already run stage 1.
+    itc_steps: int = 150
 
 
 PRESETS = {
     "micro": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0,), steps=6, stage1_steps=0,
                     train_scenes=24, eval_scenes=4, eval_questions=16, with_stage1=False,
-                    retrieval_captions=6),
+                    retrieval_captions=6, itc_steps=3),
     "default": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0, 1, 2), steps=300, stage1_steps=0,
                       train_scenes=600, eval_scenes=40, eval_questions=160, with_stage1=False,
                       retrieval_captions=12),
@@ -88,58 +92,66 @@ class RunResult:
     losses: list[float]
     model_dir: str = ""
     train_languages: tuple[str, ...] = ("en", "tr")
+    stage1_dir: str = ""  # the connector after stage 1 (with the ITC head for the Q-Former)
 
 
 def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stage1: bool,
                 vision: str | None = None, llm: str | None = None, train_data: str = "builtin:shapes",
                 eval_data: str | None = None, train_languages: tuple[str, ...] = ("en", "tr")) -> RunResult:
     """Train one variant with one seed (optionally stage 1 first), then measure it."""
-    common = dict(vision=vision, llm=llm, strategy=variant.strategy, connector=dict(variant.connector),
-                  languages=list(train_languages), eval_languages=["en", "tr"],
-                  batch_size=16, lr=1e-3, warmup_steps=10, eval_every=0, save_every=0, seed=seed,
-                  train_data=train_data, eval_data=eval_data, builtin_train_size=preset.train_scenes,
-                  builtin_eval_size=preset.eval_scenes, eval_questions=preset.eval_questions)
+    common = _train_settings(variant, seed, preset, vision, llm, train_data, eval_data, train_languages)
     run_dir = workdir / f"{variant.name}{'-stage1' if stage1 else ''}-{'+'.join(train_languages)}-seed{seed}"
     started = time.perf_counter()
-    init = None
-    if stage1:
-        recipe = "qformer-stage1" if variant.strategy == "qformer" else "align"
-        first = train(TrainConfig(**common, recipe=recipe, max_steps=preset.stage1_steps,
-                                  output_dir=str(run_dir / "stage1")))
-        init = first.final_model
+    init = run_stage1(variant, preset.stage1_steps, run_dir / "stage1", common) if stage1 else None
     summary = train(TrainConfig(**common, recipe="single-stage", max_steps=preset.steps, init_connector=init,
                                 output_dir=str(run_dir / "single-stage")))
     seconds = time.perf_counter() - started
     from kopru.model import KopruForConditionalGeneration
 
     model, processor = KopruForConditionalGeneration.from_pretrained(summary.final_model)
-    ttft, decode, memory = measure_latency(model, processor)
+    ttft, decode = measure_latency(model, processor)
+    memory = measure_peak_memory(summary.final_model) if seed == preset.seeds[0] else None
     return RunResult(
         variant=variant.name, strategy=variant.strategy, stage1=stage1, seed=seed,
         trainable_params=summary.trainable_params, total_params=summary.total_params,
         image_positions=model.image_count.llm_positions, cross_attention_kv=model.image_count.cross_attention_kv,
         train_seconds=seconds, ttft_ms=ttft, decode_tokens_per_s=decode, peak_memory_mb=memory,
         accuracy=summary.eval[-1]["accuracy"] if summary.eval else {}, losses=summary.losses,
-        model_dir=summary.final_model, train_languages=tuple(train_languages),
+        model_dir=summary.final_model, train_languages=tuple(train_languages), stage1_dir=init or "",
     )
 
 
-@torch.no_grad()
-def measure_latency(model, processor, new_tokens: int = 16, repeats: int = 3) -> tuple[float, float, float | None]:
-    """Time to first token (ms), decode tokens/s and peak memory (MB) for one image and a short question at
-    batch 1, greedy, fastest of `repeats`. Peak memory is CUDA's allocator peak on GPU; on CPU the process's
-    peak resident set during generation (Linux, weights included), None where it cannot be read."""
+def _train_settings(variant: Variant, seed: int, preset: Preset, vision: str | None, llm: str | None,
+                    train_data: str, eval_data: str | None, train_languages: tuple[str, ...]) -> dict[str, Any]:
+    """What every run of a comparison shares: data, budget, optimiser, evaluation."""
+    return dict(vision=vision, llm=llm, strategy=variant.strategy, connector=dict(variant.connector),
+                languages=list(train_languages), eval_languages=["en", "tr"],
+                batch_size=16, lr=1e-3, warmup_steps=10, eval_every=0, save_every=0, seed=seed,
+                train_data=train_data, eval_data=eval_data, builtin_train_size=preset.train_scenes,
+                builtin_eval_size=preset.eval_scenes, eval_questions=preset.eval_questions)
+
+
+def run_stage1(variant: Variant, steps: int, output_dir: Path, settings: dict[str, Any]) -> str:
+    """Stage 1 (BLIP-2's for the Q-Former, LLaVA's align otherwise); returns the saved connector's directory."""
+    recipe = "qformer-stage1" if variant.strategy == "qformer" else "align"
+    return train(TrainConfig(**settings, recipe=recipe, max_steps=steps, output_dir=str(output_dir))).final_model
+
+
+def _latency_batch(model, processor) -> dict[str, torch.Tensor]:
+    """One image and a short question at batch 1: the prompt every latency and memory figure uses."""
     from PIL import Image
 
     image = Image.new("RGB", (64, 64), (30, 60, 220))
     batch = processor(["<image>\nHow many squares are there?"], [[image]], padding_side="left",
                       add_special_tokens=False)
-    batch = {k: v.to(model.device) for k, v in batch.items()}
+    return {k: v.to(model.device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def measure_latency(model, processor, new_tokens: int = 16, repeats: int = 3) -> tuple[float, float]:
+    """Time to first token (ms) and decode tokens/s, batch 1, greedy, fastest of `repeats`."""
+    batch = _latency_batch(model, processor)
     cuda = model.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_peak_rss()
 
     def timed(tokens: int) -> float:
         best = float("inf")
@@ -154,14 +166,33 @@ def measure_latency(model, processor, new_tokens: int = 16, repeats: int = 3) ->
         return best
 
     first, whole = timed(1), timed(new_tokens)
-    decode = (new_tokens - 1) / max(whole - first, 1e-9)
-    memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
-    return 1000 * first, decode, memory
+    return 1000 * first, (new_tokens - 1) / max(whole - first, 1e-9)
 
 
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # Linux: writing 5 resets this process's peak resident set (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
+def measure_peak_memory(model_dir: str, new_tokens: int = 16) -> float | None:
+    """Peak memory (MB) of loading the saved model and generating `new_tokens` for the latency prompt, in a fresh
+    process so that nothing this process allocated before (training, other variants) counts: CUDA's allocator
+    peak on GPU, else the process's peak resident set (Linux; Python, torch and the weights included, so compare
+    variants by their differences). None where it cannot be read."""
+    code = f"from kopru.compare import _peak_memory_child; _peak_memory_child({model_dir!r}, {new_tokens})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring peak memory of {model_dir} failed:\n{done.stderr[-2000:]}")
+    value = json.loads(done.stdout.strip().splitlines()[-1])["peak_memory_mb"]
+    return None if value is None else float(value)
+
+
+def _peak_memory_child(model_dir: str, new_tokens: int) -> None:
+    from kopru.model import KopruForConditionalGeneration
+
+    model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)
+    if torch.cuda.is_available():
+        model.cuda()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        model.generate(**_latency_batch(model, processor), max_new_tokens=new_tokens, eos_token_id=[])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _peak_rss_mb()
+    print(json.dumps({"peak_memory_mb": peak}))
 
 
 def _peak_rss_mb() -> float | None:
@@ -186,6 +217,15 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", *
     runs = []
     for variant, seed, stage1 in tqdm(plan, desc=f"compare {preset_name}"):
         runs.append(run_variant(variant, seed, preset, output / "runs", stage1, **data))
+    itc_stage1 = {run.variant: run.stage1_dir for run in runs if run.stage1_dir and run.strategy == "qformer"
+                  and run.seed == preset.seeds[0]}
+    for name in preset.variants:  # BLIP-2's contrastive head exists only after stage 1: train one to use it
+        variant = VARIANTS[name]
+        if variant.strategy == "qformer" and name not in itc_stage1:
+            settings = _train_settings(variant, preset.seeds[0], preset, data.get("vision"), data.get("llm"),
+                                       data.get("train_data", "builtin:shapes"), data.get("eval_data"), ("en", "tr"))
+            itc_stage1[name] = run_stage1(variant, preset.itc_steps, output / "runs" / f"{name}-itc-seed"
+                                          f"{preset.seeds[0]}", settings)
     transfer = []
     for name in tqdm(preset.variants, desc="cross-lingual transfer"):
         for language in ("en", "tr"):
@@ -193,7 +233,7 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", *
                                         train_languages=(language,), **data))
     results = {"preset": preset_name, "settings": dataclasses.asdict(preset),
                "variants": aggregate(runs), "runs": [dataclasses.asdict(r) for r in runs],
-               "alignment": turkish_alignment(runs, transfer, preset)}
+               "alignment": turkish_alignment(runs, transfer, preset, itc_stage1)}
     (output / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     from kopru.report import write_report
 
@@ -234,14 +274,16 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
             "train_seconds": _mean_spread([r.train_seconds for r in group]),
             "ttft_ms": _mean_spread([r.ttft_ms for r in group]),
             "decode_tokens_per_s": _mean_spread([r.decode_tokens_per_s for r in group]),
-            "peak_memory_mb": first.peak_memory_mb,
+            "peak_memory_mb": next((r.peak_memory_mb for r in group if r.peak_memory_mb is not None), None),
             "losses": [r.losses for r in group],
         })
     return entries
 
 
-def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: Preset) -> dict[str, Any]:
-    """Tokenizer fertility and its cost in text budget, caption retrieval per language, cross-lingual transfer."""
+def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: Preset,
+                      itc_stage1: dict[str, str] | None = None) -> dict[str, Any]:
+    """Tokenizer fertility and its cost in text budget, caption retrieval per language (caption likelihood for
+    every variant; the Q-Former's ITC head for the stage-1 connectors in `itc_stage1`), cross-lingual transfer."""
     from kopru.alignment import caption_retrieval, text_budget, tokenizer_fertility
     from kopru.data.builtin import builtin_dataset
     from kopru.model import KopruForConditionalGeneration
@@ -261,6 +303,9 @@ def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: 
             fertility = tokenizer_fertility(processor.tokenizer, texts)
             context = getattr(model.llm.config, "max_position_embeddings", 2048)
         budget[name] = text_budget(fertility, context, run.image_positions)
+    itc = {name: {lang: itc_retrieval(first[name].model_dir, stage1_dir, samples)
+                  for lang, samples in by_language.items()}
+           for name, stage1_dir in (itc_stage1 or {}).items() if name in first}
     cross = {}
     for run in transfer:
         trained = "+".join(run.train_languages)
@@ -269,5 +314,21 @@ def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: 
     for name, run in first.items():
         cross.setdefault(name, {})["train en+tr"] = {
             lang: run.accuracy[f"all/{lang}"]["accuracy"] for lang in ("en", "tr") if f"all/{lang}" in run.accuracy}
-    return {"fertility": fertility, "text_budget": budget, "retrieval": retrieval, "cross_lingual": cross,
-            "context_tokens": context}
+    return {"fertility": fertility, "text_budget": budget, "retrieval": retrieval, "itc_retrieval": itc,
+            "cross_lingual": cross, "context_tokens": context}
+
+
+def itc_retrieval(model_dir: str, stage1_dir: str, samples: list) -> dict[str, float]:
+    """Recall@1/5 with the Q-Former's contrastive head: the stage-1 Q-Former and heads put onto the backbones of
+    the saved model at `model_dir`, scored over the same caption samples as the caption-likelihood ranking."""
+    from kopru.model import KopruForConditionalGeneration
+    from kopru.qformer_pretraining import QFormerPretrainer, retrieval_recall
+    from kopru.training import QFORMER_HEADS_FILE
+
+    model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)
+    model.load_connector(stage1_dir)
+    pretrainer = QFormerPretrainer(model, processor.tokenizer)
+    pretrainer.load_heads(Path(stage1_dir) / QFORMER_HEADS_FILE)
+    recall = retrieval_recall(model, pretrainer, processor, samples)
+    images, texts = int(recall.pop("images")), int(recall.pop("texts"))
+    return {**recall, "n": texts, "chance@1": min(1.0, 1 / images), "chance@5": min(1.0, 5 / images)}

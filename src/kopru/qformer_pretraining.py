@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -371,6 +371,20 @@ class QFormerPretrainer:
         """The stage-1 heads alone (the Q-Former itself is saved with the connector)."""
         tensors = {name: t.detach().contiguous() for name, t in self.heads.state_dict().items()}
         save_file(tensors, str(path))
+
+    def load_heads(self, path: str | Path) -> None:
+        """Heads written by `save_heads` (for a Q-Former whose connector was loaded the same way)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"expected Q-Former stage-1 heads at {path}, found nothing")
+        loaded = load_file(str(path), device=str(self.device))
+        expected = self.heads.state_dict()
+        wrong = sorted(set(expected) ^ set(loaded)) + [
+            f"{name}: expected {tuple(expected[name].shape)}, found {tuple(loaded[name].shape)}"
+            for name in expected.keys() & loaded.keys() if expected[name].shape != loaded[name].shape]
+        if wrong:
+            raise ValueError(f"Q-Former heads in {path} do not fit this pretrainer: {wrong[:5]}")
+        self.heads.load_state_dict(loaded)
 
     # ------------------------------------------------------------------------------------------- encoders
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,17 @@ def plot(results: dict[str, Any], output: Path) -> list[Path]:
     return files
 
 
+def _retrieval_table(title: str, recall: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = ["", f"### {title}", "",
+             "| variant | language | N | image→text R@1 | R@5 | text→image R@1 | R@5 | chance R@1 / R@5 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, per_language in recall.items():
+        for lang, r in per_language.items():
+            lines.append(f"| {name} | {lang} | {r['n']} | {r['i2t@1']:.2f} | {r['i2t@5']:.2f} | {r['t2i@1']:.2f} | "
+                         f"{r['t2i@5']:.2f} | {r['chance@1']:.2f} / {r['chance@5']:.2f} |")
+    return lines
+
+
 def alignment_section(results: dict[str, Any]) -> str:
     """Turkish vision-text alignment: fertility and text budget, retrieval per language, cross-lingual transfer."""
     alignment = results.get("alignment")
@@ -176,13 +187,11 @@ def alignment_section(results: dict[str, Any]) -> str:
               "| variant | " + " | ".join(fertility) + " |", "|" + "---|" * (len(fertility) + 1)]
     for name, budget in alignment["text_budget"].items():
         lines.append(f"| {name} | " + " | ".join(str(budget[lang]) for lang in fertility) + " |")
-    lines += ["", "### Image-text retrieval by caption likelihood (held-out captions, seed 0 model)", "",
-              "| variant | language | N | image→text R@1 | R@5 | text→image R@1 | R@5 | chance R@1 / R@5 |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name, per_language in alignment["retrieval"].items():
-        for lang, r in per_language.items():
-            lines.append(f"| {name} | {lang} | {r['n']} | {r['i2t@1']:.2f} | {r['i2t@5']:.2f} | {r['t2i@1']:.2f} | "
-                         f"{r['t2i@5']:.2f} | {r['chance@1']:.2f} / {r['chance@5']:.2f} |")
+    lines += _retrieval_table("Image-text retrieval by caption likelihood (held-out captions, seed 0 model)",
+                              alignment["retrieval"])
+    if alignment.get("itc_retrieval"):
+        lines += _retrieval_table("Image-text retrieval with the Q-Former's contrastive (ITC) head after stage 1 "
+                                  "(same captions, seed 0)", alignment["itc_retrieval"])
     lines += ["", "### Cross-lingual transfer (held-out accuracy, seed 0)", "",
               "| variant | trained on | English | Turkish |", "|---|---|---|---|"]
     for name, per_training in alignment["cross_lingual"].items():
@@ -200,7 +209,11 @@ def write_report(results: dict[str, Any], output: Path) -> Path:
         f"Same data (built-in shapes questions, English + Turkish), same tiny pretrained backbones, "
         f"{settings['steps']} steps of 16 per run, seeds {list(settings['seeds'])}; accuracy is exact match on "
         f"{settings['eval_questions']} held-out questions (Turkish-aware normalisation), mean ± sd over seeds.", "",
-        results_table(results), "", "## Accuracy per task and language", "", task_table(results), "",
+        results_table(results), "",
+        "TTFT and decode tokens/s: batch 1, one image and a short question, greedy, fastest of 3 after a warm-up. "
+        "Peak memory: seed 0's saved model loaded in a fresh process generating 16 tokens for that prompt (CUDA "
+        "allocator peak on GPU; on CPU the process's peak resident set, which includes Python and torch, so "
+        "compare strategies by their differences).", "", "## Accuracy per task and language", "", task_table(results), "",
         "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], "",
         "## Vision-text alignment for Turkish", "", alignment_section(results), "",
         "## Verdict: the lesson's table against the measurements", "", verdict(results), "",

@@ -356,18 +356,26 @@ def train(config: TrainConfig) -> TrainSummary:
     return summary
 
 
+QFORMER_HEADS_FILE = "qformer_heads.safetensors"
+
+
 def _qformer_stage1(model: KopruForConditionalGeneration, processor, config: TrainConfig, trainable: int,
                     total: int) -> TrainSummary:
     """BLIP-2 stage 1 on captions: one process, no checkpoints (a short phase before align / instruct)."""
-    from kopru.qformer_pretraining import pretrain_qformer
+    from kopru.qformer_pretraining import QFormerPretrainer, pretrain_qformer
 
     report = SkipReport()
     samples = load_data(config.train_data, config, "train", report)
     started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        pretrainer = QFormerPretrainer(model, processor.tokenizer, seed=config.seed)
     history = pretrain_qformer(model, processor, samples, steps=config.max_steps, batch_size=config.batch_size,
-                               lr=config.lr, seed=config.seed)
+                               lr=config.lr, seed=config.seed, pretrainer=pretrainer)
     output = Path(config.output_dir)
     model.save_connector(output / "final")
+    # The contrastive (ITC) head is what image-text retrieval needs; the VLM itself never uses the heads.
+    pretrainer.save_heads(output / "final" / QFORMER_HEADS_FILE)
     summary = TrainSummary(
         steps=len(history), losses=[h["total"] for h in history], eval=[], skipped=dict(report.counts),
         trainable_params=trainable, total_params=total, tokens_per_second=0.0,
