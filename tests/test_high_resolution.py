@@ -7,6 +7,7 @@ tests use the tiny random backbones of conftest (32 px images, 8 px patches).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -51,6 +52,20 @@ def _count_config(mode: str, strategy: str = "projection", **resolution) -> Kopr
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@contextlib.contextmanager
+def open_gates(model, value: float = 1.0):
+    """Cross-attention gates start at 0 (the image cannot reach the logits); open them for a test, then close."""
+    for block in model.connector.blocks:
+        block.attn_gate.fill_(value)
+        block.mlp_gate.fill_(value)
+    try:
+        yield
+    finally:
+        for block in model.connector.blocks:
+            block.attn_gate.zero_()
+            block.mlp_gate.zero_()
 
 
 def _hf_tokenizer():
@@ -235,8 +250,11 @@ def test_pinpoints_must_be_whole_tiles_and_cls_must_go():
     with pytest.raises(ValueError, match=r"multiples of the encoder's image size 32, found \[\[40, 64\]\]"):
         image_positions(_count_config("anyres", grid_pinpoints=[[40, 64]]), encoder, 50, 50)
     keeps_cls = dataclasses.replace(_count_config("anyres"), vision=VisionTowerConfig("v", drop_cls=False))
-    with pytest.raises(ValueError, match="CLS token is kept"):
+    with pytest.raises(ValueError, match="anyres with the projection strategy .* CLS token is kept"):
         image_positions(keeps_cls, encoder, 50, 50)
+    # Connectors that read each view on its own take the CLS token along: 5 views of 16 patches + CLS.
+    keeps_cls_qformer = dataclasses.replace(keeps_cls, strategy="cross_attention", connector=None)
+    assert image_positions(keeps_cls_qformer, encoder, 50, 50).cross_attention_kv == 5 * 17
     with pytest.raises(ValueError, match="must divide the encoder's 4 patches per side"):
         image_positions(_count_config("fixed", reduction="pixel_shuffle", reduction_factor=3), encoder, 50, 50)
 
@@ -311,18 +329,14 @@ def test_ragged_cross_attention_context_equals_the_fixed_one_for_equal_lengths(m
     states = torch.randn(3, 16, model.llm.config.hidden_size)
     is_image = batch["input_ids"] == model.config.image_token_id
     per_sample, seen = is_image.sum(1), is_image.cumsum(1)
-    for block in model.connector.blocks:  # open the gates so the image reaches the logits
-        block.attn_gate.fill_(1.0)
-        block.mlp_gate.fill_(1.0)
     fixed = model.connector.build_context(states, per_sample).for_positions(seen)
     ragged = model.connector.build_context(list(states), per_sample).for_positions(seen)
-    run = lambda context: model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],  # noqa: E731
-                                    kopru_image_context=context).logits
-    expected, found = run(fixed), run(ragged)
-    torch.testing.assert_close(found, expected)
-    for block in model.connector.blocks:
-        block.attn_gate.zero_()
-        block.mlp_gate.zero_()
+    with open_gates(model):
+        expected, found = (model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     kopru_image_context=context).logits for context in (fixed, ragged))
+        torch.testing.assert_close(found, expected)
+        closed = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert not torch.allclose(found, closed, atol=1e-3)  # the images do reach the logits
 
 
 # ------------------------------------------------------------------------------- interpolated positions
@@ -389,3 +403,71 @@ def test_anyres_projection_logits_equal_llava_next(tmp_path: Path):
     # The newline embedding matters: changing it changes the logits.
     model.connector.image_newline.add_(1.0)
     assert not torch.allclose(model(**ours).logits[..., :expected.shape[-1]], expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.mark.parametrize(("strategy", "mode"), [("projection", "anyres"), ("projection", "dynamic"),
+                                                ("qformer", "anyres_pooled"), ("cross_attention", "dynamic")])
+@torch.no_grad()
+def test_padded_training_batch_loss_is_the_mean_of_the_samples(models, strategy, mode, make_image):
+    """Samples with images of different sizes in one batch (pixels zero padded across them) give the
+    token-weighted mean of their losses alone: padding never reaches the features."""
+    from kopru.data.batching import collate
+    from kopru.data.encoding import IGNORE_INDEX, SampleEncoder
+    from kopru.data.sample import Sample
+
+    model, processor = models[(strategy, mode)]
+    samples = [
+        Sample([{"role": "user", "content": "<image>\nwhat colour?"}, {"role": "assistant", "content": "red"}],
+               [_image(90, 30)]),
+        Sample([{"role": "user", "content": "how many?"}, {"role": "assistant", "content": "three."}]),
+        Sample([{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "yeşil."}],
+               [_image(20, 70, 1), _image(50, 50, 2)]),
+    ]
+    encoded = SampleEncoder(processor).encode_all(samples)
+    for sample, source in zip(encoded, samples, strict=True):
+        counted = sum(processor.count(image).llm_positions for image in source.images)
+        assert int(torch.isin(sample.input_ids, model._image_ids).sum()) == counted
+    batch = collate(encoded, processor.tokenizer.pad_token_id)
+    assert batch["image_sizes"].tolist() == [[30, 90], [70, 20], [50, 50]]
+    total, count = 0.0, 0
+    for sample in encoded:
+        tokens = int((sample.labels[1:] != IGNORE_INDEX).sum())
+        pixels = sample.pixel_values if sample.num_images else None
+        alone = model(sample.input_ids[None], pixel_values=pixels, image_sizes=sample.image_sizes if pixels is not None
+                      else None, labels=sample.labels[None]).loss
+        total, count = total + float(alone) * tokens, count + tokens
+    torch.testing.assert_close(float(model(**batch).loss), total / count, rtol=1e-5, atol=1e-5)
+
+
+def test_training_config_builds_a_high_resolution_model(vision_dirs, llm_dirs):
+    from kopru.training import TrainConfig, build_model
+
+    config = TrainConfig(vision=str(vision_dirs["siglip"]), llm=str(llm_dirs["qwen2"]),
+                         resolution={"mode": "anyres", "reduction": "pixel_shuffle"})
+    model, processor = build_model(config)
+    assert model.config.resolution == ResolutionConfig(mode="anyres", reduction="pixel_shuffle")
+    # SigLIP 32 px / 8 px patches: 4x4 -> 2x2 after the fold, 4x wider; a 64x64 image takes the 2x2 grid.
+    assert model.connector.layers[0].in_features == 4 * model.vision.hidden_size
+    assert processor.count(_image(64, 64)).placeholders == 4 + 4 * 4 + 4
+    loss = model(**processor("<image> hi", [_image(64, 64)], return_labels=True)).loss
+    loss.backward()
+    assert model.connector.image_newline.grad is not None and model.connector.image_newline.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_dynamic_model_saves_reloads_and_refuses_a_connector_of_another_resolution(models, build, tmp_path):
+    model, processor = models[("cross_attention", "dynamic")]
+    batch = processor(["<image> hi", "a <image> b <image>"], [[_image(90, 30)], [_image(20, 70, 1), _image(45, 45, 2)]])
+    with open_gates(model, 0.5):
+        expected = model(**batch).logits
+        model.save_pretrained(tmp_path / "saved", processor)
+    reloaded, reloaded_processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert reloaded.config.resolution == model.config.resolution
+    again = reloaded_processor(["<image> hi", "a <image> b <image>"],
+                               [[_image(90, 30)], [_image(20, 70, 1), _image(45, 45, 2)]])
+    torch.testing.assert_close(reloaded(**again).logits, expected)
+    model.save_connector(tmp_path / "connector")
+    fixed, _ = build("cross_attention")
+    with pytest.raises(ValueError, match="trained with ResolutionConfig\\(mode='dynamic'"):
+        fixed.load_connector(tmp_path / "connector")

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from kopru.config import KopruConfig, ResolutionConfig
+from kopru.connectors import strategy_class
 from kopru.image_processing import _RESAMPLE, ImagePreprocessor
 from kopru.resolution import (
     QWEN2_VL_MAX_PIXELS,
@@ -55,7 +56,7 @@ class ImagePlan:
     passes: int  # encoder forward passes (anyres: 1 base view + tiles)
     pass_size: tuple[int, int]  # (height, width) in pixels of every pass
     grid: tuple[int, int]  # patch rows, columns per pass after the k x k reduction
-    cls_tokens: int  # CLS tokens per pass kept in front of the grid (fixed mode only)
+    cls_tokens: int  # CLS tokens per pass kept in front of the grid (never with a reduction or grid packing)
     layout: AnyresLayout | None = None  # anyres only
 
     @property
@@ -76,6 +77,14 @@ def anyres_pinpoints(resolution: ResolutionConfig, tile: int) -> list[list[int]]
     return resolution.grid_pinpoints
 
 
+def packs_anyres_grid(config: KopruConfig) -> bool:
+    """anyres with a connector whose output is the patch grid, spliced into the text: LLaVA-NeXT's unpadded grid
+    with a newline per row. Other connectors read each view on its own and their outputs are concatenated."""
+    connector = strategy_class(config.strategy)
+    return config.resolution.mode == "anyres" and connector.splices_into_text and connector.keeps_patch_grid(
+        config.connector)
+
+
 def plan_image(config: KopruConfig, encoder_config: PretrainedConfig, height: int, width: int) -> ImagePlan:
     """How an image of `height` x `width` pixels goes through the encoder under `config.resolution`."""
     if not (isinstance(height, int) and isinstance(width, int)) or height < 1 or width < 1:
@@ -84,17 +93,19 @@ def plan_image(config: KopruConfig, encoder_config: PretrainedConfig, height: in
     resolution = config.resolution
     merge = resolution.merge_size
     patch, size = geometry.patch_size, geometry.image_size
-    if geometry.keeps_cls and (resolution.mode != "fixed" or merge > 1):
+    if geometry.keeps_cls and (merge > 1 or packs_anyres_grid(config)):
+        why = "a k x k reduction" if merge > 1 else "anyres with the projection strategy (LLaVA-NeXT's unpadded grid)"
         raise ValueError(
-            f"resolution mode {resolution.mode!r} with reduction {resolution.reduction!r} needs a pure patch grid, "
-            "found an encoder whose CLS token is kept (vision.drop_cls=False); drop it or use mode 'fixed' without "
-            "reduction"
+            f"{why} needs a pure patch grid, found an encoder whose CLS token is kept (vision.drop_cls=False); "
+            "drop it or use no reduction"
         )
+    cls_tokens = int(geometry.keeps_cls)
     if resolution.mode == "dynamic":
         min_pixels = QWEN2_VL_MIN_PIXELS if resolution.min_pixels is None else resolution.min_pixels
         max_pixels = QWEN2_VL_MAX_PIXELS if resolution.max_pixels is None else resolution.max_pixels
         new_height, new_width = smart_resize(height, width, patch * merge, min_pixels, max_pixels)
-        return ImagePlan(1, (new_height, new_width), (new_height // patch // merge, new_width // patch // merge), 0)
+        grid = (new_height // patch // merge, new_width // patch // merge)
+        return ImagePlan(1, (new_height, new_width), grid, cls_tokens)
     side = size // patch
     if side % merge:
         raise ValueError(
@@ -102,11 +113,11 @@ def plan_image(config: KopruConfig, encoder_config: PretrainedConfig, height: in
         )
     side //= merge
     if resolution.mode == "fixed":
-        return ImagePlan(1, (size, size), (side, side), int(geometry.keeps_cls))
+        return ImagePlan(1, (size, size), (side, side), cls_tokens)
     layout = anyres_layout(height, width, tile_size=size, patches_per_side=side,
                            pinpoints=anyres_pinpoints(resolution, size))
     rows, columns = layout.tiles
-    return ImagePlan(1 + rows * columns, (size, size), (side, side), 0, layout)
+    return ImagePlan(1 + rows * columns, (size, size), (side, side), cls_tokens, layout)
 
 
 # ------------------------------------------------------------------------------------------------ pixels
@@ -140,7 +151,7 @@ class HighResolutionPreprocessor:
             per_image = [self._anyres(image.convert("RGB")) for image in images]
         else:
             per_image = [self._dynamic(image.convert("RGB")) for image in images]
-        return {"pixel_values": _pad_stack(per_image), "image_sizes": sizes}
+        return {"pixel_values": pad_stack(per_image), "image_sizes": sizes}
 
     def _resample(self) -> Image.Resampling:
         return _RESAMPLE.get(self.base.resample, Image.Resampling.BICUBIC)
@@ -168,7 +179,7 @@ class HighResolutionPreprocessor:
         return self.base.normalize(image.resize((width, height), self._resample()))
 
 
-def _pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+def pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Stack tensors of equal rank, zero padding every dimension at its end to the largest."""
     if not tensors:
         return torch.empty(0)

@@ -22,12 +22,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.connectors import Connector, strategy_class
 from kopru.connectors.cross_attention import CONTEXT_KWARG
-from kopru.high_resolution import ImagePlan, pack_anyres, plan_image, token_reduction
+from kopru.high_resolution import ImagePlan, pack_anyres, packs_anyres_grid, plan_image, token_reduction
 from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
 from kopru.paths import atomic_directory
 from kopru.processing import KopruProcessor, add_image_tokens
-from kopru.tokens import connector_tokens, image_positions, packs_anyres_grid
+from kopru.tokens import connector_tokens, image_positions
 from kopru.vision import VisionTower
 
 CONFIG_FILE = "kopru_config.json"

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from kopru.config import KopruConfig
 from kopru.connectors import strategy_class
-from kopru.high_resolution import ImagePlan, plan_image
+from kopru.high_resolution import ImagePlan, packs_anyres_grid, plan_image
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,6 @@ def count_image_tokens(config: KopruConfig, vision_tokens: int) -> ImageTokenCou
     """Positions per image for `config`, given the `vision_tokens` the vision tower hands to the connector."""
     connector = strategy_class(config.strategy)
     return _count(config, connector.output_tokens(config.connector, vision_tokens))
-
-
-def packs_anyres_grid(config: KopruConfig) -> bool:
-    """anyres with a connector whose output is the patch grid, spliced into the text: LLaVA-NeXT's unpadded grid
-    with a newline per row. Other connectors read each tile on its own and their outputs are concatenated."""
-    connector = strategy_class(config.strategy)
-    return config.resolution.mode == "anyres" and connector.splices_into_text and connector.keeps_patch_grid(
-        config.connector)
 
 
 def connector_tokens(config: KopruConfig, plan: ImagePlan) -> int:
