@@ -471,3 +471,16 @@ def test_dynamic_model_saves_reloads_and_refuses_a_connector_of_another_resoluti
     fixed, _ = build("cross_attention")
     with pytest.raises(ValueError, match="trained with ResolutionConfig\\(mode='dynamic'"):
         fixed.load_connector(tmp_path / "connector")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@torch.no_grad()
+def test_generate_takes_the_processors_image_sizes(models, strategy):
+    """Greedy generation from a left-padded batch of two prompts equals generating each prompt alone."""
+    model, processor = models[(strategy, "anyres")]
+    texts, images = ["<image> what is", "a longer prompt: <image> and this?"], [[_image(90, 30)], [_image(25, 60, 1)]]
+    batch = processor(texts, images, padding_side="left")
+    together = model.generate(**batch, max_new_tokens=4, eos_token_id=[])
+    for row, (text, image) in enumerate(zip(texts, images, strict=True)):
+        alone = model.generate(**processor(text, image), max_new_tokens=4, eos_token_id=[])
+        assert together[row].tolist() == alone[0].tolist()
