@@ -484,3 +484,14 @@ def test_generate_takes_the_processors_image_sizes(models, strategy):
     for row, (text, image) in enumerate(zip(texts, images, strict=True)):
         alone = model.generate(**processor(text, image), max_new_tokens=4, eos_token_id=[])
         assert together[row].tolist() == alone[0].tolist()
+
+
+def test_caption_retrieval_refuses_per_size_counts(models):
+    from kopru.alignment import caption_retrieval
+    from kopru.data.sample import Sample
+
+    model, processor = models[("projection", "dynamic")]
+    samples = [Sample([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
+                      [_image(40, 30)])]
+    with pytest.raises(ValueError, match="resolution mode 'fixed'\\); found mode 'dynamic'"):
+        caption_retrieval(model, processor, samples)

@@ -10,7 +10,9 @@ Sizes are (height, width) inside functions, as in `kopru.resolution`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from PIL import Image
@@ -87,8 +89,9 @@ def packs_anyres_grid(config: KopruConfig) -> bool:
 
 def plan_image(config: KopruConfig, encoder_config: PretrainedConfig, height: int, width: int) -> ImagePlan:
     """How an image of `height` x `width` pixels goes through the encoder under `config.resolution`."""
-    if not (isinstance(height, int) and isinstance(width, int)) or height < 1 or width < 1:
+    if not (isinstance(height, Integral) and isinstance(width, Integral)) or height < 1 or width < 1:
         raise ValueError(f"expected an image of at least 1x1 pixels, found {width}x{height} (width x height)")
+    height, width = int(height), int(width)
     geometry = EncoderGeometry.of(config, encoder_config)
     resolution = config.resolution
     merge = resolution.merge_size
@@ -160,12 +163,13 @@ class HighResolutionPreprocessor:
         plan = self.plan(image)
         tile = plan.pass_size[0]
         best_height, best_width = plan.layout.best_resolution
-        # Resize to fit the pinpoint keeping the aspect ratio (HF's get_patch_output_size), then pad with black.
+        # Resize to fit the pinpoint keeping the aspect ratio, then pad with black: HF's get_patch_output_size,
+        # float arithmetic included, so that the pixels equal HF's.
         scale_width, scale_height = best_width / image.width, best_height / image.height
         if scale_width < scale_height:
-            new_width, new_height = best_width, min(-(-image.height * best_width // image.width), best_height)
+            new_width, new_height = best_width, min(math.ceil(image.height * scale_width), best_height)
         else:
-            new_height, new_width = best_height, min(-(-image.width * best_height // image.height), best_width)
+            new_height, new_width = best_height, min(math.ceil(image.width * scale_height), best_width)
         canvas = Image.new("RGB", (best_width, best_height))
         canvas.paste(image.resize((new_width, new_height), self._resample()),
                      ((best_width - new_width) // 2, (best_height - new_height) // 2))
