@@ -329,14 +329,15 @@ def test_ragged_cross_attention_context_equals_the_fixed_one_for_equal_lengths(m
     states = torch.randn(3, 16, model.llm.config.hidden_size)
     is_image = batch["input_ids"] == model.config.image_token_id
     per_sample, seen = is_image.sum(1), is_image.cumsum(1)
-    fixed = model.connector.build_context(states, per_sample).for_positions(seen)
-    ragged = model.connector.build_context(list(states), per_sample).for_positions(seen)
-    with open_gates(model):
-        expected, found = (model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     kopru_image_context=context).logits for context in (fixed, ragged))
-        torch.testing.assert_close(found, expected)
-        closed = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        assert not torch.allclose(found, closed, atol=1e-3)  # the images do reach the logits
+    for attend_to in ("previous", "most_recent"):
+        fixed, ragged = (dataclasses.replace(model.connector.build_context(layout, per_sample), attend_to=attend_to)
+                         .for_positions(seen) for layout in (states, list(states)))
+        with open_gates(model):
+            expected, found = (model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         kopru_image_context=context).logits for context in (fixed, ragged))
+            torch.testing.assert_close(found, expected)
+            closed = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            assert not torch.allclose(found, closed, atol=1e-3)  # the images do reach the logits
 
 
 # ------------------------------------------------------------------------------- interpolated positions
