@@ -1,13 +1,13 @@
 """Köprü: join a pretrained vision encoder to a pretrained causal LLM."""
 
-from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.connectors import available_strategies, strategy_class
 from kopru.connectors.cross_attention import CrossAttentionConfig
 from kopru.connectors.projection import ProjectionConfig
 from kopru.connectors.resampler import ResamplerConfig
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
-from kopru.tokens import ImageTokenCount, count_image_tokens
+from kopru.tokens import ImageTokenCount, count_image_tokens, image_positions
 
 __all__ = [
     "CrossAttentionConfig",
@@ -17,8 +17,10 @@ __all__ = [
     "KopruProcessor",
     "ProjectionConfig",
     "ResamplerConfig",
+    "ResolutionConfig",
     "VisionTowerConfig",
     "available_strategies",
     "count_image_tokens",
+    "image_positions",
     "strategy_class",
 ]

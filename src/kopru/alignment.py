@@ -148,6 +148,11 @@ def caption_scores(model: Any, processor: Any, samples: Sequence[Sample], batch_
 
 
 def _score_pairs(model: Any, processor: Any, encoded: Sequence[EncodedSample], batch_size: int) -> torch.Tensor:
+    if getattr(processor, "high_resolution", None) is not None:
+        raise ValueError(
+            "caption retrieval pairs one sample's caption ids with another sample's pixels, which needs every image "
+            f"to take the same positions (resolution mode 'fixed'); found mode {processor.config.resolution.mode!r}"
+        )
     n = len(encoded)
     pairs = [(i, j) for i in range(n) for j in range(n)]
     pad_id = processor.tokenizer.pad_token_id

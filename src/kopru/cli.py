@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", help="turn an HF LLaVA / BLIP-2 / Llama-3.2-Vision checkpoint into a Köprü model"
     )
-    convert.add_argument("--from", dest="source_format", required=True, choices=["llava", "blip2", "mllama"])
+    convert.add_argument("--from", dest="source_format", required=True, choices=["llava", "llava_next", "blip2", "mllama"])
     convert.add_argument("src", help="HF checkpoint directory (or hub id when online)")
     convert.add_argument("dst", help="output directory for the Köprü model")
     convert.add_argument("--verify", action="store_true",

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -27,6 +27,66 @@ class VisionTowerConfig:
     # Apply the encoder's final LayerNorm to the selected features (BLIP-2 feeds `last_hidden_state`).
     final_norm: bool = False
     trainable: bool = False
+
+
+RESOLUTION_MODES = ("fixed", "anyres", "dynamic")
+REDUCTIONS = ("none", "pixel_shuffle", "avg_pool")
+
+
+@dataclass
+class ResolutionConfig:
+    """How an image becomes encoder inputs, and how many tokens per encoder pass reach the connector.
+
+    - "fixed": one pass at the encoder's native size (LLaVA-1.5, BLIP-2); every image costs the same.
+    - "anyres": LLaVA-NeXT. The image is resized and padded to the best of `grid_pinpoints`, cut into tiles of
+      the encoder's native size, and a base view of the whole image comes first. The projection strategy unpads
+      the tile grid and ends each grid row with a learned newline embedding; the Q-Former reads each tile on its
+      own (num_queries per tile) and cross-attention attends to all tiles' states.
+    - "dynamic": Qwen2-VL. The image is resized (`smart_resize`) to multiples of patch x merge within
+      [min_pixels, max_pixels] and seen in one pass, the encoder's position embeddings interpolated in 2-D.
+
+    `reduction` folds (pixel_shuffle: k x k neighbours concatenated, k^2 wider) or averages (avg_pool) each
+    k x k block of patches before the connector, in every mode; in "dynamic" mode it is Qwen2-VL's k x k merge.
+    """
+
+    mode: Literal["fixed", "anyres", "dynamic"] = "fixed"
+    # anyres: (height, width) pixel sizes the tiled view may take, each a multiple of the encoder's image size.
+    # None: LLaVA-NeXT's five layouts (1x2, 2x1, 2x2, 3x1, 1x3 tiles) at the encoder's size.
+    grid_pinpoints: list[list[int]] | None = None
+    # dynamic: the pixel budget of the resized image; None takes Qwen2-VL's defaults (56*56, 28*28*1280).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    reduction: Literal["none", "pixel_shuffle", "avg_pool"] = "none"
+    reduction_factor: int = 2  # k of the k x k reduction; unused when reduction is "none"
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESOLUTION_MODES:
+            raise ValueError(f"resolution mode must be one of {list(RESOLUTION_MODES)}, found {self.mode!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"resolution reduction must be one of {list(REDUCTIONS)}, found {self.reduction!r}")
+        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
+            raise ValueError(f"resolution reduction_factor must be an integer >= 1, found {self.reduction_factor!r}")
+        if self.grid_pinpoints is not None:
+            pinpoints = [list(p) for p in self.grid_pinpoints]
+            if not pinpoints or any(len(p) != 2 or not all(isinstance(v, int) and v > 0 for v in p) for p in pinpoints):
+                raise ValueError(
+                    "resolution grid_pinpoints must be a non-empty list of [height, width] positive integers, "
+                    f"found {self.grid_pinpoints!r}"
+                )
+            self.grid_pinpoints = pinpoints
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"resolution {name} must be a positive integer or None, found {value!r}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"resolution min_pixels must not exceed max_pixels, found {self.min_pixels} > {self.max_pixels}"
+            )
+
+    @property
+    def merge_size(self) -> int:
+        """Patches per side folded into one token before the connector (1: none)."""
+        return 1 if self.reduction == "none" else self.reduction_factor
 
 
 @dataclass
@@ -46,6 +106,10 @@ class KopruConfig:
     image_start_token_id: int | None = None
     image_end_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Fixed / anyres / dynamic resolution and token reduction; the default is one native-size pass per image.
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+
+    __nested__ = {"resolution": ResolutionConfig}
 
     def __post_init__(self) -> None:
         from kopru.connectors import strategy_class
@@ -64,6 +128,10 @@ class KopruConfig:
             self.vision = _from_dict(VisionTowerConfig, self.vision)
         elif isinstance(self.vision, str):
             self.vision = VisionTowerConfig(self.vision)
+        if isinstance(self.resolution, dict):
+            self.resolution = _from_dict(ResolutionConfig, self.resolution)
+        elif not isinstance(self.resolution, ResolutionConfig):
+            raise TypeError(f"resolution expects a ResolutionConfig or a dict, found {type(self.resolution).__name__}")
         if (self.image_start_token is None) != (self.image_end_token is None):
             raise ValueError(
                 f"image markers come in pairs: found image_start_token={self.image_start_token!r}, "

@@ -45,6 +45,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Returns the new tokens [batch, <= max_new_tokens]; a finished row is filled with `pad_token_id`
     (default: the LLM config's pad id, else the first eos id, else 0). A row stops at `eos_token_id` (default:
@@ -65,7 +66,7 @@ def generate(
     if pad_token_id is None:
         pad_token_id = llm.config.pad_token_id if llm.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
 
-    embeds, extra = model.prepare_inputs(input_ids, pixel_values)
+    embeds, extra = model.prepare_inputs(input_ids, pixel_values, image_sizes=image_sizes)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=llm.config)
     cache_kwargs = {model._cache_argument: cache}

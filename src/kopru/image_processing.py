@@ -95,6 +95,10 @@ class ImagePreprocessor:
             image = image.crop((left, top, left + self.size, top + self.size))
         else:
             image = image.resize((self.size, self.size), resample)
+        return self.normalize(image)
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image at its final size, any shape -> float tensor [3, H, W] with the encoder's mean/std."""
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
         std = torch.tensor(self.image_std).view(3, 1, 1)

@@ -22,11 +22,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.connectors import Connector, strategy_class
 from kopru.connectors.cross_attention import CONTEXT_KWARG
+from kopru.high_resolution import ImagePlan, pack_anyres, packs_anyres_grid, plan_image, token_reduction
 from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
 from kopru.paths import atomic_directory
 from kopru.processing import KopruProcessor, add_image_tokens
-from kopru.tokens import count_image_tokens
+from kopru.tokens import connector_tokens, image_positions
 from kopru.vision import VisionTower
 
 CONFIG_FILE = "kopru_config.json"
@@ -43,11 +44,22 @@ class KopruForConditionalGeneration(nn.Module):
         self.config = config
         self.vision = vision
         self.llm = llm
+        # k x k pixel shuffle / average pooling of each encoder pass's patch grid, before any connector.
+        self.reduction = token_reduction(config.resolution)
         if connector is None:
-            connector = strategy_class(config.strategy)(config.connector, vision.hidden_size, llm.config)
+            vision_dim = self.reduction.output_dim(vision.hidden_size)
+            connector = strategy_class(config.strategy)(config.connector, vision_dim, llm.config)
+            if packs_anyres_grid(config):
+                # LLaVA-NeXT's learned row separator, LLM wide; it lives (and is saved, and trains) with the
+                # connector. Initialised as HF's LlavaNextModel does.
+                dim = llm.config.hidden_size
+                connector.image_newline = nn.Parameter(torch.randn(dim) / dim**0.5)
             connector.to(dtype=next(llm.parameters()).dtype)
         self.connector = connector
-        self.image_count = count_image_tokens(config, vision.num_tokens)
+        # Positions of an image at the encoder's native size; anyres / dynamic images count per size
+        # (`image_positions`), which the processor expands and `prepare_inputs` checks.
+        native = vision.image_size
+        self.image_count = image_positions(config, vision.encoder.config, native, native)
         self._cache_argument = cache_argument(llm)
         if not connector.llm_trains_in_stage2:
             llm.requires_grad_(False)  # the base LLM stays frozen; only the gated blocks (and resampler) learn
@@ -74,17 +86,96 @@ class KopruForConditionalGeneration(nn.Module):
         model = cls(config, vision, llm).eval()
         model.connector.init_pretrained_weights()
         image_processor = ImagePreprocessor.for_encoder(config.vision.name_or_path, vision)
-        return model, KopruProcessor(tokenizer, image_processor, config, model.image_count)
+        return model, KopruProcessor(tokenizer, image_processor, config, model.image_count,
+                                     encoder_config=vision.encoder.config)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[images, 3, H, W] -> connector output [images, features, llm_dim]"""
-        return self.connector(self.vision(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """[images, 3, H, W] -> connector output [images, features, llm_dim]
+
+        anyres / dynamic images of different sizes give different lengths: see `encode_image_list`.
+        """
+        if self.config.resolution.mode == "fixed":
+            return self._encode_passes(pixel_values, self.plan(self.vision.image_size, self.vision.image_size))
+        features = self.encode_image_list(pixel_values, image_sizes)
+        lengths = {f.shape[0] for f in features}
+        if len(lengths) > 1:
+            raise ValueError(f"these images give features of different lengths {sorted(lengths)}; use "
+                             "encode_image_list")
+        return torch.stack(features)
+
+    def plan(self, height: int, width: int) -> ImagePlan:
+        """How an image of this size goes through the encoder (see `kopru.high_resolution.plan_image`)."""
+        return plan_image(self.config, self.vision.encoder.config, height, width)
+
+    def _encode_passes(self, pixel_values: torch.Tensor, plan: ImagePlan) -> torch.Tensor:
+        """Encoder passes of one plan's shape [passes, 3, H, W] -> connector output [passes, tokens, llm_dim]."""
+        features = self.vision(pixel_values)
+        rows, columns = plan.grid
+        return self.connector(self.reduction(features, rows * self.reduction.factor, columns * self.reduction.factor))
+
+    def encode_image_list(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+                          ) -> list[torch.Tensor]:
+        """One [features, llm_dim] tensor per image, each exactly as long as `kopru.tokens.image_positions` counts.
+
+        fixed: pixel_values [images, 3, S, S]. anyres: [images, 1 + most tiles, 3, S, S] (base view first) and
+        `image_sizes` [images, 2] = original (height, width). dynamic: [images, 3, H, W] zero padded, each image
+        in its top-left corner at its `smart_resize` size, and `image_sizes` as for anyres.
+        """
+        mode = self.config.resolution.mode
+        if mode == "fixed":
+            return list(self.encode_images(pixel_values).unbind(0))
+        if image_sizes is None:
+            raise ValueError(f"resolution mode {mode!r} needs image_sizes [images, 2] (original height, width) beside "
+                             "pixel_values, as the processor returns them; found none")
+        if image_sizes.shape != (pixel_values.shape[0], 2):
+            raise ValueError(f"expected image_sizes of shape [{pixel_values.shape[0]}, 2] (one (height, width) per "
+                             f"image), found {list(image_sizes.shape)}")
+        plans = [self.plan(int(h), int(w)) for h, w in image_sizes.tolist()]
+        if mode == "anyres":
+            return self._encode_anyres(pixel_values, plans)
+        return self._encode_dynamic(pixel_values, plans)
+
+    def _encode_anyres(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
+        size = self.vision.image_size
+        most = max(plan.passes for plan in plans)
+        if pixel_values.dim() != 5 or pixel_values.shape[1] < most or pixel_values.shape[-2:] != (size, size):
+            raise ValueError(
+                f"anyres expects pixel_values [images, >= {most} views, 3, {size}, {size}], found "
+                f"{list(pixel_values.shape)}"
+            )
+        views = torch.cat([pixels[:plan.passes] for pixels, plan in zip(pixel_values, plans, strict=True)])
+        outputs = self._encode_passes(views, plans[0]).split([plan.passes for plan in plans])
+        if packs_anyres_grid(self.config):
+            return [pack_anyres(out, plan.layout, self.connector.image_newline) for out, plan in
+                    zip(outputs, plans, strict=True)]
+        return [out.flatten(0, 1) for out in outputs]
+
+    def _encode_dynamic(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
+        tallest, widest = max(p.pass_size[0] for p in plans), max(p.pass_size[1] for p in plans)
+        if pixel_values.dim() != 4 or pixel_values.shape[-2] < tallest or pixel_values.shape[-1] < widest:
+            raise ValueError(
+                f"dynamic resolution expects pixel_values [images, 3, >= {tallest}, >= {widest}], found "
+                f"{list(pixel_values.shape)}"
+            )
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, plan in enumerate(plans):
+            by_size.setdefault(plan.pass_size, []).append(index)
+        features: list[torch.Tensor | None] = [None] * len(plans)
+        for (height, width), indices in by_size.items():  # images of one size share an encoder batch
+            out = self._encode_passes(pixel_values[indices, :, :height, :width], plans[indices[0]])
+            for index, image_features in zip(indices, out, strict=True):
+                features[index] = image_features
+        return features
 
     def prepare_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """Text embeddings with the images in them, and the extra keyword arguments for the LLM call."""
+        """Text embeddings with the images in them, and the extra keyword arguments for the LLM call.
+
+        `image_sizes` (anyres / dynamic resolution): [images, 2] original (height, width), from the processor.
+        """
         embeds = self.llm.get_input_embeddings()(input_ids)
         is_placeholder = input_ids == self.config.image_token_id
         if pixel_values is None:
@@ -93,23 +184,61 @@ class KopruForConditionalGeneration(nn.Module):
                     f"the text holds {int(is_placeholder.sum())} image placeholder position(s) but no images were given"
                 )
             return embeds, {}
+        fixed = self.config.resolution.mode == "fixed"
         if not self.connector.splices_into_text:
             images_per_sample = is_placeholder.sum(1)
             self._check_image_count(int(images_per_sample.sum()), pixel_values.shape[0], per_image=1)
-            states = self.encode_images(pixel_values).to(embeds.dtype)
+            if fixed:
+                states = self.encode_images(pixel_values).to(embeds.dtype)
+            else:
+                states = [f.to(embeds.dtype) for f in self._checked_features(pixel_values, image_sizes)]
             image_context = self.connector.build_context(states, images_per_sample)
             images_seen = torch.cumsum(is_placeholder, dim=1)
             return embeds, {CONTEXT_KWARG: image_context.for_positions(images_seen)}
-        features = self.encode_images(pixel_values).to(embeds.dtype)
-        self._check_image_count(int(is_placeholder.sum()), features.shape[0], per_image=features.shape[1])
+        if fixed:
+            features = self.encode_images(pixel_values).to(embeds.dtype)
+            self._check_image_count(int(is_placeholder.sum()), features.shape[0], per_image=features.shape[1])
+        else:
+            per_image = self._checked_features(pixel_values, image_sizes)
+            self._check_placeholder_runs(is_placeholder, [f.shape[0] for f in per_image])
+            features = torch.cat(per_image).to(embeds.dtype)
         embeds = embeds.masked_scatter(is_placeholder.unsqueeze(-1), features)
         return embeds, {}
 
-    def _check_image_count(self, placeholders: int, images: int, per_image: int) -> None:
-        if placeholders != images * per_image:
+    def _checked_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+        """Per-image features, each checked against the count the processor expanded the text to."""
+        features = self.encode_image_list(pixel_values, image_sizes)
+        for index, ((height, width), image_features) in enumerate(zip(image_sizes.tolist(), features, strict=True)):
+            counted = connector_tokens(self.config, self.plan(height, width))
+            if image_features.shape[0] != counted:
+                raise RuntimeError(
+                    f"image {index} ({width}x{height}): the model produced {image_features.shape[0]} features but "
+                    f"image_positions counts {counted}; the count and the model disagree"
+                )
+        return features
+
+    def _check_placeholder_runs(self, is_placeholder: torch.Tensor, lengths: list[int]) -> None:
+        """Every image's placeholders against its own feature count; images of different sizes differ."""
+        self._check_image_count(int(is_placeholder.sum()), len(lengths), per_image=None, total=sum(lengths))
+        padded = torch.nn.functional.pad(is_placeholder, (1, 1)).flatten().int()
+        edges = padded.diff()
+        runs = ((edges == -1).nonzero().flatten() - (edges == 1).nonzero().flatten()).tolist()
+        if len(runs) == len(lengths):  # adjacent images without markers merge into one run: the total must do
+            for index, (found, expected) in enumerate(zip(runs, lengths, strict=True)):
+                if found != expected:
+                    raise ValueError(
+                        f"image placeholders and image features do not match: image {index} has {found} placeholder "
+                        f"position(s) in the text, its features are {expected}"
+                    )
+
+    def _check_image_count(self, placeholders: int, images: int, per_image: int | None, total: int | None = None
+                           ) -> None:
+        total = images * per_image if total is None else total
+        if placeholders != total:
+            detail = f"{per_image} per image" if per_image is not None else "counted per image size"
             raise ValueError(
                 f"image placeholders and image features do not match: the text holds {placeholders} placeholder "
-                f"position(s), the {images} image(s) give {images * per_image} ({per_image} per image)"
+                f"position(s), the {images} image(s) give {total} ({detail})"
             )
 
     def forward(
@@ -119,10 +248,11 @@ class KopruForConditionalGeneration(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **llm_kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits, and with `labels` the causal-LM loss; image and marker positions never count in the loss."""
-        embeds, extra = self.prepare_inputs(input_ids, pixel_values)
+        embeds, extra = self.prepare_inputs(input_ids, pixel_values, image_sizes=image_sizes)
         if labels is not None:
             labels = labels.masked_fill(torch.isin(input_ids, self._image_ids), IGNORE_INDEX)
         if "cache" in llm_kwargs and self._cache_argument != "cache":
@@ -202,7 +332,8 @@ class KopruForConditionalGeneration(nn.Module):
         model = cls(config, vision, llm).eval()
         model.load_connector_weights(path / CONNECTOR_FILE)
         processor = KopruProcessor.from_dirs(
-            resolved.llm, resolved.vision.name_or_path, config, model.image_count, vision.image_size
+            resolved.llm, resolved.vision.name_or_path, config, model.image_count, vision.image_size,
+            encoder_config=vision.encoder.config,
         )
         check_tokenizer_fits(processor.tokenizer, llm)
         return model, processor
@@ -222,6 +353,11 @@ class KopruForConditionalGeneration(nn.Module):
             raise ValueError(
                 f"connector checkpoint at {path} is for strategy {saved.strategy!r} with {saved.connector}; "
                 f"this model has {self.config.strategy!r} with {self.config.connector}"
+            )
+        if saved.resolution != self.config.resolution:
+            raise ValueError(
+                f"connector checkpoint at {path} was trained with {saved.resolution}; this model has "
+                f"{self.config.resolution}"
             )
         tensors = self._fitting_connector_weights(path / CONNECTOR_FILE)
         mine, theirs = self._backbone_identity(), _read_metadata(path / CONNECTOR_FILE)

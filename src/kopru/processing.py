@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from kopru.config import KopruConfig
+from kopru.high_resolution import HighResolutionPreprocessor
 from kopru.image_processing import ImagePreprocessor
-from kopru.tokens import ImageTokenCount
+from kopru.tokens import ImageTokenCount, image_positions
 
 
 def add_image_tokens(tokenizer: PreTrainedTokenizerBase, config: KopruConfig) -> int:
@@ -43,11 +44,21 @@ class KopruProcessor:
         image_processor: ImagePreprocessor,
         config: KopruConfig,
         image_count: ImageTokenCount,
+        encoder_config: PretrainedConfig | None = None,
     ) -> None:
+        """`encoder_config` (the vision encoder's HF config) is needed for resolution modes anyres and dynamic,
+        where every image is counted from its own size."""
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.config = config
         self.image_count = image_count
+        self.encoder_config = encoder_config
+        self.high_resolution = None
+        if config.resolution.mode != "fixed":
+            if encoder_config is None:
+                raise ValueError(f"resolution mode {config.resolution.mode!r} counts each image from its size and "
+                                 "needs the vision encoder's config (encoder_config); found none")
+            self.high_resolution = HighResolutionPreprocessor(image_processor, config, encoder_config)
         if config.image_token_id is None or tokenizer.convert_tokens_to_ids(config.image_token) != config.image_token_id:
             raise ValueError(
                 f"tokenizer does not match the model: expected {config.image_token!r} to have id "
@@ -57,8 +68,30 @@ class KopruProcessor:
         end = config.image_end_token if config.uses_markers else ""
         self._expanded = start + config.image_token * image_count.placeholders + end
 
-    def expand(self, text: str) -> str:
-        return text.replace(self.config.image_token, self._expanded)
+    def expand(self, text: str, counts: list[ImageTokenCount] | None = None) -> str:
+        """Each placeholder replaced by its image's positions: `counts` one per placeholder in order (anyres,
+        dynamic), or the fixed count for all."""
+        if counts is None:
+            if self.high_resolution is not None:
+                raise ValueError(f"resolution mode {self.config.resolution.mode!r} counts each image from its size; "
+                                 "expected one count per placeholder, found none")
+            return text.replace(self.config.image_token, self._expanded)
+        pieces = text.split(self.config.image_token)
+        if len(pieces) - 1 != len(counts):
+            raise ValueError(f"the text holds {len(pieces) - 1} {self.config.image_token!r} placeholder(s) but "
+                             f"{len(counts)} image count(s) were given")
+        start = self.config.image_start_token if self.config.uses_markers else ""
+        end = self.config.image_end_token if self.config.uses_markers else ""
+        out = [pieces[0]]
+        for count, piece in zip(counts, pieces[1:], strict=True):
+            out += [start, self.config.image_token * count.placeholders, end, piece]
+        return "".join(out)
+
+    def count(self, image: Image.Image) -> ImageTokenCount:
+        """Positions this image takes, from its size (`kopru.tokens.image_positions`)."""
+        if self.high_resolution is None:
+            return self.image_count
+        return image_positions(self.config, self.encoder_config, image.width, image.height)
 
     def __call__(
         self,
@@ -74,10 +107,21 @@ class KopruProcessor:
         """
         texts = [text] if isinstance(text, str) else list(text)
         flat = self._images_in_order(texts, images)
-        encoded = self.tokenizer([self.expand(t) for t in texts], return_tensors="pt", padding=True,
+        if self.high_resolution is None:
+            expanded = [self.expand(t) for t in texts]
+        else:
+            counts = [self.count(image) for image in flat]
+            expanded, start = [], 0
+            for t in texts:
+                used = t.count(self.config.image_token)
+                expanded.append(self.expand(t, counts[start:start + used]))
+                start += used
+        encoded = self.tokenizer(expanded, return_tensors="pt", padding=True,
                                  padding_side=padding_side, add_special_tokens=add_special_tokens)
         batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        if flat:
+        if flat and self.high_resolution is not None:
+            batch.update(self.high_resolution(flat))  # pixel_values and image_sizes
+        elif flat:
             batch["pixel_values"] = self.image_processor(flat)
         if return_labels:
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -122,9 +166,10 @@ class KopruProcessor:
     @classmethod
     def from_dirs(
         cls, llm_dir: str | Path, vision_dir: str | Path, config: KopruConfig, image_count: ImageTokenCount,
-        image_size: int,
+        image_size: int, encoder_config: PretrainedConfig | None = None,
     ) -> KopruProcessor:
         tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(tokenizer, ImagePreprocessor.from_pretrained(vision_dir, image_size), config, image_count)
+        return cls(tokenizer, ImagePreprocessor.from_pretrained(vision_dir, image_size), config, image_count,
+                   encoder_config=encoder_config)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from transformers import PretrainedConfig
+
 from kopru.config import KopruConfig
 from kopru.connectors import strategy_class
+from kopru.high_resolution import ImagePlan, packs_anyres_grid, plan_image
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,36 @@ class ImageTokenCount:
         """Positions one image occupies in the LLM's context window."""
         return self.placeholders + self.markers
 
+    @property
+    def features(self) -> int:
+        """Vectors the connector produces for this image: spliced positions or cross-attention keys/values."""
+        return self.cross_attention_kv or self.placeholders
+
 
 def count_image_tokens(config: KopruConfig, vision_tokens: int) -> ImageTokenCount:
     """Positions per image for `config`, given the `vision_tokens` the vision tower hands to the connector."""
     connector = strategy_class(config.strategy)
-    features = connector.output_tokens(config.connector, vision_tokens)
+    return _count(config, connector.output_tokens(config.connector, vision_tokens))
+
+
+def connector_tokens(config: KopruConfig, plan: ImagePlan) -> int:
+    """Vectors the connector side produces for one image of `plan`."""
+    if packs_anyres_grid(config):
+        return plan.layout.tokens
+    connector = strategy_class(config.strategy)
+    return plan.passes * connector.output_tokens(config.connector, plan.tokens_per_pass)
+
+
+def image_positions(config: KopruConfig, encoder_config: PretrainedConfig, width: int, height: int) -> ImageTokenCount:
+    """Positions of one `width` x `height` image under `config` (its resolution mode, reduction and strategy).
+
+    `encoder_config` is the vision encoder's HF config (a composite CLIP/SigLIP/BLIP-2 config works too).
+    """
+    return _count(config, connector_tokens(config, plan_image(config, encoder_config, height, width)))
+
+
+def _count(config: KopruConfig, features: int) -> ImageTokenCount:
     markers = 2 if config.uses_markers else 0
-    if connector.splices_into_text:
+    if strategy_class(config.strategy).splices_into_text:
         return ImageTokenCount(placeholders=features, markers=markers, cross_attention_kv=0)
     return ImageTokenCount(placeholders=1, markers=markers, cross_attention_kv=features)

@@ -54,6 +54,9 @@ class TrainConfig:
     strategy: str = "projection"
     connector: dict[str, Any] = field(default_factory=dict)
     feature_layer: int | list[int] = -2
+    # ResolutionConfig fields (kopru.config): mode fixed / anyres / dynamic, grid_pinpoints, min/max_pixels,
+    # reduction, reduction_factor; empty: one native-size pass per image.
+    resolution: dict[str, Any] = field(default_factory=dict)
     init_connector: str | None = None  # a stage-1 connector checkpoint to start from
     # Data: a file / directory (see kopru.data.formats) or "builtin:shapes", "builtin:digits", "builtin:all".
     train_data: str = "builtin:shapes"
@@ -171,7 +174,7 @@ def build_model(config: TrainConfig) -> tuple[KopruForConditionalGeneration, Any
             vision, llm = str(defaults["vision"]), str(defaults["llm"])
         kopru_config = KopruConfig(
             vision=VisionTowerConfig(vision, feature_layer=config.feature_layer), llm=llm,
-            strategy=config.strategy, connector=dict(config.connector) or None,
+            strategy=config.strategy, connector=dict(config.connector) or None, resolution=dict(config.resolution),
         )
         model, processor = KopruForConditionalGeneration.from_backbones(kopru_config)
     if config.init_connector is not None:

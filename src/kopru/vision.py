@@ -36,6 +36,9 @@ class VisionBackbone:
     load_kwargs: tuple[tuple[str, object], ...] = ()
     # The encoder config's attribute giving the width of one feature layer.
     width: str = "hidden_size"
+    # Whether the HF class takes `interpolate_pos_encoding=True` (2-D bicubic interpolation of its position
+    # embeddings), so that one encoder sees images of any size (anyres tiles are native; dynamic sizes are not).
+    interpolates: bool = True
     # Pixel normalisation of the family, used when a checkpoint ships no preprocessor_config.json.
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -56,11 +59,12 @@ VISION_BACKBONES: dict[str, VisionBackbone] = {
     "blip_2_vision_model": VisionBackbone(Blip2VisionModel, has_cls=True, final_norm="post_layernorm", **_CLIP_PIXELS),
     # Llama-3.2-Vision's tiled encoder run on one tile per image; features = last + intermediate layers.
     "mllama_vision_model": VisionBackbone("kopru.convert.mllama:MllamaSingleTileVisionModel", has_cls=True,
-                                          final_norm=None, width="vision_output_dim", **_CLIP_PIXELS),
+                                          final_norm=None, width="vision_output_dim", interpolates=False,
+                                          **_CLIP_PIXELS),
 }
 
 
-def _vision_config(config: PretrainedConfig) -> PretrainedConfig:
+def vision_config_of(config: PretrainedConfig) -> PretrainedConfig:
     """The vision half of a composite config (CLIP, SigLIP, BLIP-2), or the config itself."""
     if config.model_type in VISION_BACKBONES:
         return config
@@ -76,7 +80,7 @@ def load_vision_encoder(name_or_path: str, dtype: torch.dtype | None = None) -> 
     """Load the encoder of a local directory or hub id, safetensors only."""
     check_exists(name_or_path, "vision encoder")
     try:
-        config = _vision_config(AutoConfig.from_pretrained(name_or_path))
+        config = vision_config_of(AutoConfig.from_pretrained(name_or_path))
     except OSError as error:
         raise FileNotFoundError(
             f"expected a Hugging Face vision encoder (config.json) at {name_or_path!r}: {error}"
@@ -89,7 +93,7 @@ def load_vision_encoder(name_or_path: str, dtype: torch.dtype | None = None) -> 
 
 def vision_token_count(encoder_config: PretrainedConfig, config: VisionTowerConfig) -> int:
     """Tokens per image the connector receives, from the configs alone (no weights needed)."""
-    encoder_config = _vision_config(encoder_config)
+    encoder_config = vision_config_of(encoder_config)
     has_cls = VISION_BACKBONES[encoder_config.model_type].has_cls
     drop_cls = has_cls if config.drop_cls is None else config.drop_cls
     patches = (encoder_config.image_size // encoder_config.patch_size) ** 2
@@ -144,11 +148,34 @@ class VisionTower(nn.Module):
     def image_size(self) -> int:
         return self.encoder.config.image_size
 
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.config.patch_size
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[images, 3, H, W] -> [images, tokens, hidden_size]"""
+        """[images, 3, H, W] -> [images, tokens, hidden_size]
+
+        H and W other than the encoder's native size (multiples of its patch size) interpolate its position
+        embeddings; the native size runs the encoder exactly as trained.
+        """
         dtype = next(self.encoder.parameters()).dtype
+        height, width = pixel_values.shape[-2:]
+        native = height == width == self.image_size
+        kwargs = {}
+        if not native:
+            if not self.backbone.interpolates:
+                raise ValueError(
+                    f"a {self.encoder.config.model_type!r} encoder sees only its native {self.image_size}x"
+                    f"{self.image_size} pixels, found {width}x{height}; use resolution mode 'fixed' or 'anyres'"
+                )
+            if height % self.patch_size or width % self.patch_size:
+                raise ValueError(
+                    f"expected image sides that are multiples of the patch size {self.patch_size}, found {width}x{height}"
+                )
+            kwargs["interpolate_pos_encoding"] = True
         with torch.set_grad_enabled(self.config.trainable and torch.is_grad_enabled()):
-            hidden_states = self.encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True).hidden_states
+            hidden_states = self.encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True,
+                                         **kwargs).hidden_states
             features = torch.cat([hidden_states[layer] for layer in self.feature_layers], dim=-1)
             if self.final_norm is not None:
                 features = self.final_norm(features)

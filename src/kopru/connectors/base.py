@@ -27,6 +27,11 @@ class Connector(nn.Module):
         """Image vectors this connector produces per image from `vision_tokens` encoder tokens."""
         raise NotImplementedError
 
+    @classmethod
+    def keeps_patch_grid(cls, config: Any) -> bool:
+        """Whether output token i is still patch i of the input grid (then anyres can unpad it, as LLaVA-NeXT)."""
+        return False
+
     # Subclasses take (config, vision_dim: int, llm_config: transformers.PretrainedConfig).
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:  # [images, tokens, vision_dim]

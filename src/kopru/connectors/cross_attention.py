@@ -145,17 +145,23 @@ class ImageContext:
     sees_image: torch.Tensor | None = None
     # Indices of the blocks that ran during the call: the model checks that the LLM passed the context on.
     ran: list[int] = field(default_factory=list)
+    # [B, N]: which of its sample's images each key/value position belongs to, -1 on padding. None: every image
+    # has `tokens_per_image` positions (images of different sizes, anyres or dynamic, set it).
+    image_of_position: torch.Tensor | None = None
 
     def for_positions(self, images_seen: torch.Tensor) -> ImageContext:
         """The same keys/values with the mask for text positions that have `images_seen` [B, T] images before them
         (counting an image's own placeholder)."""
-        kv_length = self.keys_values[0][0].shape[2]
-        image_of_position = torch.arange(kv_length, device=images_seen.device) // self.tokens_per_image
+        if self.image_of_position is None:
+            kv_length = self.keys_values[0][0].shape[2]
+            image_of_position = torch.arange(kv_length, device=images_seen.device) // self.tokens_per_image
+        else:
+            image_of_position = self.image_of_position.unsqueeze(1)  # [B, 1, N]
         seen = images_seen.unsqueeze(-1)  # [B, T, 1]
         if self.attend_to == "most_recent":
-            mask = image_of_position == seen - 1
+            mask = (image_of_position == seen - 1) & (image_of_position >= 0)
         else:
-            mask = image_of_position < seen
+            mask = (image_of_position < seen) & (image_of_position >= 0)
         sees_image = mask.any(-1, keepdim=True)
         mask = mask | ~sees_image
         return dataclasses.replace(self, mask=mask.unsqueeze(1), sees_image=sees_image.to(self.keys_values[0][0].dtype),
@@ -203,6 +209,10 @@ class CrossAttentionConnector(Connector):
     def output_tokens(cls, config: CrossAttentionConfig, vision_tokens: int) -> int:
         return config.resampler.num_latents if config.resampler else vision_tokens
 
+    @classmethod
+    def keeps_patch_grid(cls, config: CrossAttentionConfig) -> bool:
+        return config.resampler is None
+
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """[images, tokens, vision_dim] -> image states [images, kv tokens, llm_dim]"""
         if self.resampler is not None:
@@ -219,9 +229,16 @@ class CrossAttentionConnector(Connector):
                     del layer._forward_pre_hooks[key]  # attached before (e.g. to this LLM's previous connector)
             layer.register_forward_pre_hook(functools.partial(run_block, index), with_kwargs=True)
 
-    def build_context(self, image_states: torch.Tensor, images_per_sample: torch.Tensor) -> ImageContext:
+    def build_context(self, image_states: torch.Tensor | list[torch.Tensor],
+                      images_per_sample: torch.Tensor) -> ImageContext:
         """Lay the flat [images, N, dim] states out per sample ([B, max_images * N, dim], zero padded) and
-        compute every block's keys/values once."""
+        compute every block's keys/values once.
+
+        `image_states` may also be a list of [N_i, dim], one per image, when images differ in length (anyres,
+        dynamic resolution): each sample's images are concatenated and padding positions are masked out.
+        """
+        if isinstance(image_states, list):
+            return self._build_ragged_context(image_states, images_per_sample)
         batch = images_per_sample.shape[0]
         per_image = image_states.shape[1]
         max_images = max(int(images_per_sample.max()), 1) if batch else 1
@@ -232,3 +249,26 @@ class CrossAttentionConnector(Connector):
         padded = padded.flatten(1, 2)
         keys_values = [block.keys_values(padded) for block in self.blocks]
         return ImageContext(keys_values, images_per_sample, per_image, self.config.attend_to, self.blocks)
+
+    def _build_ragged_context(self, image_states: list[torch.Tensor], images_per_sample: torch.Tensor) -> ImageContext:
+        if len(image_states) != int(images_per_sample.sum()):
+            raise ValueError(
+                f"expected states for {int(images_per_sample.sum())} image(s), one per placeholder, found "
+                f"{len(image_states)}"
+            )
+        per_sample, index_per_sample, start = [], [], 0
+        for count in images_per_sample.tolist():
+            states = image_states[start:start + count]
+            start += count
+            per_sample.append(torch.cat(states) if states else image_states[0].new_zeros(0, image_states[0].shape[-1]))
+            index_per_sample.append(torch.cat([torch.full((s.shape[0],), i, dtype=torch.long) for i, s in
+                                               enumerate(states)]) if states else torch.zeros(0, dtype=torch.long))
+        longest = max(max(s.shape[0] for s in per_sample), 1)
+        padded = image_states[0].new_zeros(len(per_sample), longest, image_states[0].shape[-1])
+        image_of_position = torch.full((len(per_sample), longest), -1, dtype=torch.long)
+        for row, (states, index) in enumerate(zip(per_sample, index_per_sample, strict=True)):
+            padded[row, :states.shape[0]] = states
+            image_of_position[row, :index.shape[0]] = index
+        keys_values = [block.keys_values(padded) for block in self.blocks]
+        return ImageContext(keys_values, images_per_sample, 0, self.config.attend_to, self.blocks,
+                            image_of_position=image_of_position.to(padded.device))

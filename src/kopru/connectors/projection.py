@@ -42,5 +42,9 @@ class ProjectionConnector(Connector):
     def output_tokens(cls, config: ProjectionConfig, vision_tokens: int) -> int:
         return vision_tokens
 
+    @classmethod
+    def keeps_patch_grid(cls, config: ProjectionConfig) -> bool:
+        return True
+
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.layers(image_features)

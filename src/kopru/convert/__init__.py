@@ -1,4 +1,4 @@
-"""Real checkpoints in: HF LLaVA, BLIP-2 and Llama-3.2-Vision (Mllama) turned into Köprü models.
+"""Real checkpoints in: HF LLaVA, LLaVA-NeXT, BLIP-2 and Llama-3.2-Vision (Mllama) turned into Köprü models.
 
 Each converter module provides `REFERENCE_CLASS` (the HF class it reads), `to_kopru(reference, src)` (a
 Köprü model + processor with the same weights) and `random_inputs(reference, model)` (inputs on which both
@@ -17,7 +17,8 @@ from transformers import AutoConfig
 from kopru.model import KopruForConditionalGeneration
 from kopru.paths import check_exists
 
-CONVERTERS = {"llava": "kopru.convert.llava", "blip2": "kopru.convert.blip2", "mllama": "kopru.convert.mllama"}
+CONVERTERS = {"llava": "kopru.convert.llava", "llava_next": "kopru.convert.llava_next", "blip2": "kopru.convert.blip2",
+              "mllama": "kopru.convert.mllama"}
 
 
 def converter(kind: str):

@@ -27,6 +27,7 @@ from torch.utils.data import Sampler
 
 from kopru.connectors import strategy_class
 from kopru.data.encoding import IGNORE_INDEX, EncodedSample
+from kopru.high_resolution import pad_stack
 
 
 # ------------------------------------------------------------------------------------------------ padding
@@ -48,9 +49,15 @@ def collate(encoded: Sequence[EncodedSample], pad_token_id: int) -> dict[str, to
 
 
 def _with_pixels(batch: dict[str, torch.Tensor], encoded: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
-    pixels = [sample.pixel_values for sample in encoded if sample.num_images]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
+    with_images = [sample for sample in encoded if sample.num_images]
+    if not with_images:
+        return batch
+    if with_images[0].image_sizes is None:
+        batch["pixel_values"] = torch.cat([sample.pixel_values for sample in with_images])
+        return batch
+    # anyres / dynamic resolution: images differ in views or size; zero padded as the processor pads them.
+    batch["pixel_values"] = pad_stack([image for sample in with_images for image in sample.pixel_values])
+    batch["image_sizes"] = torch.cat([sample.image_sizes for sample in with_images])
     return batch
 
 

@@ -73,6 +73,9 @@ class EncodedSample:
     pixel_values: torch.Tensor  # [num_images, 3, H, W]; [0, 3, H, W] for a text-only sample
     id: str | None = None
     strategy: str = "projection"  # the model's strategy: packing is refused for cross_attention
+    # anyres / dynamic resolution: [num_images, 2] original (height, width); pixel_values then hold each image's
+    # views [num_images, views, 3, S, S] (anyres) or its resized pixels [num_images, 3, H, W] (dynamic).
+    image_sizes: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -117,7 +120,8 @@ class SampleEncoder:
         self.image_token = processor.config.image_token
         self.image_token_id = processor.config.image_token_id
         # The ids of one expanded image, from the processor's own text expansion: the two can never disagree.
-        self.image_ids = torch.tensor(
+        # anyres / dynamic resolution count each image from its size: its ids are made per image (`_image_ids`).
+        self.image_ids = None if processor.high_resolution is not None else torch.tensor(
             self.tokenizer(processor.expand(self.image_token), add_special_tokens=False)["input_ids"]
         )
         self.uses_chat_template = template == "chat" and bool(getattr(self.tokenizer, "chat_template", None))
@@ -170,7 +174,8 @@ class SampleEncoder:
                 PLACEHOLDER_MISMATCH, f"{name}: expected {len(sample.images)} image token(s) after rendering, found "
                 f"{found} (the template added or dropped text holding {self.image_token!r})"
             )
-        input_ids, labels = self._expand(input_ids, labels)
+        images = [self._open(image, name) for image in sample.images]
+        input_ids, labels = self._expand(input_ids, labels, [self._image_ids(image) for image in images])
         if self.max_length is not None and len(input_ids) > self.max_length:
             raise SampleError(
                 TOO_LONG, f"{name}: expected at most max_length={self.max_length} tokens, found {len(input_ids)} "
@@ -182,8 +187,19 @@ class SampleEncoder:
                 NO_LOSS_TOKENS, f"{name}: expected at least one answer token to train on, found none labelled "
                 f"(template {self.template!r}, roles {[m['role'] for m in sample.messages]})"
             )
-        pixel_values = self.processor.image_processor([self._open(image, name) for image in sample.images])
+        if self.processor.high_resolution is not None:
+            pixels = self.processor.high_resolution(images)
+            return EncodedSample(input_ids, labels, pixels["pixel_values"], sample.id, self.processor.config.strategy,
+                                 image_sizes=pixels["image_sizes"])
+        pixel_values = self.processor.image_processor(images)
         return EncodedSample(input_ids, labels, pixel_values, sample.id, self.processor.config.strategy)
+
+    def _image_ids(self, image: Image.Image) -> torch.Tensor:
+        """The ids this image expands to (the processor's own expansion of its count)."""
+        if self.image_ids is not None:
+            return self.image_ids
+        text = self.processor.expand(self.image_token, [self.processor.count(image)])
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _messages(self, sample: Sample) -> list[dict[str, str]]:
         name = _name(sample)
@@ -215,13 +231,14 @@ class SampleEncoder:
         labelled &= input_ids != self.image_token_id
         return input_ids, input_ids.masked_fill(~labelled, IGNORE_INDEX)
 
-    def _expand(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each image token -> the processor's expansion, labels -100 there."""
+    def _expand(self, input_ids: torch.Tensor, labels: torch.Tensor, image_ids: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image token -> its image's expansion (`image_ids`, in order), labels -100 there."""
         ids_pieces, label_pieces, start = [], [], 0
-        ignored = torch.full_like(self.image_ids, IGNORE_INDEX)
-        for position in (input_ids == self.image_token_id).nonzero().flatten().tolist():
-            ids_pieces += [input_ids[start:position], self.image_ids]
-            label_pieces += [labels[start:position], ignored]
+        positions = (input_ids == self.image_token_id).nonzero().flatten().tolist()
+        for position, ids in zip(positions, image_ids, strict=True):
+            ids_pieces += [input_ids[start:position], ids]
+            label_pieces += [labels[start:position], torch.full_like(ids, IGNORE_INDEX)]
             start = position + 1
         ids_pieces.append(input_ids[start:])
         label_pieces.append(labels[start:])

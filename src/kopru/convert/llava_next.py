@@ -1,0 +1,75 @@
+"""HF `LlavaNextForConditionalGeneration` (LLaVA-NeXT / LLaVA-1.6) -> Köprü `projection` with anyres resolution."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlavaNextForConditionalGeneration
+
+from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
+from kopru.connectors.projection import ProjectionConfig
+from kopru.convert.common import copy_language_model, image_preprocessor, load_tokenizer
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
+from kopru.tokens import image_positions
+from kopru.vision import VisionTower
+
+REFERENCE_CLASS = LlavaNextForConditionalGeneration
+
+
+def to_kopru(reference: LlavaNextForConditionalGeneration, src: str
+             ) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
+    config = reference.config
+    if config.vision_feature_select_strategy not in ("default", "full"):
+        raise ValueError(
+            f"expected vision_feature_select_strategy 'default' or 'full', found {config.vision_feature_select_strategy!r}"
+        )
+    if config.projector_hidden_act != "gelu":
+        raise ValueError(f"expected a GELU projector (mlp2x_gelu), found activation {config.projector_hidden_act!r}")
+    kopru_config = KopruConfig(
+        vision=VisionTowerConfig(
+            name_or_path=src,
+            feature_layer=config.vision_feature_layer,
+            drop_cls=None if config.vision_feature_select_strategy == "default" else False,
+        ),
+        llm=src,
+        strategy="projection",
+        connector=ProjectionConfig(kind="mlp", depth=2),
+        image_token="<image>",
+        image_start_token=None,
+        image_end_token=None,
+        image_token_id=config.image_token_id,
+        resolution=ResolutionConfig(mode="anyres", grid_pinpoints=[list(p) for p in config.image_grid_pinpoints]),
+    )
+    vision = VisionTower(reference.model.vision_tower, kopru_config.vision)
+    llm = AutoModelForCausalLM.from_config(config.text_config)
+    copy_language_model(llm, reference.model.language_model, reference.lm_head)
+    model = KopruForConditionalGeneration(kopru_config, vision, llm)
+    projector = reference.model.multi_modal_projector
+    with torch.no_grad():
+        model.connector.layers[0].load_state_dict(projector.linear_1.state_dict())
+        model.connector.layers[2].load_state_dict(projector.linear_2.state_dict())
+        model.connector.image_newline.copy_(reference.model.image_newline)
+    tokenizer = load_tokenizer(src, kopru_config)
+    processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count,
+                               encoder_config=vision.encoder.config)
+    return model, processor
+
+
+def random_inputs(reference: LlavaNextForConditionalGeneration, model: KopruForConditionalGeneration):
+    """Two prompts, one image each (a wide and a tall one, so both unpad directions run), amid random text."""
+    size = reference.config.vision_config.image_size
+    sizes = torch.tensor([[size, 3 * size - 5], [2 * size + 7, size - 3]])  # (height, width)
+    rows = []
+    for height, width in sizes.tolist():
+        per_image = image_positions(model.config, model.vision.encoder.config, width, height).placeholders
+        text = torch.randint(0, min(reference.config.image_token_id, 1000), (12,))
+        rows.append(torch.cat([text[:5], torch.full((per_image,), reference.config.image_token_id), text[5:]]))
+    longest = max(len(row) for row in rows)
+    input_ids = torch.stack([torch.cat([row.new_zeros(longest - len(row)), row]) for row in rows])  # left padded
+    attention_mask = torch.stack([torch.cat([row.new_zeros(longest - len(row)), row.new_ones(len(row))])
+                                  for row in rows])
+    passes = max(model.plan(h, w).passes for h, w in sizes.tolist())
+    pixel_values = torch.randn(2, passes, 3, size, size)
+    inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "image_sizes": sizes,
+              "attention_mask": attention_mask}
+    return inputs, inputs
