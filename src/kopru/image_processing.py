@@ -170,7 +170,11 @@ class ImagePreprocessor:
     def _from_file(cls, file: Path, default_size: int | None) -> ImagePreprocessor:
         data = json.loads(file.read_text())
         if "mode" in data and "size" in data and isinstance(data["size"], int):  # our own format
-            return cls(**{k: data[k] for k in asdict(cls()) if k in data})
+            fields = {k: data[k] for k in asdict(cls()) if k in data}
+            for name in ("image_mean", "image_std"):  # JSON lists back to the tuples they were saved from
+                if name in fields:
+                    fields[name] = tuple(fields[name])
+            return cls(**fields)
         crop = data.get("do_center_crop", False)
         size, resize = data.get("crop_size") if crop else None, data.get("size") or {}
         if isinstance(resize, dict):
