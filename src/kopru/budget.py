@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kopru.image_processing import MAX_IMAGE_PIXELS, load_image
-from kopru.resolution import LLAVA_NEXT_PINPOINTS, anyres_layout, smart_resize
+from kopru.resolution import anyres_layout, smart_resize
 
 # --------------------------------------------------------------------------------------------- model shapes
 
@@ -103,25 +103,17 @@ def anyres_rule(tile_size: int = 336, patches_per_side: int = 24) -> ImageRule:
     def rule(width: int, height: int) -> ImagePositions:
         layout = anyres_layout(height, width, tile_size=tile_size, patches_per_side=patches_per_side)
         rows, columns = layout.grid
-        if rows < 1 or columns < 1:
-            raise ValueError(
-                f"a {width}x{height} image is too thin for anyres: after removing the padding its tiled view keeps "
-                f"{rows} x {columns} patches, so only the base view would carry it; expected an aspect ratio of at "
-                f"most {_anyres_aspect_limit(tile_size, patches_per_side)}:1"
-            )
+        # A very thin image keeps no patch row (or column) once the padding is removed: HF's processor and model
+        # then agree on the base view plus newlines only, and so does this count.
+        thin = " (too thin for the tiled view: only the base view carries the image)" if not rows * columns else ""
         best_height, best_width = layout.best_resolution
         tile_rows, tile_columns = layout.tiles
         return ImagePositions(
             layout.tokens, encoder_input=(best_width, best_height),
             layout=f"base {layout.base_tokens} + grid {rows}x{columns} + {rows} newlines "
-                   f"({tile_rows}x{tile_columns} tiles of {tile_size} px)",
+                   f"({tile_rows}x{tile_columns} tiles of {tile_size} px){thin}",
         )
     return rule
-
-
-def _anyres_aspect_limit(tile_size: int, patches_per_side: int) -> int:
-    """The widest pinpoint's long side in patches: beyond that ratio the unpadded grid keeps no patch row."""
-    return max(max(pinpoint) for pinpoint in LLAVA_NEXT_PINPOINTS) // tile_size * patches_per_side
 
 
 def dynamic_rule(patch_size: int = 14, merge_size: int = 2, min_pixels: int = 56 * 56,
@@ -480,11 +472,16 @@ def plan_largest_resolution(model: BudgetModel, width: int, height: int, max_tok
     (rounding to patches, anyres pinpoints), so this scans instead of bisecting. Sizes a model refuses (Qwen2-VL
     beyond aspect 200) count as not fitting.
     """
-    check_image_size(width, height, max_pixels)
+    check_image_size(width, height)  # only its shape matters here
     if max_tokens < 1:
         raise ValueError(f"expected max_tokens of at least 1, found {max_tokens}")
-    ratio = max(width, height) / min(width, height)
-    largest = math.isqrt(int(max_pixels * ratio))  # long side of the largest image under the pixel limit
+    if max_pixels < 1:
+        raise ValueError(f"expected max_pixels of at least 1, found {max_pixels}")
+    # The long side of the largest image under the pixel limit: estimated, then corrected both ways (the pixel
+    # count of aspect_size grows with the long side, the rounded short side only roughly as the estimate says).
+    largest = max(1, math.isqrt(int(max_pixels * max(width, height) / min(width, height))))
+    while math.prod(aspect_size(largest + 1, width, height)) <= max_pixels:
+        largest += 1
     while largest > 1 and math.prod(aspect_size(largest, width, height)) > max_pixels:
         largest -= 1
     smallest_seen: tuple[int, tuple[int, int]] | None = None

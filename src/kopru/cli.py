@@ -131,13 +131,14 @@ def _budget(args: argparse.Namespace) -> int:
     from kopru.budget import (
         SAMPLE_TEXTS,
         format_budget,
-        load_budget_model,
+        load_kopru_model,
+        load_preset,
         max_tokens_for_share,
         parse_image_size,
         plan_budget,
     )
 
-    model = load_budget_model(args.preset or args.model)
+    model = load_preset(args.preset) if args.preset else load_kopru_model(args.model)
     sizes = [parse_image_size(text, args.max_image_pixels) for text in args.image]
     max_tokens = args.max_tokens
     if args.max_context_share is not None:
