@@ -25,6 +25,7 @@ from kopru.budget import (
     aspect_size,
     available_presets,
     check_fits,
+    check_generation_fits,
     check_prompt_fits,
     load_kopru_model,
     load_preset,
@@ -292,3 +293,32 @@ def test_saved_kopru_model_directory(build, tmp_path) -> None:
     assert planned.strategy == "qformer" and planned.tokenizer is not None
     assert planned.image_positions(1920, 1080).tokens == count_image_tokens(model.config, NUM_PATCHES).llm_positions
 
+
+
+# --------------------------------------------------------------------------------- refusal in generation
+
+@pytest.mark.parametrize("strategy", ["projection", "cross_attention"])
+def test_generation_refuses_an_overlong_request_before_the_model_runs(build, make_image, strategy) -> None:
+    model, processor = build(strategy)
+    batch = processor("describe <image>", make_image(0))
+    context = model.llm.config.max_position_embeddings
+    length = batch["input_ids"].shape[1]
+    image = count_image_tokens(model.config, NUM_PATCHES).llm_positions  # 18 spliced, or 1 + 2 markers
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    model.prepare_inputs = must_not_run
+    too_many = context - length + 1
+    with pytest.raises(ContextOverflowError, match=(
+            rf"context window of {context:,} positions: {length - image} text tokens \+ {image} image positions "
+            rf"\(1 image\(s\): {image}\) \+ {too_many:,} new tokens = {context + 1:,}, 1 over")):
+        model.generate(**batch, max_new_tokens=too_many)
+    check_generation_fits(model, batch["input_ids"], batch["attention_mask"], context - length)  # exactly full
+    # Left padding does not count: a short row beside a long one is measured by its own tokens.
+    padded = processor(["describe <image>", "a much longer prompt about <image> and more words"],
+                       [[make_image(0)], [make_image(1)]], padding_side="left")
+    longest = int(padded["attention_mask"].sum(-1).max())
+    check_generation_fits(model, padded["input_ids"], padded["attention_mask"], context - longest)
+    with pytest.raises(ContextOverflowError, match=r", 1 over"):
+        check_generation_fits(model, padded["input_ids"], padded["attention_mask"], context - longest + 1)

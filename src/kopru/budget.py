@@ -538,6 +538,31 @@ def check_prompt_fits(model: BudgetModel, text_tokens: int, sizes: Sequence[tupl
                       max_new_tokens, model.name)
 
 
+def check_generation_fits(model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: int) -> None:
+    """Refuse, before anything runs, a batch row whose prompt + `max_new_tokens` exceeds the LLM's context window
+    (`max_position_embeddings`): `check_fits` with the row's text tokens and each image's positions (runs of
+    image placeholder / marker ids in the expanded prompt). LLMs without a declared window are not checked."""
+    context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
+    if not context:
+        return
+    config = model.config
+    image_ids = [i for i in (config.image_token_id, config.image_start_token_id, config.image_end_token_id)
+                 if i is not None]
+    for row, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+        tokens = [token for token, keep in zip(row, mask, strict=True) if keep]
+        if len(tokens) + max_new_tokens <= context:
+            continue
+        runs, previous = [], False
+        for token in tokens:
+            is_image = token in image_ids
+            if is_image and not previous:
+                runs.append(0)
+            if is_image:
+                runs[-1] += 1
+            previous = is_image
+        check_fits(context, len(tokens) - sum(runs), runs, max_new_tokens, f"the {config.strategy} model")
+
+
 # ------------------------------------------------------------------------------------------------- output
 
 def format_bytes(count: int) -> str:
