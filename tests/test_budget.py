@@ -27,6 +27,7 @@ from kopru.budget import (
     check_fits,
     check_generation_fits,
     check_prompt_fits,
+    load_budget_model,
     load_kopru_model,
     load_preset,
     mllama_canvas,
@@ -291,6 +292,10 @@ def test_saved_kopru_model_directory(build, tmp_path) -> None:
     model.save_pretrained(tmp_path / "saved", processor)
     planned = load_kopru_model(tmp_path / "saved")
     assert planned.strategy == "qformer" and planned.tokenizer is not None
+    assert load_budget_model(tmp_path / "saved").strategy == "qformer"  # a path: the model; a name: the preset
+    assert load_budget_model("qwen2-vl").name == "qwen2-vl"
+    with pytest.raises(ValueError, match=r"unknown budget preset 'qwen3'; expected one of \['blip-2'"):
+        load_budget_model("qwen3")
     assert planned.image_positions(1920, 1080).tokens == count_image_tokens(model.config, NUM_PATCHES).llm_positions
 
 
