@@ -327,3 +327,11 @@ def test_generation_refuses_an_overlong_request_before_the_model_runs(build, mak
     check_generation_fits(model, padded["input_ids"], padded["attention_mask"], context - longest)
     with pytest.raises(ContextOverflowError, match=r", 1 over"):
         check_generation_fits(model, padded["input_ids"], padded["attention_mask"], context - longest + 1)
+
+
+def test_pixel_limit_is_configurable() -> None:
+    code, _, err = run_cli("--preset", "qwen2-vl", "--image", "12000x9000")
+    assert code == 2 and "12000x9000 = 108,000,000 pixels is over the limit of 89,478,485" in err
+    result = budget_json("--preset", "qwen2-vl", "--image", "12000x9000", "--max-image-pixels", "200000000")
+    assert result["images"][0]["tokens"] == 1230  # smart_resize to 1148x840 (max 1280 tokens)
+    assert result["images"][0]["encoder_input"] == [1148, 840]

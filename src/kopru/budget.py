@@ -83,17 +83,17 @@ class BudgetModel:
     image_rule: ImageRule = field(repr=False)
     tokenizer: Any = field(default=None, repr=False)
 
-    def image_positions(self, width: int, height: int) -> ImagePositions:
-        check_image_size(width, height)
+    def image_positions(self, width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS) -> ImagePositions:
+        check_image_size(width, height, max_pixels)
         return self.image_rule(width, height)
 
 
 # ----------------------------------------------------------------------------------------- image-size rules
 
-def fixed_rule(tokens: int, encoder_size: int, cross_attention_kv: int = 0) -> ImageRule:
+def fixed_rule(tokens: int, encoder_size: int) -> ImageRule:
     """Every image resized to the encoder's square input: the same positions whatever its size."""
     def rule(width: int, height: int) -> ImagePositions:
-        return ImagePositions(tokens, cross_attention_kv, encoder_input=(encoder_size, encoder_size),
+        return ImagePositions(tokens, encoder_input=(encoder_size, encoder_size),
                               layout=f"resized to {encoder_size}x{encoder_size}")
     return rule
 
@@ -315,10 +315,11 @@ def load_budget_model(name_or_path: str | Path) -> BudgetModel:
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
-def check_image_size(width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+def check_image_size(width: int, height: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+    """At least 1x1 and (unless `max_pixels` is None) at most `max_pixels` pixels."""
     if width < 1 or height < 1:
         raise ValueError(f"expected an image of at least 1x1 pixels, found {width}x{height} (width x height)")
-    if width * height > max_pixels:
+    if max_pixels is not None and width * height > max_pixels:
         raise ValueError(f"{width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
                          f"(the decompression-bomb guard of kopru.image_processing.load_image)")
 
@@ -391,8 +392,9 @@ class Budget:
         return dataclasses.asdict(self)
 
 
-def image_budget(model: BudgetModel, width: int, height: int, dtype: str = "bfloat16", batch: int = 1) -> ImageBudget:
-    positions = model.image_positions(width, height)
+def image_budget(model: BudgetModel, width: int, height: int, dtype: str = "bfloat16", batch: int = 1,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> ImageBudget:
+    positions = model.image_positions(width, height, max_pixels)
     context = model.llm.context_window
     return ImageBudget(
         width, height, positions.tokens, positions.cross_attention_kv, positions.cached_kv, positions.encoder_input,
@@ -403,18 +405,19 @@ def image_budget(model: BudgetModel, width: int, height: int, dtype: str = "bflo
 
 def plan_budget(model: BudgetModel, sizes: Sequence[tuple[int, int]], dtype: str = "bfloat16", batch: int = 1,
                 texts: Mapping[str, str] | None = None, max_tokens: int | None = None, prompt_tokens: int = 0,
-                max_new_tokens: int = 0) -> Budget:
+                max_new_tokens: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Budget:
     """The budget of `sizes` ((width, height) each) on `model`; with `max_tokens`, each image's largest
     same-aspect resolution within it as `planned`; `fits` / `refusal` from `check_fits` with `prompt_tokens`
-    of text and `max_new_tokens`."""
+    of text and `max_new_tokens`. Sizes over `max_pixels` are refused, as `load_image` would refuse them."""
     if batch < 1:
         raise ValueError(f"expected a batch of at least 1, found {batch}")
     if not sizes:
         raise ValueError("expected at least one image size")
-    images = [image_budget(model, width, height, dtype, batch) for width, height in sizes]
+    images = [image_budget(model, width, height, dtype, batch, max_pixels) for width, height in sizes]
     if max_tokens is not None:
         for image in images:
-            image.planned = dataclasses.asdict(plan_largest_resolution(model, image.width, image.height, max_tokens))
+            plan = plan_largest_resolution(model, image.width, image.height, max_tokens, max_pixels)
+            image.planned = dataclasses.asdict(plan)
     tokens = sum(image.tokens for image in images)
     context = model.llm.context_window
     text = None
@@ -472,7 +475,7 @@ def plan_largest_resolution(model: BudgetModel, width: int, height: int, max_tok
     (rounding to patches, anyres pinpoints), so this scans instead of bisecting. Sizes a model refuses (Qwen2-VL
     beyond aspect 200) count as not fitting.
     """
-    check_image_size(width, height)  # only its shape matters here
+    check_image_size(width, height, max_pixels=None)  # only its shape matters here
     if max_tokens < 1:
         raise ValueError(f"expected max_tokens of at least 1, found {max_tokens}")
     if max_pixels < 1:

@@ -145,7 +145,7 @@ def _budget(args: argparse.Namespace) -> int:
         max_tokens = max_tokens_for_share(model, args.max_context_share)
     texts = {**SAMPLE_TEXTS, **{k: v for k, v in (("en", args.text_en), ("tr", args.text_tr)) if v is not None}}
     budget = plan_budget(model, sizes, args.dtype, args.batch, texts, max_tokens, args.prompt_tokens,
-                         args.max_new_tokens)
+                         args.max_new_tokens, args.max_image_pixels)
     print(json.dumps(budget.to_dict(), ensure_ascii=False) if args.json else format_budget(budget))
     return 0 if budget.fits else 1
 
