@@ -307,3 +307,20 @@ def test_pad_mode_from_config_and_round_trip(tmp_path) -> None:
     assert ImagePreprocessor.from_pretrained(saved) == loaded
     with pytest.raises(ValueError, match=r"expected mode 'resize', 'crop' or 'pad', found 'squash'"):
         ImagePreprocessor(size=4, mode="squash")([Image.new("RGB", (4, 4))])
+
+
+def test_preprocessor_reads_files_and_bytes_through_load_image(tmp_path) -> None:
+    pixels = random_pixels(12, 10, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    path = tmp_path / "rotated.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    preprocessor = ImagePreprocessor(size=12, mode="pad")
+    upright = Image.fromarray(np.rot90(pixels, 1).copy())  # 12 wide, 10 high once the tag is applied
+    expected = preprocessor([upright])
+    torch.testing.assert_close(preprocessor([str(path)]), expected, atol=0, rtol=0)
+    torch.testing.assert_close(preprocessor([path.read_bytes()]), expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"image bytes \(4 bytes\): expected an image Pillow can read"):
+        preprocessor([b"oops"])
+    with pytest.raises(TypeError, match="found ndarray"):
+        preprocessor([pixels])

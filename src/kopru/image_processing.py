@@ -197,8 +197,9 @@ class ImagePreprocessor:
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        """A list of PIL images -> float tensor [images, 3, size, size]."""
+    def __call__(self, images: list[Image.Image | str | Path | bytes]) -> torch.Tensor:
+        """A list of PIL images (or image files / encoded bytes, read by `load_image`) -> float tensor
+        [images, 3, size, size]."""
         if not images:
             return torch.empty(0, 3, self.size, self.size)
         return torch.stack([self._one(image) for image in images])
@@ -208,9 +209,11 @@ class ImagePreprocessor:
         """LLaVA's fill for "pad": tuple(int(x * 255) for x in image_mean), truncated as LLaVA truncates it."""
         return tuple(int(mean * 255) for mean in self.image_mean)
 
-    def _one(self, image: Image.Image) -> torch.Tensor:
+    def _one(self, image: Image.Image | str | Path | bytes) -> torch.Tensor:
+        if isinstance(image, str | Path | bytes | bytearray):
+            image = load_image(image)
         if not isinstance(image, Image.Image):
-            raise TypeError(f"expected a PIL.Image.Image, found {type(image).__name__}")
+            raise TypeError(f"expected a PIL.Image.Image, an image file or image bytes, found {type(image).__name__}")
         if image.width < 1 or image.height < 1:
             raise ValueError(f"expected an image of at least 1x1 pixels, found {image.width}x{image.height}")
         if self.mode not in ("resize", "crop", "pad"):
