@@ -285,7 +285,8 @@ def _kopru_rule(config: Any, encoder_config: Any) -> ImageRule:
     def rule(width: int, height: int) -> ImagePositions:
         # MERGE POINT (issue 5, model side): the one call site to switch to
         #     count = kopru.tokens.image_positions(config, encoder_config, width, height)
-        # once Köprü models have anyres / dynamic resolution; until then every image is resized to `size`.
+        # once Köprü models have anyres / dynamic resolution (then also pass config.resolution.mode as the
+        # BudgetModel's `resolution` label below); until then every image is resized to `size`.
         count = count_image_tokens(config, vision_token_count(encoder_config, config.vision))
         return ImagePositions(count.llm_positions, count.cross_attention_kv, encoder_input=(size, size),
                               layout=f"{count.placeholders} placeholder(s) + {count.markers} markers")
