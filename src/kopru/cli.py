@@ -1,4 +1,4 @@
-"""`kopru` command line: demo, convert, train, compare, pretrain-tiny."""
+"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, budget."""
 
 from __future__ import annotations
 
@@ -127,6 +127,29 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(args: argparse.Namespace) -> int:
+    from kopru.budget import (
+        SAMPLE_TEXTS,
+        format_budget,
+        load_kopru_model,
+        load_preset,
+        max_tokens_for_share,
+        parse_image_size,
+        plan_budget,
+    )
+
+    model = load_preset(args.preset) if args.preset else load_kopru_model(args.model)
+    sizes = [parse_image_size(text, args.max_image_pixels) for text in args.image]
+    max_tokens = args.max_tokens
+    if args.max_context_share is not None:
+        max_tokens = max_tokens_for_share(model, args.max_context_share)
+    texts = {**SAMPLE_TEXTS, **{k: v for k, v in (("en", args.text_en), ("tr", args.text_tr)) if v is not None}}
+    budget = plan_budget(model, sizes, args.dtype, args.batch, texts, max_tokens, args.prompt_tokens,
+                         args.max_new_tokens, args.max_image_pixels)
+    print(json.dumps(budget.to_dict(), ensure_ascii=False) if args.json else format_budget(budget))
+    return 0 if budget.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kopru", description="Join a vision encoder to a causal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +202,34 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--threads", type=int, default=None,
                           help="torch threads while training (default: one per idle core)")
     pretrain.set_defaults(run=_pretrain_tiny)
+
+    from kopru.budget import DTYPE_BYTES, available_presets
+    from kopru.image_processing import MAX_IMAGE_PIXELS
+
+    budget = commands.add_parser(
+        "budget", help="LLM positions, context share and KV-cache memory per image; the largest size that fits",
+        description="Token budget of images on a published model (--preset) or a Köprü model (--model). Exit "
+                    "status 1 when the images, --prompt-tokens and --max-new-tokens do not fit the context window.",
+    )
+    source = budget.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=available_presets(), help="a published model's real configuration")
+    source.add_argument("--model", help="a Köprü model directory or kopru_config.json (reads configs, no weights)")
+    budget.add_argument("--image", action="append", required=True,
+                        help="WIDTHxHEIGHT (e.g. 640x480) or an image file; repeat for several images")
+    budget.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="KV-cache dtype")
+    budget.add_argument("--batch", type=int, default=1, help="sequences in the batch (KV-cache memory)")
+    limit = budget.add_mutually_exclusive_group()
+    limit.add_argument("--max-tokens", type=int, help="plan each image's largest same-aspect size within this")
+    limit.add_argument("--max-context-share", type=float, help="as --max-tokens, a share of the context window")
+    budget.add_argument("--prompt-tokens", type=int, default=0, help="text tokens of the prompt (fit check)")
+    budget.add_argument("--max-new-tokens", type=int, default=0, help="tokens to generate (fit check)")
+    budget.add_argument("--text-en", help="English sample text to count (models with a tokenizer)")
+    budget.add_argument("--text-tr", help="Turkish sample text to count (models with a tokenizer)")
+    budget.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help=f"refuse larger images (default {MAX_IMAGE_PIXELS:,}, the decompression-bomb guard)")
+    budget.add_argument("--json", action="store_true",
+                        help='print one JSON object; "images" lists width, height and tokens per image')
+    budget.set_defaults(run=_budget)
     return parser
 
 

@@ -57,6 +57,9 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
+    from kopru.budget import check_generation_fits
+
+    check_generation_fits(model, input_ids, attention_mask, max_new_tokens)  # refused before the model runs
     llm = model.llm
     if eos_token_id is None:
         eos_token_id = llm.generation_config.eos_token_id

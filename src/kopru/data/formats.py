@@ -23,7 +23,6 @@ Records are recognised by their keys, in every format:
 from __future__ import annotations
 
 import glob
-import io
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -34,6 +33,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from kopru.data.sample import Sample
+from kopru.image_processing import load_image
 
 Policy = Literal["error", "skip"]
 IMAGE_PLACEHOLDER = "<image>"
@@ -344,12 +344,9 @@ def _image(value: Any, root: Path, where: str) -> Image.Image | str | bytes:
 
 
 def open_image(image: Image.Image | str | Path | bytes) -> Image.Image:
-    """A sample's image as an RGB PIL image; fully decoded, so a truncated file fails here and not later."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    source = io.BytesIO(image) if isinstance(image, bytes | bytearray) else image
-    with Image.open(source) as opened:
-        return opened.convert("RGB")
+    """A sample's image as an RGB PIL image: `kopru.image_processing.load_image` (fully decoded, so a truncated
+    file fails here and not later; EXIF orientation, the pixel limit and transparency handled)."""
+    return load_image(image)
 
 
 def _root(data_file: Path, image_root: str | Path | None) -> Path:
