@@ -9,6 +9,7 @@ import re
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+import torch
 from conftest import CROSS_ATTENTION, IMAGE_SIZE, LLM_LAYERS, NUM_PATCHES
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from kopru import KopruConfig, VisionTowerConfig, count_image_tokens
+from kopru import KopruConfig, VisionTowerConfig, count_image_tokens, image_positions
 from kopru.budget import (
     SAMPLE_TEXTS,
     ContextOverflowError,
@@ -335,3 +336,25 @@ def test_pixel_limit_is_configurable() -> None:
     result = budget_json("--preset", "qwen2-vl", "--image", "12000x9000", "--max-image-pixels", "200000000")
     assert result["images"][0]["tokens"] == 1230  # smart_resize to 1148x840 (max 1280 tokens)
     assert result["images"][0]["encoder_input"] == [1148, 840]
+
+
+@pytest.mark.parametrize(("strategy", "resolution"), [("projection", {"mode": "anyres", "grid_pinpoints": [[32, 64],
+                                                                                                        [64, 32]]}),
+                                                       ("qformer", {"mode": "dynamic"}),
+                                                       ("cross_attention", {"mode": "dynamic"})])
+def test_high_resolution_model_plans_what_its_processor_expands(build, tmp_path, strategy, resolution) -> None:
+    """The planner counts a saved anyres / dynamic model's image exactly as its processor expands it."""
+    from kopru.config import ResolutionConfig
+
+    model, processor = build(strategy, resolution=ResolutionConfig(**resolution))
+    model.save_pretrained(tmp_path / "saved", processor)
+    planned = load_kopru_model(tmp_path / "saved")
+    assert planned.resolution == resolution["mode"]
+    for width, height in [(40, 30), (23, 61), (64, 64)]:
+        batch = processor(["<image>"], [Image.new("RGB", (width, height))], add_special_tokens=False)
+        ids = batch["input_ids"][0]
+        expanded = int(torch.isin(ids, model._image_ids).sum())  # placeholders + markers the LLM sees
+        entry = planned.image_positions(width, height)
+        assert entry.tokens == expanded, (width, height)
+        assert entry.cross_attention_kv == image_positions(model.config, model.vision.encoder.config, width,
+                                                          height).cross_attention_kv

@@ -249,7 +249,8 @@ def load_kopru_model(path: str | Path) -> BudgetModel:
         raise FileNotFoundError(f"{file}: expected the backbones' configs to be readable: {error}") from None
     llm = _llm_shape(llm_config, config)
     rule = _kopru_rule(config, encoder_config)
-    return BudgetModel(str(path), f"Köprü {config.strategy} model ({file})", config.strategy, "fixed", llm, rule,
+    return BudgetModel(str(path), f"Köprü {config.strategy} model ({file})", config.strategy,
+                       config.resolution.mode, llm, rule,
                        tokenizer=_tokenizer_or_none(llm_path))
 
 
@@ -277,19 +278,17 @@ def _llm_shape(llm_config: Any, config: Any) -> LLMShape:
 
 
 def _kopru_rule(config: Any, encoder_config: Any) -> ImageRule:
-    from kopru.tokens import count_image_tokens
-    from kopru.vision import _vision_config, vision_token_count
-
-    size = _vision_config(encoder_config).image_size
+    from kopru.high_resolution import plan_image
+    from kopru.tokens import image_positions
 
     def rule(width: int, height: int) -> ImagePositions:
-        # MERGE POINT (issue 5, model side): the one call site to switch to
-        #     count = kopru.tokens.image_positions(config, encoder_config, width, height)
-        # once Köprü models have anyres / dynamic resolution (then also pass config.resolution.mode as the
-        # BudgetModel's `resolution` label below); until then every image is resized to `size`.
-        count = count_image_tokens(config, vision_token_count(encoder_config, config.vision))
-        return ImagePositions(count.llm_positions, count.cross_attention_kv, encoder_input=(size, size),
-                              layout=f"{count.placeholders} placeholder(s) + {count.markers} markers")
+        # The model's own counting (resolution mode, reduction, strategy): what its processor will expand.
+        count = image_positions(config, encoder_config, width, height)
+        plan = plan_image(config, encoder_config, height, width)
+        pass_height, pass_width = plan.pass_size
+        return ImagePositions(count.llm_positions, count.cross_attention_kv, encoder_input=(pass_width, pass_height),
+                              layout=f"{plan.passes} encoder pass(es) of {pass_width}x{pass_height}: "
+                                     f"{count.placeholders} placeholder(s) + {count.markers} markers")
     return rule
 
 
