@@ -154,6 +154,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the generated ids (eos not included)
 
 
 class IncrementalDetokenizer:
@@ -344,8 +345,12 @@ class _Row:
     max_new_tokens: int
     detokenizer: IncrementalDetokenizer
     stopper: StopStringMatcher
-    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def _position_limit(config) -> int | None:
@@ -421,13 +426,11 @@ class GenerationEngine:
     def complete(self, prompts: list[str], images: list[list[Image.Image]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         texts = [""] * len(prompts)
-        reasons: list[str | None] = [None] * len(prompts)
-        counts: dict[int, tuple[int, int]] = {}
-        for event in self._stream(prompts, images, params, counts):
+        rows: dict[int, _Row] = {}
+        for event in self._stream(prompts, images, params, rows):
             texts[event.index] += event.text
-            if event.finish_reason is not None:
-                reasons[event.index] = event.finish_reason
-        return [Completion(text, reason, *counts[index]) for index, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+        return [Completion(text, rows[index].finish_reason, rows[index].prompt_tokens, rows[index].completion_tokens,
+                           rows[index].token_ids) for index, text in enumerate(texts)]
 
     def stream(self, prompts: list[str], images: list[list[Image.Image]],
                params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamEvent]:
@@ -439,7 +442,7 @@ class GenerationEngine:
         return self._stream(prompts, images, params, {})
 
     # ------------------------------------------------------------------------------------------- internals
-    def _stream(self, prompts, images, params, counts: dict) -> Iterator[StreamEvent]:
+    def _stream(self, prompts, images, params, rows: dict) -> Iterator[StreamEvent]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [list(per_prompt) for per_prompt in (images if images is not None else [[] for _ in prompts])]
         if len(images) != len(prompts):
@@ -455,14 +458,14 @@ class GenerationEngine:
                     f"prompt {index} takes {length} tokens (images expanded) but the context window is "
                     f"{self._window}; expected at most {self._window - 1}, to leave room for an answer"
                 )
-        return self._run_chunks(prompts, images, params, lengths, counts)
+        return self._run_chunks(prompts, images, params, lengths, rows)
 
-    def _run_chunks(self, prompts, images, params, lengths, counts) -> Iterator[StreamEvent]:
+    def _run_chunks(self, prompts, images, params, lengths, rows) -> Iterator[StreamEvent]:
         with self._lock:
             for start in range(0, len(prompts), self.max_batch_size):
                 stop = start + self.max_batch_size
                 yield from self._run_batch(start, prompts[start:stop], images[start:stop], params[start:stop],
-                                           lengths[start:stop], counts)
+                                           lengths[start:stop], rows)
 
     def _slot(self, batch: int, length: int, cross_kv_shapes: list[tuple] | None) -> _Slot:
         key = (batch, length, cross_kv_shapes[0][2] if cross_kv_shapes else 0)
@@ -488,7 +491,7 @@ class GenerationEngine:
         return slot
 
     @torch.inference_mode()
-    def _run_batch(self, offset, prompts, images, params, lengths, counts) -> Iterator[StreamEvent]:
+    def _run_batch(self, offset, prompts, images, params, lengths, all_rows) -> Iterator[StreamEvent]:
         real = len(prompts)
         batch = real if not self.compiled else min(_next_power_of_two(real), max(self.max_batch_size, real))
         prompts = prompts + [""] * (batch - real)  # empty rows keep the compiled shapes few
@@ -508,7 +511,7 @@ class GenerationEngine:
             rows.append(_Row(offset + index, params[index], lengths[index],
                              min(params[index].max_new_tokens, cache_length - prompt_length),
                              IncrementalDetokenizer(self.tokenizer, ids), StopStringMatcher(params[index].stop)))
-            counts[offset + index] = (lengths[index], 0)
+            all_rows[offset + index] = rows[-1]
         sampling = _BatchSampling.build(params + [SamplingParams()] * (batch - real), input_ids, attention_mask,
                                         self.llm.get_output_embeddings().weight.shape[0])
 
@@ -564,7 +567,6 @@ class GenerationEngine:
             for row in active:
                 event = self._advance(row, host_tokens[row.index - offset])
                 if event is not None:
-                    counts[row.index] = (row.prompt_tokens, row.completion_tokens)
                     yield event
                 if row.finish_reason is None:
                     still.append(row)
@@ -577,7 +579,7 @@ class GenerationEngine:
         if token in self._eos_set:
             row.finish_reason = "stop"
             return StreamEvent(row.index, row.stopper.feed(row.detokenizer.flush())[0] + row.stopper.finish(), "stop")
-        row.completion_tokens += 1
+        row.token_ids.append(token)
         piece, stopped = row.stopper.feed(row.detokenizer.add(token))
         if stopped:
             row.finish_reason = "stop"
