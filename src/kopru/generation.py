@@ -120,6 +120,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # as HF's RepetitionPenaltyLogitsProcessor, over prompt + generated tokens
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past eos (benchmarks that need exactly max_new_tokens)
 
     def __post_init__(self) -> None:
         problems = []
@@ -490,32 +491,67 @@ class GenerationEngine:
                 layer.cumulative_length.zero_()
         return slot
 
-    @torch.inference_mode()
     def _run_batch(self, offset, prompts, images, params, lengths, all_rows) -> Iterator[StreamEvent]:
-        real = len(prompts)
-        batch = real if not self.compiled else min(_next_power_of_two(real), max(self.max_batch_size, real))
-        prompts = prompts + [""] * (batch - real)  # empty rows keep the compiled shapes few
-        images = images + [[]] * (batch - real)
         inputs = self.processor(prompts, images, padding_side="left", add_special_tokens=False)
-        input_ids = inputs["input_ids"].to(self.device)
-        attention_mask = inputs["attention_mask"].to(self.device)
-        pixel_values = inputs.get("pixel_values")
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        budget = self.generation_budget(input_ids.shape[1], params)
+        rows = []
+        for index, length in enumerate(lengths):
+            prompt_ids = input_ids[index, input_ids.shape[1] - length:].tolist()
+            rows.append(_Row(offset + index, params[index], length, min(params[index].max_new_tokens, budget),
+                             IncrementalDetokenizer(self.tokenizer, prompt_ids), StopStringMatcher(params[index].stop)))
+            all_rows[offset + index] = rows[-1]
+        active = rows
+        steps = self.stream_token_ids(input_ids, attention_mask, inputs.get("pixel_values"), params)
+        try:
+            for tokens in steps:
+                still = []
+                for row in active:
+                    event = self._advance(row, tokens[row.index - offset])
+                    if event is not None:
+                        yield event
+                    if row.finish_reason is None:
+                        still.append(row)
+                active = still
+                if not active:
+                    return
+        finally:
+            steps.close()
+
+    def generation_budget(self, prompt_length: int, params: list[SamplingParams]) -> int:
+        """New tokens a batch padded to `prompt_length` may generate: what it asks for, within the context window."""
+        return min(max(p.max_new_tokens for p in params), self._window - prompt_length)
+
+    @torch.inference_mode()
+    def stream_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         pixel_values: torch.Tensor | None, params: list[SamplingParams]) -> Iterator[list[int]]:
+        """The token-level engine: left-padded inputs (as `KopruProcessor(..., padding_side="left")` gives) in,
+        one list per step out, holding each row's new token, for `generation_budget` steps; stop iterating
+        when done (eos and stop strings are the caller's business). Used by `stream` and by the benchmarks."""
+        real = input_ids.shape[0]
+        if len(params) != real:
+            raise ValueError(f"expected one SamplingParams per row ({real}), found {len(params)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
+        batch = real if not self.compiled else min(_next_power_of_two(real), max(self.max_batch_size, real))
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        if batch > real:  # empty rows (all padding) keep the compiled shapes few
+            input_ids = torch.cat([input_ids, input_ids.new_full((batch - real, input_ids.shape[1]), self.pad_id)])
+            attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(batch - real, input_ids.shape[1])])
+            params = params + [SamplingParams(max_new_tokens=1)] * (batch - real)
         if pixel_values is not None:
             pixel_values = pixel_values.to(self.device, self.model.vision.encoder.dtype)
         prompt_length = input_ids.shape[1]
-        wanted = max(p.max_new_tokens for p in params)
-        cache_length = min(max(_next_power_of_two(prompt_length + wanted), self.MIN_CACHE), self._window)
-        rows = []
-        for index in range(real):
-            ids = input_ids[index, prompt_length - lengths[index]:].tolist()
-            rows.append(_Row(offset + index, params[index], lengths[index],
-                             min(params[index].max_new_tokens, cache_length - prompt_length),
-                             IncrementalDetokenizer(self.tokenizer, ids), StopStringMatcher(params[index].stop)))
-            all_rows[offset + index] = rows[-1]
-        sampling = _BatchSampling.build(params + [SamplingParams()] * (batch - real), input_ids, attention_mask,
+        budget = self.generation_budget(prompt_length, params)
+        if budget < 1:
+            raise ValueError(f"the prompts take {prompt_length} positions; the context window is {self._window}, "
+                             "which leaves no room for an answer")
+        cache_length = min(max(_next_power_of_two(prompt_length + budget), self.MIN_CACHE), self._window)
+        sampling = _BatchSampling.build(params, input_ids, attention_mask,
                                         self.llm.get_output_embeddings().weight.shape[0])
 
-        # ---- prefill
+        # ---- prefill: images encoded, the prompt written into the static cache, the first token sampled
         embeds, extra = self.model.prepare_inputs(input_ids, pixel_values)
         context = extra.get(CONTEXT_KWARG)
         cross_shapes = None
@@ -545,15 +581,13 @@ class GenerationEngine:
             padded = dataclasses.replace(context, keys_values=slot.cross_kv)
             step_extra[CONTEXT_KWARG] = padded.for_positions(context.images_per_sample.unsqueeze(1))
         tokens = sampling.next_tokens(out.logits[:, -1].float())
-        del out, embeds, extra
+        del out, embeds, extra, context
         next_position = positions[:, -1:] + 1
 
         # ---- decode: queue step n + 1 on the device, then read token n on the host
-        active = list(rows)
-        while True:
-            host_tokens = None
+        for step in range(budget):
             pending = tokens
-            if any(row.completion_tokens + 1 < row.max_new_tokens for row in active):
+            if step + 1 < budget:
                 if self.compiled and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
                 if CONTEXT_KWARG in step_extra:
@@ -562,21 +596,11 @@ class GenerationEngine:
                                     slot.key_index, slot.cache, self._eager_mask, step_extra)
                 tokens = sampling.next_tokens(logits)
                 next_position = next_position + 1
-            host_tokens = pending.tolist()
-            still = []
-            for row in active:
-                event = self._advance(row, host_tokens[row.index - offset])
-                if event is not None:
-                    yield event
-                if row.finish_reason is None:
-                    still.append(row)
-            active = still
-            if not active:
-                return
+            yield pending.tolist()[:real]
 
     def _advance(self, row: _Row, token: int) -> StreamEvent | None:
         """Take one generated token for `row`; the event to emit, if any."""
-        if token in self._eos_set:
+        if token in self._eos_set and not row.params.ignore_eos:
             row.finish_reason = "stop"
             return StreamEvent(row.index, row.stopper.feed(row.detokenizer.flush())[0] + row.stopper.finish(), "stop")
         row.token_ids.append(token)
