@@ -11,9 +11,9 @@ text tokens, greedy, a fixed number of new tokens (eos ignored), at batch 1 and 
     Köprü compiled     GenerationEngine(compile=True): decode_step under torch.compile (CUDA graphs on GPU)
 
 TTFT = the fastest time of a 1-new-token call (images encoded, prompt prefilled, first token on the host);
-decode tok/s = batch x (new tokens - 1) / (time of the full call - TTFT), all sequences together; peak memory =
+decode tok/s = batch x (new tokens - 1) / (fastest full call - TTFT), all sequences together; peak memory =
 CUDA's allocator peak during the full call (CPU: the process's peak resident set, both models' weights
-included). Fastest of `--repeats` after a warm-up call (which also compiles). The GPU roofline is the bytes of
+included). After a warm-up call (which also compiles), the `--repeats` take turns across the implementations. The GPU roofline is the bytes of
 weights one decode step reads (LLM, plus the gated blocks for cross_attention) over the measured
 device-to-device copy bandwidth.
 
@@ -182,17 +182,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def fastest(call: Callable[[], int], repeats: int, device: torch.device) -> tuple[float, int]:
-    """(fastest wall time of `repeats` calls after a warm-up, new tokens per row of the last call)."""
-    call()
-    best, produced = float("inf"), 0
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        produced = call()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, produced
+def timed(call: Callable[[], int], device: torch.device) -> tuple[float, int]:
+    synchronize(device)
+    start = time.perf_counter()
+    produced = call()
+    synchronize(device)
+    return time.perf_counter() - start, produced
 
 
 def hf_runner(reference, inputs: dict, static: bool) -> Callable[[int], int]:
@@ -223,25 +218,45 @@ def engine_runner(engine: GenerationEngine, inputs: dict) -> Callable[[int], int
     return run
 
 
-def measure(run: Callable[[int], int], preset: Preset, batch: int, repeats: int) -> dict:
+def measure_all(runners: dict[str, Callable[[int], int]], preset: Preset, batch: int, repeats: int) -> dict:
+    """Per implementation: TTFT, decode tok/s, peak memory. The repeats take turns across implementations, so
+    that load from other processes on a shared machine falls on all of them alike; fastest of `repeats`."""
     device = torch.device(preset.device)
-    ttft, first = fastest(lambda: run(1), repeats, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_peak_rss()
-    total, produced = fastest(lambda: run(preset.new_tokens), repeats, device)
-    if produced != preset.new_tokens or first != 1:
-        raise RuntimeError(f"expected {preset.new_tokens} new tokens per row, found {produced}")
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else (_peak_rss_mb() or 0) / 1024
-    return {"ttft_ms": ttft * 1e3, "decode": batch * (produced - 1) / max(total - ttft, 1e-9), "peak_gib": memory}
+    results: dict[str, dict] = {}
+    for label, run in runners.items():  # warm-up (and compilation), then the peak memory of one full call
+        try:
+            run(1)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                _reset_peak_rss()
+            produced = run(preset.new_tokens)
+            if produced != preset.new_tokens:
+                raise RuntimeError(f"expected {preset.new_tokens} new tokens per row, found {produced}")
+            memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else (_peak_rss_mb() or 0) / 1024
+            results[label] = {"ttft_s": float("inf"), "total_s": float("inf"), "peak_gib": memory}
+        except Exception as error:  # a reference that cannot run this way is reported, not fatal
+            results[label] = {"error": f"{type(error).__name__}: {str(error)[:160]}"}
+    for _ in range(repeats):
+        for label, run in runners.items():
+            if "error" in results[label]:
+                continue
+            result = results[label]
+            result["ttft_s"] = min(result["ttft_s"], timed(lambda run=run: run(1), device)[0])
+            result["total_s"] = min(result["total_s"], timed(lambda run=run: run(preset.new_tokens), device)[0])
+    for result in results.values():
+        if "error" not in result:
+            result["ttft_ms"] = result["ttft_s"] * 1e3
+            result["decode"] = batch * (preset.new_tokens - 1) / max(result["total_s"] - result["ttft_s"], 1e-9)
+    return results
 
 
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a device-to-device copy (read + write counted), fastest of 10."""
     source = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
     target = torch.empty_like(source)
-    seconds, _ = fastest(lambda: target.copy_(source) and 0, 10, device)
+    target.copy_(source)
+    seconds = min(timed(lambda: target.copy_(source) and 0, device)[0] for _ in range(10))
     return 2 * source.numel() * source.element_size() / seconds
 
 
@@ -267,12 +282,9 @@ def run_preset(name: str, repeats: int, skip_compiled: bool, batches: tuple[int,
                             for label, engine in engines.items()]
         for batch in batches or preset.batches:
             hf_inputs, kopru_inputs = inputs_for(preset, reference, model, batch)
-            for label, make in implementations:
-                inputs = hf_inputs if label.startswith("HF") else kopru_inputs
-                try:
-                    result = measure(make(inputs), preset, batch, repeats)
-                except Exception as error:  # a reference that cannot run this way is reported, not fatal
-                    result = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
+            runners = {label: make(hf_inputs if label.startswith("HF") else kopru_inputs)
+                       for label, make in implementations}
+            for label, result in measure_all(runners, preset, batch, repeats).items():
                 rows.append({"preset": name, "strategy": STRATEGY[preset.family], "batch": batch,
                              "implementation": label, **result})
                 print(format_row(rows[-1]), flush=True)
