@@ -1,4 +1,4 @@
-"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, budget."""
+"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, budget, chat."""
 
 from __future__ import annotations
 
@@ -150,6 +150,20 @@ def _budget(args: argparse.Namespace) -> int:
     return 0 if budget.fits else 1
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from kopru.chat import load_engine, read_image, run_chat, sampling_from_args
+
+    params = sampling_from_args(args)  # bad settings and unreadable images are refused before the model loads
+    images = [read_image(path) for path in args.image or []]
+    engine = load_engine(args.model, args.device, args.dtype, args.compile, args.max_seq_len)
+    try:
+        return run_chat(engine, params, args.prompt, images, sys.stdin, sys.stdout, sys.stderr,
+                        template=args.template, system=args.system)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kopru", description="Join a vision encoder to a causal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--json", action="store_true",
                         help='print one JSON object; "images" lists width, height and tokens per image')
     budget.set_defaults(run=_budget)
+
+    chat = commands.add_parser(
+        "chat", help="talk to a saved model: one-shot with a prompt, interactive without (streams the answer)",
+        description="One-shot: kopru chat --model DIR --image PATH \"prompt\". Without a prompt, an interactive "
+                    "conversation on stdin: /image PATH attaches an image to the next message, /reset, /quit.",
+    )
+    chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive conversation")
+    chat.add_argument("--model", required=True, help="a Köprü model directory (save_pretrained / kopru train)")
+    chat.add_argument("--image", action="append", help="image file for the (first) message; repeat for several")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--stop", action="append", help="stop string (repeatable)")
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--template", choices=["chat", "plain"], default="chat",
+                      help="chat: the tokenizer's chat template or Köprü's fallback; plain: the align recipe's")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--device", help="default: cuda when available, else cpu")
+    chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as saved")
+    chat.add_argument("--max-seq-len", type=int, help="context window (default: the LLM's)")
+    chat.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    chat.set_defaults(run=_chat)
     return parser
 
 
