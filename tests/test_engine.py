@@ -91,6 +91,27 @@ def test_greedy_engine_equals_the_reference_loop(build, images, strategy, llm) -
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["anyres", "dynamic"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_high_resolution_engine_equals_the_reference_loop(build, strategy, mode) -> None:
+    """Images of different sizes take different numbers of positions (and cross-attention K/V): the engine's
+    static cache and image buffers see exactly what the reference loop sees."""
+    from PIL import Image
+
+    from kopru.config import ResolutionConfig
+
+    resolution = ResolutionConfig(mode=mode, grid_pinpoints=[[32, 64], [64, 32]] if mode == "anyres" else None)
+    model, processor = visible_images(build, strategy, resolution=resolution)
+    sized = [[Image.new("RGB", (61, 23), (200, 30, 30))],
+             [Image.new("RGB", (20, 40), (30, 200, 30)), Image.new("RGB", (64, 64), (30, 30, 200))]]
+    batch = processor(PROMPTS, sized, padding_side="left", add_special_tokens=False)
+    reference = model.generate(**batch, max_new_tokens=6, eos_token_id=[])
+    engine = GenerationEngine(model, processor)
+    for row, completion in enumerate(engine.complete(PROMPTS, sized, SamplingParams(max_new_tokens=6))):
+        assert completion.token_ids == until_eos(reference[row].tolist(), engine.eos_ids)
+        assert completion.prompt_tokens == int(batch["attention_mask"][row].sum())
+
+
 @pytest.mark.parametrize("llm", ["llama", "qwen2"])
 def test_greedy_text_only_equals_hf_generate(build, llm) -> None:
     model, processor = build("projection", llm)

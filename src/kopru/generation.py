@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
@@ -427,8 +428,9 @@ class GenerationEngine:
 
     def count_prompt_tokens(self, prompt: str, images: list) -> int:
         """LLM positions the prompt takes, images expanded; checks that the images match its placeholders."""
-        self.processor._images_in_order([prompt], [list(images)])
-        return len(self.tokenizer(self.processor.expand(prompt), add_special_tokens=False)["input_ids"])
+        ordered = self.processor._images_in_order([prompt], [list(images)])
+        counts = [self.processor.count(image) for image in ordered]  # per image: sizes matter at high resolution
+        return len(self.tokenizer(self.processor.expand(prompt, counts), add_special_tokens=False)["input_ids"])
 
     def complete(self, prompts: list[str], images: list[list[Image.Image]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
@@ -508,7 +510,8 @@ class GenerationEngine:
                              IncrementalDetokenizer(self.tokenizer, prompt_ids), StopStringMatcher(params[index].stop)))
             all_rows[offset + index] = rows[-1]
         active = rows
-        steps = self.stream_token_ids(input_ids, attention_mask, inputs.get("pixel_values"), params)
+        steps = self.stream_token_ids(input_ids, attention_mask, inputs.get("pixel_values"), params,
+                                      image_sizes=inputs.get("image_sizes"))
         try:
             for tokens in steps:
                 still = []
@@ -540,7 +543,8 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def stream_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         pixel_values: torch.Tensor | None, params: list[SamplingParams]) -> Iterator[list[int]]:
+                         pixel_values: torch.Tensor | None, params: list[SamplingParams],
+                         image_sizes: torch.Tensor | None = None) -> Iterator[list[int]]:
         """The token-level engine: left-padded inputs (as `KopruProcessor(..., padding_side="left")` gives) in,
         one list per step out, holding each row's new token, for `generation_budget` steps; stop iterating
         when done (eos and stop strings are the caller's business). Used by `stream` and by the benchmarks."""
@@ -568,7 +572,7 @@ class GenerationEngine:
                                         self.llm.get_output_embeddings().weight.shape[0])
 
         # ---- prefill: images encoded, the prompt written into the static cache, the first token sampled
-        embeds, extra = self.model.prepare_inputs(input_ids, pixel_values)
+        embeds, extra = self.model.prepare_inputs(input_ids, pixel_values, image_sizes=image_sizes)
         context = extra.get(CONTEXT_KWARG)
         cross_shapes = None
         if context is not None:
@@ -594,7 +598,11 @@ class GenerationEngine:
                 static_values.zero_()
                 static_keys[:, :, :keys.shape[2]] = keys
                 static_values[:, :, :values.shape[2]] = values
-            padded = dataclasses.replace(context, keys_values=slot.cross_kv)
+            image_of_position = context.image_of_position
+            if image_of_position is not None:  # images of different sizes: the buffer's extra positions are padding
+                extra_positions = slot.cross_kv[0][0].shape[2] - image_of_position.shape[1]
+                image_of_position = F.pad(image_of_position, (0, extra_positions), value=-1)
+            padded = dataclasses.replace(context, keys_values=slot.cross_kv, image_of_position=image_of_position)
             step_extra[CONTEXT_KWARG] = padded.for_positions(context.images_per_sample.unsqueeze(1))
         tokens = sampling.next_tokens(out.logits[:, -1].float())
         del out, embeds, extra, context
