@@ -29,6 +29,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig  # noqa: E402
+from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.pretrain_tiny import default_backbones  # noqa: E402
 from kopru.serve import APIError, ServerLimits, load_server, parse_chat_request  # noqa: E402
 from kopru.tiny import save_tiny_llm  # noqa: E402
@@ -152,13 +153,12 @@ def client(server: RunningServer):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def expected(engine, messages: list[dict], max_tokens: int):
-    """What the engine itself answers (greedy), with no server in between."""
-    from kopru.generation import SamplingParams, format_chat
-
+def expected(engine, messages: list[dict], max_tokens: int, **sampling):
+    """What the engine itself answers (greedy unless `sampling` says otherwise), with no server in between."""
     decoded = parse_chat_request({"model": MODEL_NAME, "messages": messages}, MODEL_NAME, LIMITS, None).messages
     prompt, images = format_chat(engine.processor, decoded)
-    return engine.complete([prompt], [images], SamplingParams(max_new_tokens=max_tokens, temperature=0.0))[0]
+    params = SamplingParams(max_new_tokens=max_tokens, **{"temperature": 0.0, **sampling})
+    return engine.complete([prompt], [images], params)[0]
 
 
 def metrics(server: RunningServer) -> dict:
@@ -193,6 +193,25 @@ def test_streamed_equals_whole_equals_engine(server: RunningServer, client, engi
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reference.finish_reason
     assert chunks[-1].usage.completion_tokens == reference.completion_tokens
     assert chunks[-1].usage.prompt_tokens == reference.prompt_tokens
+
+
+def test_sampling_settings_reach_the_engine(server: RunningServer, client, engine) -> None:
+    """A seed makes sampling repeatable, and a stop string ends the answer before it (not included)."""
+    messages = user_message(QUESTIONS[1], data_url(drawn_image(1)))
+    sampled = expected(engine, messages, max_tokens=16, temperature=1.0, top_k=20, seed=7)
+    greedy = expected(engine, messages, max_tokens=16).text
+    assert sampled.text != greedy, "the sampled answer should differ from the greedy one"
+    for _ in range(2):
+        reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=1.0,
+                                               seed=7, extra_body={"top_k": 20})
+        assert reply.choices[0].message.content == sampled.text
+
+    stop = greedy[len(greedy) // 2:len(greedy) // 2 + 2]
+    cut = expected(engine, messages, max_tokens=16, stop=[stop])
+    assert cut.finish_reason == "stop" and stop not in cut.text and greedy.startswith(cut.text)
+    reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=16, temperature=0,
+                                           stop=stop)
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (cut.text, "stop")
 
 
 def test_concurrent_requests_are_batched_and_answered_correctly(server: RunningServer, client, engine) -> None:
@@ -349,6 +368,73 @@ def test_client_disconnect_mid_stream(server: RunningServer, client, engine) -> 
 
     reply = client.chat.completions.create(model=MODEL_NAME, messages=again, max_tokens=12, temperature=0)
     assert reply.choices[0].message.content == reference
+
+
+def test_client_disconnect_while_waiting_for_a_whole_answer(server: RunningServer) -> None:
+    before = metrics(server)
+    body = {"model": MODEL_NAME, "messages": user_message(QUESTIONS[2], data_url(drawn_image(2))),
+            "max_tokens": LIMITS.max_new_tokens, "temperature": 0}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                       headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while metrics(server)["batches"] == before["batches"]:  # until its generation has begun
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.02)
+    connection.sock.shutdown(socket.SHUT_RDWR)  # gone before the answer is complete
+    connection.close()
+    while metrics(server)["active_requests"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = metrics(server)
+    assert after["active_requests"] == 0
+    assert (after["requests_cancelled"], after["requests_done"]) == (before["requests_cancelled"] + 1,
+                                                                     before["requests_done"])
+
+
+def test_engine_failure_answers_500_to_its_batch_only(server: RunningServer, client, engine,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    messages = user_message(QUESTIONS[0], data_url(drawn_image(0)))
+    reference = expected(engine, messages, max_tokens=8).text
+    real_stream = engine._stream
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated device failure")
+        return real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_stream", failing_once)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0)
+    assert caught.value.code == "engine_error" and "simulated device failure" in caught.value.message
+    reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == reference
+
+
+def test_busy_server_answers_429(model_dir: Path) -> None:
+    """With room for one request, a second one gets 429 while the first streams; then it is served again."""
+    app = load_server(model_dir, model_name=MODEL_NAME, limits=ServerLimits(max_queued_requests=1,
+                                                                            max_new_tokens=256))
+    busy = RunningServer(app)
+    try:
+        body = {"model": MODEL_NAME, "messages": user_message(QUESTIONS[0]), "max_tokens": 256, "temperature": 0}
+        connection = http.client.HTTPConnection("127.0.0.1", busy.port, timeout=60)
+        connection.request("POST", "/v1/chat/completions", body=json.dumps({**body, "stream": True}).encode(),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: {")
+        status, text = http_request(busy.url + "/v1/chat/completions", "POST", json.dumps(body).encode())
+        assert status == 429, text
+        assert json.loads(text)["error"]["type"] == "rate_limit_error"
+        assert json.loads(text)["error"]["code"] == "server_busy"
+        response.read()  # the first request runs to its end
+        connection.close()
+        status, text = http_request(busy.url + "/v1/chat/completions", "POST",
+                                    json.dumps({**body, "max_tokens": 4}).encode())
+        assert status == 200, text
+    finally:
+        busy.stop()
 
 
 def test_limits_are_checked() -> None:

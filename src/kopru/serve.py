@@ -29,15 +29,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-if TYPE_CHECKING:  # kopru.generation pulls in torch: imported where used, so `kopru --help` stays quick
-    from kopru.generation import GenerationEngine, SamplingParams, StreamEvent
+from kopru.generation import GenerationEngine, SamplingParams, StreamEvent, format_chat
 
 DEMO_PAGE = "index.html"
+DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 # ------------------------------------------------------------------------------------------------ limits
@@ -201,8 +201,6 @@ def _number(body: dict, name: str) -> float | int | None:
 def parse_chat_request(body: Any, model_name: str, limits: ServerLimits,
                        allow_local_dir: Path | None) -> ChatRequest:
     """Check the JSON body of POST /v1/chat/completions; decode its images. Raises APIError."""
-    from kopru.generation import SamplingParams
-
     if not isinstance(body, dict):
         raise APIError(400, f"expected a JSON object as the request body, found {type(body).__name__}",
                        code="invalid_json")
@@ -265,15 +263,19 @@ def parse_chat_request(body: Any, model_name: str, limits: ServerLimits,
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", code="invalid_value",
                        param="stop")
-    params = SamplingParams(
-        max_new_tokens=max_tokens or limits.default_new_tokens,
-        temperature=float(_number(body, "temperature") if body.get("temperature") is not None else 1.0),
-        top_k=_number(body, "top_k") or 0,
-        top_p=float(_number(body, "top_p") if body.get("top_p") is not None else 1.0),
-        repetition_penalty=float(_number(body, "repetition_penalty") or 1.0),
-        stop=stop,
-        seed=_number(body, "seed"),
-    )
+    try:
+        params = SamplingParams(
+            max_new_tokens=max_tokens or limits.default_new_tokens,
+            # OpenAI's default temperature is 1 (sampling); send 0 for greedy decoding.
+            temperature=float(_number(body, "temperature") if body.get("temperature") is not None else 1.0),
+            top_k=_number(body, "top_k") or 0,
+            top_p=float(_number(body, "top_p") if body.get("top_p") is not None else 1.0),
+            repetition_penalty=float(_number(body, "repetition_penalty") or 1.0),
+            stop=stop,
+            seed=_number(body, "seed"),
+        )
+    except ValueError as error:  # the engine's own checks (e.g. top_p must be above 0)
+        raise APIError(400, str(error), code="invalid_value") from None
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
@@ -427,6 +429,11 @@ class BatchingWorker:
 
 
 # --------------------------------------------------------------------------------------------------- app
+def sse(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying `payload` as compact JSON."""
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
 @dataclass
 class ServerState:
     worker: BatchingWorker
@@ -447,8 +454,6 @@ def create_app(engine: GenerationEngine, processor, model_name: str, limits: Ser
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
-
-    from kopru.generation import StreamEvent, format_chat
 
     limits = limits or ServerLimits()
     state = ServerState(
@@ -521,14 +526,18 @@ def create_app(engine: GenerationEngine, processor, model_name: str, limits: Ser
 
     async def whole_completion(request: Request, job: GenerationJob, admitted: Admitted, identity: dict):
         text, finish_reason = "", None
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                    item = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_CHECK_S)
                 except TimeoutError:
+                    item = None
+                if time.monotonic() - checked >= DISCONNECT_CHECK_S:  # events may never pause: check on a clock
+                    checked = time.monotonic()
                     if await request.is_disconnected():
-                        job.cancelled.set()
-                        return JSONResponse({}, status_code=499)  # nobody reads it
+                        return JSONResponse({}, status_code=499)  # nobody reads it; `release` stops the job
+                if item is None:
                     continue
                 if isinstance(item, APIError):
                     return error_response(item)
@@ -550,7 +559,7 @@ def create_app(engine: GenerationEngine, processor, model_name: str, limits: Ser
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
             payload = {**identity, "object": "chat.completion.chunk",
                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-            return f"data: {json.dumps(payload)}\n\n"
+            return sse(payload)
 
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -558,7 +567,7 @@ def create_app(engine: GenerationEngine, processor, model_name: str, limits: Ser
             while True:
                 item = await job.events.get()
                 if isinstance(item, APIError):  # headers are gone: the error travels as an event
-                    yield f"data: {json.dumps(item.body())}\n\n"
+                    yield sse(item.body())
                     break
                 if isinstance(item, StreamEvent):
                     if item.text:
@@ -569,7 +578,7 @@ def create_app(engine: GenerationEngine, processor, model_name: str, limits: Ser
                     if include_usage:
                         payload = {**identity, "object": "chat.completion.chunk", "choices": [],
                                    "usage": usage(admitted.prompt_tokens, item.completion_tokens)}
-                        yield f"data: {json.dumps(payload)}\n\n"
+                        yield sse(payload)
                     break
             yield "data: [DONE]\n\n"
         finally:  # runs when the client disconnects too (the response task is cancelled)
@@ -629,7 +638,6 @@ def load_server(model_dir: str | Path, model_name: str | None = None, limits: Se
     """Load a saved Köprü model and build the app around a GenerationEngine for it."""
     import torch
 
-    from kopru.generation import GenerationEngine
     from kopru.model import KopruForConditionalGeneration
 
     limits = limits or ServerLimits()
