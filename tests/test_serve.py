@@ -38,7 +38,7 @@ MODEL_NAME = "tiny-kopru"
 # Small limits, so that each bad-input case is cheap to build; a wide batch window, so that requests sent
 # together on a busy 2-core machine still arrive within it.
 LIMITS = ServerLimits(max_image_bytes=150_000, max_image_pixels=256 * 256, max_images_per_request=2,
-                      max_new_tokens=256, default_new_tokens=16, max_request_bytes=1_000_000, max_batch_size=4,
+                      max_new_tokens=1024, default_new_tokens=16, max_request_bytes=1_000_000, max_batch_size=4,
                       batch_window_ms=300)
 COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (240, 200, 20)]
 
@@ -236,6 +236,31 @@ def test_concurrent_requests_are_batched_and_answered_correctly(server: RunningS
     new_batches = {int(size): count - before["batch_sizes"].get(size, 0) for size, count in after["batch_sizes"].items()}
     assert sum(size * count for size, count in new_batches.items()) == 4
     assert max(size for size, count in new_batches.items() if count) >= 2, f"no batching: {new_batches}"
+
+
+def test_batch_never_shortens_an_answer(server: RunningServer, client, engine) -> None:
+    """A long prompt and a request for many new tokens do not share a batch when the batch, padded to the long
+    prompt, would leave the other too little room: each gets the answer it gets alone."""
+    short = user_message(QUESTIONS[3], data_url(drawn_image(3)))
+    wanted = expected(engine, short, max_tokens=200)
+    assert (wanted.finish_reason, wanted.completion_tokens) == ("length", 200)
+    long = user_message("red circle " * 330)
+    prompt, images = format_chat(engine.processor, parse_chat_request(
+        {"model": MODEL_NAME, "messages": long}, MODEL_NAME, LIMITS, None).messages)
+    assert engine.context_window - 200 < engine.count_prompt_tokens(prompt, images) < engine.context_window - 8
+    long_reply = expected(engine, long, max_tokens=8).text
+    before = metrics(server)
+
+    def ask(messages: list[dict], max_tokens: int) -> str:
+        reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=max_tokens,
+                                               temperature=0)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(ask, [short, long], [200, 8]))
+    assert answers == [wanted.text, long_reply]
+    after = metrics(server)
+    assert after["batches"] - before["batches"] == 2
 
 
 def test_local_file_under_allowed_dir(server: RunningServer, client, engine, local_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, serve."""
+"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, chat, serve."""
 
 from __future__ import annotations
 
@@ -127,6 +127,19 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from kopru.chat import load_engine, run_chat, sampling_from_args
+
+    params = sampling_from_args(args)  # bad settings are refused before the model loads
+    engine = load_engine(args.model, args.device, args.dtype, args.compile, args.max_seq_len)
+    try:
+        return run_chat(engine, params, args.prompt, args.image or [], sys.stdin, sys.stdout, sys.stderr,
+                        template=args.template, system=args.system)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
 def _serve(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -134,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     limits = ServerLimits(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServerLimits)})
     app = load_server(args.model, model_name=args.model_name, limits=limits, allow_local_dir=args.allow_local_dir,
-                      device=args.device, dtype=args.dtype, compile=args.compile)
+                      device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len)
     print(f"serving {app.state.kopru.model_name!r} on http://{args.host}:{args.port} "
           f"(OpenAI API under /v1, web demo at /)", flush=True)
     run_server(app, host=args.host, port=args.port)
@@ -150,9 +163,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", help="the id clients name in 'model' (default: the directory's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as saved)")
-    parser.add_argument("--compile", action="store_true", help="let the engine torch.compile its decode step")
+    parser.add_argument("--max-seq-len", type=int, help="context window (default: the LLM's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     parser.add_argument("--allow-local-dir",
                         help="serve image_url file:// URLs and paths under this directory (default: refuse local "
                              "files, since any client could otherwise read images anywhere the server can)")
@@ -213,6 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--threads", type=int, default=None,
                           help="torch threads while training (default: one per idle core)")
     pretrain.set_defaults(run=_pretrain_tiny)
+
+    chat = commands.add_parser(
+        "chat", help="talk to a saved model: one-shot with a prompt, interactive without (streams the answer)",
+        description="One-shot: kopru chat --model DIR --image PATH \"prompt\". Without a prompt, an interactive "
+                    "conversation on stdin: /image PATH attaches an image to the next message, /reset, /quit.",
+    )
+    chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive conversation")
+    chat.add_argument("--model", required=True, help="a Köprü model directory (save_pretrained / kopru train)")
+    chat.add_argument("--image", action="append", help="image file for the (first) message; repeat for several")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--stop", action="append", help="stop string (repeatable)")
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--template", choices=["chat", "plain"], default="chat",
+                      help="chat: the tokenizer's chat template or Köprü's fallback; plain: the align recipe's")
+    chat.add_argument("--system", help="system message")
+    chat.add_argument("--device", help="default: cuda when available, else cpu")
+    chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as saved")
+    chat.add_argument("--max-seq-len", type=int, help="context window (default: the LLM's)")
+    chat.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    chat.set_defaults(run=_chat)
 
     serve = commands.add_parser(
         "serve", help="an OpenAI-compatible HTTP server (chat completions, streaming) with a web demo page",

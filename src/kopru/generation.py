@@ -120,6 +120,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # as HF's RepetitionPenaltyLogitsProcessor, over prompt + generated tokens
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past eos (benchmarks that need exactly max_new_tokens)
 
     def __post_init__(self) -> None:
         problems = []
@@ -154,6 +155,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)  # the generated ids (eos not included)
 
 
 class IncrementalDetokenizer:
@@ -344,8 +346,12 @@ class _Row:
     max_new_tokens: int
     detokenizer: IncrementalDetokenizer
     stopper: StopStringMatcher
-    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def _position_limit(config) -> int | None:
@@ -421,13 +427,11 @@ class GenerationEngine:
     def complete(self, prompts: list[str], images: list[list[Image.Image]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
         texts = [""] * len(prompts)
-        reasons: list[str | None] = [None] * len(prompts)
-        counts: dict[int, tuple[int, int]] = {}
-        for event in self._stream(prompts, images, params, counts):
+        rows: dict[int, _Row] = {}
+        for event in self._stream(prompts, images, params, rows):
             texts[event.index] += event.text
-            if event.finish_reason is not None:
-                reasons[event.index] = event.finish_reason
-        return [Completion(text, reason, *counts[index]) for index, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+        return [Completion(text, rows[index].finish_reason, rows[index].prompt_tokens, rows[index].completion_tokens,
+                           rows[index].token_ids) for index, text in enumerate(texts)]
 
     def stream(self, prompts: list[str], images: list[list[Image.Image]],
                params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamEvent]:
@@ -439,7 +443,7 @@ class GenerationEngine:
         return self._stream(prompts, images, params, {})
 
     # ------------------------------------------------------------------------------------------- internals
-    def _stream(self, prompts, images, params, counts: dict) -> Iterator[StreamEvent]:
+    def _stream(self, prompts, images, params, rows: dict) -> Iterator[StreamEvent]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [list(per_prompt) for per_prompt in (images if images is not None else [[] for _ in prompts])]
         if len(images) != len(prompts):
@@ -455,14 +459,14 @@ class GenerationEngine:
                     f"prompt {index} takes {length} tokens (images expanded) but the context window is "
                     f"{self._window}; expected at most {self._window - 1}, to leave room for an answer"
                 )
-        return self._run_chunks(prompts, images, params, lengths, counts)
+        return self._run_chunks(prompts, images, params, lengths, rows)
 
-    def _run_chunks(self, prompts, images, params, lengths, counts) -> Iterator[StreamEvent]:
+    def _run_chunks(self, prompts, images, params, lengths, rows) -> Iterator[StreamEvent]:
         with self._lock:
             for start in range(0, len(prompts), self.max_batch_size):
                 stop = start + self.max_batch_size
                 yield from self._run_batch(start, prompts[start:stop], images[start:stop], params[start:stop],
-                                           lengths[start:stop], counts)
+                                           lengths[start:stop], rows)
 
     def _slot(self, batch: int, length: int, cross_kv_shapes: list[tuple] | None) -> _Slot:
         key = (batch, length, cross_kv_shapes[0][2] if cross_kv_shapes else 0)
@@ -487,32 +491,67 @@ class GenerationEngine:
                 layer.cumulative_length.zero_()
         return slot
 
-    @torch.inference_mode()
-    def _run_batch(self, offset, prompts, images, params, lengths, counts) -> Iterator[StreamEvent]:
-        real = len(prompts)
-        batch = real if not self.compiled else min(_next_power_of_two(real), max(self.max_batch_size, real))
-        prompts = prompts + [""] * (batch - real)  # empty rows keep the compiled shapes few
-        images = images + [[]] * (batch - real)
+    def _run_batch(self, offset, prompts, images, params, lengths, all_rows) -> Iterator[StreamEvent]:
         inputs = self.processor(prompts, images, padding_side="left", add_special_tokens=False)
-        input_ids = inputs["input_ids"].to(self.device)
-        attention_mask = inputs["attention_mask"].to(self.device)
-        pixel_values = inputs.get("pixel_values")
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        budget = self.generation_budget(input_ids.shape[1], params)
+        rows = []
+        for index, length in enumerate(lengths):
+            prompt_ids = input_ids[index, input_ids.shape[1] - length:].tolist()
+            rows.append(_Row(offset + index, params[index], length, min(params[index].max_new_tokens, budget),
+                             IncrementalDetokenizer(self.tokenizer, prompt_ids), StopStringMatcher(params[index].stop)))
+            all_rows[offset + index] = rows[-1]
+        active = rows
+        steps = self.stream_token_ids(input_ids, attention_mask, inputs.get("pixel_values"), params)
+        try:
+            for tokens in steps:
+                still = []
+                for row in active:
+                    event = self._advance(row, tokens[row.index - offset])
+                    if event is not None:
+                        yield event
+                    if row.finish_reason is None:
+                        still.append(row)
+                active = still
+                if not active:
+                    return
+        finally:
+            steps.close()
+
+    def generation_budget(self, prompt_length: int, params: list[SamplingParams]) -> int:
+        """New tokens a batch padded to `prompt_length` may generate: what it asks for, within the context window."""
+        return min(max(p.max_new_tokens for p in params), self._window - prompt_length)
+
+    @torch.inference_mode()
+    def stream_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         pixel_values: torch.Tensor | None, params: list[SamplingParams]) -> Iterator[list[int]]:
+        """The token-level engine: left-padded inputs (as `KopruProcessor(..., padding_side="left")` gives) in,
+        one list per step out, holding each row's new token, for `generation_budget` steps; stop iterating
+        when done (eos and stop strings are the caller's business). Used by `stream` and by the benchmarks."""
+        real = input_ids.shape[0]
+        if len(params) != real:
+            raise ValueError(f"expected one SamplingParams per row ({real}), found {len(params)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
+        batch = real if not self.compiled else min(_next_power_of_two(real), max(self.max_batch_size, real))
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        if batch > real:  # empty rows (all padding) keep the compiled shapes few
+            input_ids = torch.cat([input_ids, input_ids.new_full((batch - real, input_ids.shape[1]), self.pad_id)])
+            attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(batch - real, input_ids.shape[1])])
+            params = params + [SamplingParams(max_new_tokens=1)] * (batch - real)
         if pixel_values is not None:
             pixel_values = pixel_values.to(self.device, self.model.vision.encoder.dtype)
         prompt_length = input_ids.shape[1]
-        wanted = max(p.max_new_tokens for p in params)
-        cache_length = min(max(_next_power_of_two(prompt_length + wanted), self.MIN_CACHE), self._window)
-        rows = []
-        for index in range(real):
-            ids = input_ids[index, prompt_length - lengths[index]:].tolist()
-            rows.append(_Row(offset + index, params[index], lengths[index],
-                             min(params[index].max_new_tokens, cache_length - prompt_length),
-                             IncrementalDetokenizer(self.tokenizer, ids), StopStringMatcher(params[index].stop)))
-            counts[offset + index] = (lengths[index], 0)
-        sampling = _BatchSampling.build(params + [SamplingParams()] * (batch - real), input_ids, attention_mask,
+        budget = self.generation_budget(prompt_length, params)
+        if budget < 1:
+            raise ValueError(f"the prompts take {prompt_length} positions; the context window is {self._window}, "
+                             "which leaves no room for an answer")
+        cache_length = min(max(_next_power_of_two(prompt_length + budget), self.MIN_CACHE), self._window)
+        sampling = _BatchSampling.build(params, input_ids, attention_mask,
                                         self.llm.get_output_embeddings().weight.shape[0])
 
-        # ---- prefill
+        # ---- prefill: images encoded, the prompt written into the static cache, the first token sampled
         embeds, extra = self.model.prepare_inputs(input_ids, pixel_values)
         context = extra.get(CONTEXT_KWARG)
         cross_shapes = None
@@ -542,15 +581,13 @@ class GenerationEngine:
             padded = dataclasses.replace(context, keys_values=slot.cross_kv)
             step_extra[CONTEXT_KWARG] = padded.for_positions(context.images_per_sample.unsqueeze(1))
         tokens = sampling.next_tokens(out.logits[:, -1].float())
-        del out, embeds, extra
+        del out, embeds, extra, context
         next_position = positions[:, -1:] + 1
 
         # ---- decode: queue step n + 1 on the device, then read token n on the host
-        active = list(rows)
-        while True:
-            host_tokens = None
+        for step in range(budget):
             pending = tokens
-            if any(row.completion_tokens + 1 < row.max_new_tokens for row in active):
+            if step + 1 < budget:
                 if self.compiled and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
                 if CONTEXT_KWARG in step_extra:
@@ -559,25 +596,14 @@ class GenerationEngine:
                                     slot.key_index, slot.cache, self._eager_mask, step_extra)
                 tokens = sampling.next_tokens(logits)
                 next_position = next_position + 1
-            host_tokens = pending.tolist()
-            still = []
-            for row in active:
-                event = self._advance(row, host_tokens[row.index - offset])
-                if event is not None:
-                    counts[row.index] = (row.prompt_tokens, row.completion_tokens)
-                    yield event
-                if row.finish_reason is None:
-                    still.append(row)
-            active = still
-            if not active:
-                return
+            yield pending.tolist()[:real]
 
     def _advance(self, row: _Row, token: int) -> StreamEvent | None:
         """Take one generated token for `row`; the event to emit, if any."""
-        if token in self._eos_set:
+        if token in self._eos_set and not row.params.ignore_eos:
             row.finish_reason = "stop"
             return StreamEvent(row.index, row.stopper.feed(row.detokenizer.flush())[0] + row.stopper.finish(), "stop")
-        row.completion_tokens += 1
+        row.token_ids.append(token)
         piece, stopped = row.stopper.feed(row.detokenizer.add(token))
         if stopped:
             row.finish_reason = "stop"

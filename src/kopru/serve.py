@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from kopru.generation import GenerationEngine, SamplingParams, StreamEvent, format_chat
 
 DEMO_PAGE = "index.html"
-DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request checks that its client is still there
+DISCONNECT_CHECK_S = 0.1  # how often a non-streamed request checks that its client is still there
 
 
 # ------------------------------------------------------------------------------------------------ limits
@@ -310,6 +310,7 @@ class GenerationJob:
     events: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
     released: bool = False  # the HTTP side is done with it (set once, on the event loop)
+    prompt_tokens: int = 0  # set by the worker when it admits the job
     finish_reason: str | None = None  # set by the worker when the engine finishes the request
 
     def deliver(self, item: Admitted | StreamEvent | Finished | APIError) -> None:
@@ -349,22 +350,33 @@ class BatchingWorker:
                 "queued": self._queue.qsize()}
 
     def _run(self) -> None:
+        pending: list[GenerationJob] = []  # admitted, waiting for a batch with room for them
         while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            jobs = [first]
-            stopping = self._collect(jobs)
-            admitted = [job for job in jobs if self._admit(job)]
-            if admitted:
-                self._generate(admitted)
+            new = []
+            if not pending:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                new.append(first)
+            # Jobs already waiting do not wait a window more: take only what is queued now.
+            stopping = self._collect(new, room=self.limits.max_batch_size - len(pending), wait=not pending)
+            pending += [job for job in new if self._admit(job)]
+            self.requests_cancelled += sum(job.cancelled.is_set() for job in pending)
+            pending = [job for job in pending if not job.cancelled.is_set()]
+            batch = self._fit(pending)
+            pending = [job for job in pending if job not in batch]
+            if batch:
+                self._generate(batch)
             if stopping:
+                for job in pending:
+                    job.deliver(APIError(503, "the server is shutting down", code="shutting_down"))
                 return
 
-    def _collect(self, jobs: list[GenerationJob]) -> bool:
-        """Add jobs arriving within the batch window; True when the server is stopping."""
-        deadline = time.monotonic() + self.limits.batch_window_ms / 1000
-        while len(jobs) < self.limits.max_batch_size:
+    def _collect(self, jobs: list[GenerationJob], room: int, wait: bool) -> bool:
+        """Add queued jobs (those arriving within the batch window too, if `wait`) until `room` is taken; True
+        when the server is stopping."""
+        deadline = time.monotonic() + (self.limits.batch_window_ms / 1000 if wait else 0.0)
+        while len(jobs) < room:
             try:
                 job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -373,6 +385,20 @@ class BatchingWorker:
                 return True
             jobs.append(job)
         return False
+
+    def _fit(self, pending: list[GenerationJob]) -> list[GenerationJob]:
+        """The jobs, in order, that can share one batch. A batch is left padded to its longest prompt, and each
+        row may generate only up to the context window from there: a job joins only if every member keeps its
+        whole max_new_tokens (so an answer never depends on which other requests it was batched with)."""
+        batch: list[GenerationJob] = []
+        for job in pending:
+            if len(batch) == self.limits.max_batch_size:
+                break
+            members = [*batch, job]
+            longest = max(member.prompt_tokens for member in members)
+            if longest + max(member.params.max_new_tokens for member in members) <= self.engine.context_window:
+                batch.append(job)
+        return batch
 
     def _admit(self, job: GenerationJob) -> bool:
         """Check the prompt against the context window; settle max_new_tokens; tell the HTTP side."""
@@ -397,25 +423,26 @@ class BatchingWorker:
             return False
         if not job.max_tokens_given:
             job.params = dataclasses.replace(job.params, max_new_tokens=min(job.params.max_new_tokens, room))
+        job.prompt_tokens = prompt_tokens
         job.deliver(Admitted(prompt_tokens, job.params.max_new_tokens))
         return True
 
     def _generate(self, jobs: list[GenerationJob]) -> None:
         self.batch_sizes[len(jobs)] += 1
-        # (prompt tokens, completion tokens) per request, filled in as the engine goes.
-        # TODO(lead): `_stream` is the engine's twin of `stream` that also reports these counts; switch to the
-        # public API once the engine exposes them (e.g. on the final StreamEvent).
-        counts: dict[int, tuple[int, int]] = {}
+        # The engine's per-request state, filled in as it goes: completion token counts for `usage`.
+        # TODO(lead): `_stream` is the engine's twin of `stream` that exposes this state; switch to a public API
+        # once the engine reports token counts itself (e.g. on the final StreamEvent).
+        rows: dict[int, Any] = {}
         events = None
         try:
             events = self.engine._stream([job.prompt for job in jobs], [job.images for job in jobs],
-                                         [job.params for job in jobs], counts)
+                                         [job.params for job in jobs], rows)
             for event in events:
                 job = jobs[event.index]
                 job.deliver(event)
                 if event.finish_reason is not None:
                     job.finish_reason = event.finish_reason
-                    job.deliver(Finished(counts[event.index][1]))
+                    job.deliver(Finished(rows[event.index].completion_tokens))
                     self.requests_done += 1
                 if all(job.cancelled.is_set() for job in jobs):
                     break  # nobody is listening: stop the batch
@@ -633,9 +660,10 @@ def create_app(engine: GenerationEngine, processor, model_name: str, limits: Ser
 
 
 def load_server(model_dir: str | Path, model_name: str | None = None, limits: ServerLimits | None = None,
-                allow_local_dir: str | Path | None = None, device: str = "cpu", dtype: str | None = None,
-                compile: bool = False):
-    """Load a saved Köprü model and build the app around a GenerationEngine for it."""
+                allow_local_dir: str | Path | None = None, device: str | None = None, dtype: str | None = None,
+                compile: bool = False, max_seq_len: int | None = None):
+    """Load a saved Köprü model (on `device`: default cuda when available, else cpu) and build the app around a
+    GenerationEngine for it."""
     import torch
 
     from kopru.model import KopruForConditionalGeneration
@@ -643,10 +671,13 @@ def load_server(model_dir: str | Path, model_name: str | None = None, limits: Se
     limits = limits or ServerLimits()
     if allow_local_dir is not None and not Path(allow_local_dir).is_dir():
         raise FileNotFoundError(f"--allow-local-dir: expected a directory, found nothing at {allow_local_dir}")
-    torch_dtype = None if dtype is None else getattr(torch, dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = None if dtype is None else getattr(torch, dtype, None)
+    if dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"expected dtype float32, bfloat16 or float16, found {dtype!r}")
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
-    model = model.to(device).eval()
-    engine = GenerationEngine(model, processor, max_batch_size=limits.max_batch_size, compile=compile)
+    engine = GenerationEngine(model.to(device).eval(), processor, max_batch_size=limits.max_batch_size,
+                              max_seq_len=max_seq_len, compile=compile)
     name = model_name or Path(model_dir).resolve().name
     return create_app(engine, processor, name, limits, allow_local_dir)
 

@@ -1,0 +1,155 @@
+"""`kopru chat`: talk to a saved Köprü model, streaming each answer as it is generated.
+
+One-shot: `kopru chat --model DIR --image PATH "prompt"`. Interactive (no prompt): one user turn per line;
+`/image PATH` attaches an image to the next turn (repeatable), `/reset` forgets the conversation, `/quit` ends.
+Turns are rendered with the tokenizer's chat template, or the template used in training (`format_chat`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+from PIL import Image
+
+from kopru.data.formats import IMAGE_PLACEHOLDER, open_image
+from kopru.generation import GenerationEngine, SamplingParams, format_chat
+
+HELP = "commands: /image PATH (attach to the next message), /reset (new conversation), /quit"
+
+
+def read_image(path: str) -> Image.Image:
+    """An RGB image from `path`; a missing or unreadable file is a ValueError naming it."""
+    if not Path(path).is_file():
+        raise ValueError(f"expected an image file at {path!r}, found {'a directory' if Path(path).exists() else 'nothing'}")
+    try:
+        return open_image(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read the image {path!r}: expected a file PIL can open ({type(error).__name__}: "
+                         f"{error})") from None
+
+
+def user_message(text: str, images: list[Image.Image]) -> dict:
+    """A user turn: images in front of the text unless the text places them itself with `<image>`."""
+    placed = text.count(IMAGE_PLACEHOLDER)
+    if placed:
+        if placed != len(images):
+            raise ValueError(f"the message holds {placed} {IMAGE_PLACEHOLDER!r} placeholder(s) but {len(images)} "
+                             "image(s) are attached; expected one image per placeholder")
+        return {"role": "user", "content": text, "images": images}
+    parts = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+    return {"role": "user", "content": parts}
+
+
+class ChatSession:
+    """A conversation with one engine: each `ask` renders the whole history and streams the answer to `out`."""
+
+    def __init__(self, engine: GenerationEngine, params: SamplingParams, template: str = "chat",
+                 system: str | None = None) -> None:
+        self.engine = engine
+        self.params = params
+        self.template = template
+        self.system = system
+        self.messages: list[dict] = []
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def ask(self, text: str, images: list[Image.Image], out: TextIO) -> str:
+        """Stream the answer to `out`; the turn joins the history only when it succeeds."""
+        message = user_message(text, images)
+        history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages + [message]
+        prompt, _ = format_chat(self.engine.processor, [_without_images(m) for m in history], self.template)
+        pieces = []
+        for event in self.engine.stream([prompt], [_images_in_order(history)], self.params):
+            pieces.append(event.text)
+            out.write(event.text)
+            out.flush()
+        out.write("\n")
+        answer = "".join(pieces)
+        self.messages += [message, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def _without_images(message: dict) -> dict:
+    return {key: value for key, value in message.items() if key != "images"}
+
+
+def _images_in_order(history: list[dict]) -> list[Image.Image]:
+    """Every image of the conversation in the order its placeholder appears in the rendered prompt: parts in
+    order, or the images of a text that places them with `<image>`."""
+    images = []
+    for message in history:
+        if isinstance(message["content"], list):
+            images += [part["image"] for part in message["content"] if part.get("type") == "image"]
+        images += message.get("images", [])
+    return images
+
+
+def run_chat(engine: GenerationEngine, params: SamplingParams, prompt: str | None, image_paths: list[str],
+             stdin: TextIO, out: TextIO, err: TextIO, template: str = "chat", system: str | None = None) -> int:
+    """One-shot when `prompt` is given (errors raise ValueError), otherwise an interactive loop on `stdin` in
+    which a bad line is reported on `err` and the conversation goes on."""
+    session = ChatSession(engine, params, template, system)
+    images = [read_image(path) for path in image_paths]
+    if prompt is not None:
+        session.ask(prompt, images, out)
+        return 0
+    interactive = stdin.isatty()
+    if interactive:
+        err.write(f"Köprü chat ({engine.context_window} tokens of context). {HELP}\n")
+    while True:
+        if interactive:
+            err.write(f"[{len(images)} image(s) attached] > " if images else "> ")
+            err.flush()
+        line = stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/reset":
+                session.reset()
+                images = []
+                err.write("conversation reset\n")
+            elif line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                if not path:
+                    raise ValueError("expected /image PATH")
+                images.append(read_image(path))
+                err.write(f"attached {path} ({len(images)} image(s) for the next message)\n")
+            elif line.startswith("/"):
+                raise ValueError(f"unknown command {line.split()[0]!r}; {HELP}")
+            else:
+                session.ask(line, images, out)
+                images = []
+        except ValueError as error:
+            err.write(f"error: {error}\n")
+        err.flush()
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=list(args.stop or []),
+                          seed=args.seed)
+
+
+def load_engine(model_dir: str, device: str | None = None, dtype: str | None = None, compile: bool = False,
+                max_seq_len: int | None = None) -> GenerationEngine:
+    import torch
+
+    from kopru.model import KopruForConditionalGeneration
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = None if dtype is None else getattr(torch, dtype, None)
+    if dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"expected --dtype float32, bfloat16 or float16, found {dtype!r}")
+    model, processor = KopruForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
+    return GenerationEngine(model.to(device).eval(), processor, max_batch_size=1, max_seq_len=max_seq_len,
+                            compile=compile)
+
+
+__all__ = ["ChatSession", "load_engine", "read_image", "run_chat", "sampling_from_args", "user_message"]
