@@ -7,6 +7,7 @@ the server must reproduce them streamed and not streamed, alone and batched with
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -31,7 +32,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.pretrain_tiny import default_backbones  # noqa: E402
-from kopru.serve import APIError, ServerLimits, load_server, parse_chat_request  # noqa: E402
+from kopru.serve import APIError, ServerLimits, decode_image, load_server, parse_chat_request  # noqa: E402
 from kopru.tiny import save_tiny_llm  # noqa: E402
 
 MODEL_NAME = "tiny-kopru"
@@ -277,6 +278,42 @@ def test_local_files_refused_by_default(local_dir: Path) -> None:
         parse_chat_request(body, MODEL_NAME, LIMITS, allow_local_dir=None)
     assert caught.value.status == 400 and caught.value.code == "local_files_refused"
     assert "--allow-local-dir" in caught.value.message
+
+
+def _encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def test_decode_image_formats_and_refusals() -> None:
+    """Any Pillow format and mode comes out RGB at its own size; broken or oversize input is refused with 400."""
+    base = drawn_image(1, size=48)
+    frames = [base, drawn_image(2, size=48)]
+    cases = {
+        "RGBA PNG": _encoded(base.convert("RGBA"), "PNG"),
+        "palette PNG": _encoded(base.convert("P"), "PNG", transparency=0),
+        "CMYK JPEG": _encoded(base.convert("CMYK"), "JPEG"),
+        "greyscale WebP": _encoded(base.convert("L"), "WEBP"),
+        "animated GIF (first frame)": _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+    }
+    for name, data in cases.items():
+        image = decode_image(data, LIMITS, name)
+        assert (image.mode, image.size) == ("RGB", (48, 48)), name
+
+    png = _encoded(base, "PNG")
+    with pytest.raises(APIError) as caught:
+        decode_image(png[: len(png) // 2], LIMITS, "messages[0].content[0]")
+    assert (caught.value.status, caught.value.code) == (400, "invalid_image")
+    assert caught.value.message.startswith("messages[0].content[0]: expected an image")
+
+    # 8000 x 8000 black pixels compress to 8 KB; the header alone refuses them, nothing is decoded.
+    huge = _encoded(Image.new("1", (8000, 8000)), "PNG")
+    start = time.perf_counter()
+    with pytest.raises(APIError) as caught:
+        decode_image(huge, dataclasses.replace(LIMITS, max_image_bytes=len(huge)), "big")
+    assert caught.value.code == "image_too_large" and "8000x8000" in caught.value.message
+    assert time.perf_counter() - start < 1.0
 
 
 def _noise_png(size: int) -> bytes:

@@ -114,7 +114,9 @@ def decode_image(data: bytes, limits: ServerLimits, where: str) -> Image.Image:
         return image.convert("RGB")
     except APIError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # Pillow's own ceiling, for limits set above it
+        raise APIError(400, f"{where}: {error}", code="image_too_large", param="messages") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise APIError(400, f"{where}: expected an image (PNG, JPEG, WebP, GIF, ...), could not decode it: {error}",
                        code="invalid_image", param="messages") from None
 
