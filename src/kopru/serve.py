@@ -213,48 +213,7 @@ def parse_chat_request(body: Any, model_name: str, limits: ServerLimits,
     if body["model"] != model_name:
         raise APIError(404, f"The model '{body['model']}' does not exist; this server serves '{model_name}' "
                        "(GET /v1/models)", code="model_not_found", param="model")
-    messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {'role', 'content'} objects",
-                       code="invalid_value", param="messages")
-    decoded, images = [], 0
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise APIError(400, f"messages[{index}] must be an object with 'role' and 'content', found "
-                           f"{json.dumps(message)[:80]}", code="invalid_value", param=f"messages[{index}]")
-        if message["role"] not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{index}].role must be 'system', 'user' or 'assistant', found "
-                           f"{message['role']!r}", code="invalid_value", param=f"messages[{index}].role")
-        content = message["content"]
-        if isinstance(content, str):
-            decoded.append({"role": message["role"], "content": content})
-            continue
-        if not isinstance(content, list):
-            raise APIError(400, f"messages[{index}].content must be a string or a list of parts",
-                           code="invalid_type", param=f"messages[{index}].content")
-        parts = []
-        for number, part in enumerate(content):
-            where = f"messages[{index}].content[{number}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                images += 1
-                if images > limits.max_images_per_request:
-                    raise APIError(400, f"too many images: the limit is {limits.max_images_per_request} per request",
-                                   code="too_many_images", param="messages")
-                spec = part.get("image_url")
-                url = spec.get("url") if isinstance(spec, dict) else spec
-                if not isinstance(url, str):
-                    raise APIError(400, f"{where}.image_url must be {{'url': <string>}}", code="invalid_value",
-                                   param=f"{where}.image_url")
-                parts.append({"type": "image", "image": read_image_url(url, limits, allow_local_dir, where)})
-            else:
-                raise APIError(400, f"{where}: expected {{'type': 'text', 'text': ...}} or {{'type': 'image_url', "
-                               f"'image_url': {{'url': ...}}}}, found {json.dumps(part)[:80]}",
-                               code="invalid_value", param=where)
-        decoded.append({"role": message["role"], "content": parts})
-
+    # The cheap checks first: images are decoded last.
     _number(body, "n")
     max_tokens = _number(body, "max_completion_tokens") or _number(body, "max_tokens")
     if max_tokens is not None and max_tokens > limits.max_new_tokens:
@@ -283,6 +242,50 @@ def parse_chat_request(body: Any, model_name: str, limits: ServerLimits,
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "'stream' must be true or false and 'stream_options' an object", code="invalid_type",
                        param="stream")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {'role', 'content'} objects",
+                       code="invalid_value", param="messages")
+    images = sum(isinstance(part, dict) and part.get("type") == "image_url"
+                 for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+                 for part in message["content"])
+    if images > limits.max_images_per_request:  # before any is decoded
+        raise APIError(400, f"too many images: {images} image_url parts; the limit is "
+                       f"{limits.max_images_per_request} per request", code="too_many_images", param="messages")
+    decoded = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise APIError(400, f"messages[{index}] must be an object with 'role' and 'content', found "
+                           f"{json.dumps(message)[:80]}", code="invalid_value", param=f"messages[{index}]")
+        if message["role"] not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{index}].role must be 'system', 'user' or 'assistant', found "
+                           f"{message['role']!r}", code="invalid_value", param=f"messages[{index}].role")
+        content = message["content"]
+        if isinstance(content, str):
+            decoded.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise APIError(400, f"messages[{index}].content must be a string or a list of parts",
+                           code="invalid_type", param=f"messages[{index}].content")
+        parts = []
+        for number, part in enumerate(content):
+            where = f"messages[{index}].content[{number}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                if not isinstance(url, str):
+                    raise APIError(400, f"{where}.image_url must be {{'url': <string>}}", code="invalid_value",
+                                   param=f"{where}.image_url")
+                parts.append({"type": "image", "image": read_image_url(url, limits, allow_local_dir, where)})
+            else:
+                raise APIError(400, f"{where}: expected {{'type': 'text', 'text': ...}} or {{'type': 'image_url', "
+                               f"'image_url': {{'url': ...}}}}, found {json.dumps(part)[:80]}",
+                               code="invalid_value", param=where)
+        decoded.append({"role": message["role"], "content": parts})
+
     return ChatRequest(decoded, params, max_tokens is not None, stream, bool(options.get("include_usage")))
 
 
