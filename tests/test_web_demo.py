@@ -114,7 +114,8 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory):
     model, processor = KopruForConditionalGeneration.from_backbones(config)
     path = tmp_path_factory.mktemp("demo") / "model"
     model.save_pretrained(path, processor)
-    app = load_server(path, model_name=MODEL_NAME, limits=ServerLimits(batch_window_ms=5))
+    # 128 x 128 pixels at most, so that the error test can upload a slightly larger image.
+    app = load_server(path, model_name=MODEL_NAME, limits=ServerLimits(batch_window_ms=5, max_image_pixels=128 * 128))
     running = RunningServer(app)
     yield running
     running.stop()
@@ -132,15 +133,37 @@ def expected_answer(engine, image_file: Path, question: str) -> str:
     return answer
 
 
-def ask(tools: DevTools, question: str) -> tuple[str, int]:
+def ask(tools: DevTools, question: str, outcome: str = "done") -> tuple[str, int]:
     """Type the question, press Ask, wait for the stream to end; (the answer shown, pieces received)."""
     tools.evaluate(f"document.getElementById('question').value = {json.dumps(question)}")
     tools.evaluate("document.getElementById('ask').click()")
     tools.wait_for("document.getElementById('answer').dataset.state !== 'streaming'")
     state = tools.evaluate("document.getElementById('answer').dataset.state")
-    assert state == "done", tools.evaluate("document.getElementById('status').textContent")
+    assert state == outcome, tools.evaluate("document.getElementById('status').textContent")
     return (tools.evaluate("document.getElementById('answer').textContent"),
             int(tools.evaluate("document.getElementById('answer').dataset.chunks")))
+
+
+def open_page(chromium: str, server: RunningServer) -> DevTools:
+    with urllib.request.urlopen(chromium + "/json/list", timeout=30) as response:
+        page = next(target for target in json.load(response) if target["type"] == "page")
+    tools = DevTools(page["webSocketDebuggerUrl"])
+    tools.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1], deviceScaleFactor=1,
+               mobile=False)
+    tools.call("Page.enable")
+    tools.call("Page.navigate", url=server.url + "/")
+    tools.wait_for(f"document.readyState === 'complete' && "
+                   f"document.getElementById('model').textContent === {json.dumps(MODEL_NAME)}")
+    return tools
+
+
+def upload(tools: DevTools, image_file: Path, width: int) -> None:
+    root = tools.call("DOM.getDocument")["root"]["nodeId"]
+    file_input = tools.call("DOM.querySelector", nodeId=root, selector="#image")["nodeId"]
+    tools.call("DOM.setFileInputFiles", nodeId=file_input, files=[str(image_file)])
+    tools.wait_for("document.getElementById('preview').style.display === 'block' && "
+                   "document.getElementById('preview').complete && "
+                   f"document.getElementById('preview').naturalWidth === {width}")
 
 
 def test_upload_ask_stream_screenshot(chromium: str, demo_server: RunningServer, tmp_path: Path) -> None:
@@ -152,23 +175,9 @@ def test_upload_ask_stream_screenshot(chromium: str, demo_server: RunningServer,
     caption = expected_answer(engine, image_file, "")
     assert len(caption.split()) >= 3, f"expected a caption of several words, found {caption!r}"
 
-    with urllib.request.urlopen(chromium + "/json/list", timeout=30) as response:
-        page = next(target for target in json.load(response) if target["type"] == "page")
-    tools = DevTools(page["webSocketDebuggerUrl"])
+    tools = open_page(chromium, demo_server)
     try:
-        tools.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1], deviceScaleFactor=1,
-                   mobile=False)
-        tools.call("Page.enable")
-        tools.call("Page.navigate", url=demo_server.url + "/")
-        tools.wait_for(f"document.readyState === 'complete' && "
-                       f"document.getElementById('model').textContent === {json.dumps(MODEL_NAME)}")
-
-        root = tools.call("DOM.getDocument")["root"]["nodeId"]
-        file_input = tools.call("DOM.querySelector", nodeId=root, selector="#image")["nodeId"]
-        tools.call("DOM.setFileInputFiles", nodeId=file_input, files=[str(image_file)])
-        tools.wait_for("document.getElementById('preview').style.display === 'block' && "
-                       "document.getElementById('preview').complete && "
-                       "document.getElementById('preview').naturalWidth === 64")
+        upload(tools, image_file, width=64)
         assert ask(tools, QUESTION)[0] == answer
         shown, pieces = ask(tools, "")  # no question: the model captions the image
         assert shown == caption
@@ -200,3 +209,21 @@ def test_upload_ask_stream_screenshot(chromium: str, demo_server: RunningServer,
     left, top, right, bottom = answer_box
     assert bottom <= WINDOW[1], "the answer is below the visible page"
     assert (pixels[top:bottom, left:right].min(-1) < 100).sum() > 20, "no answer text in the screenshot"
+
+
+def test_server_error_is_shown(chromium: str, demo_server: RunningServer, tmp_path: Path) -> None:
+    """An image over the server's pixel limit: the page shows the server's message, and the next ask works."""
+    big_file, small_file = tmp_path / "big.png", tmp_path / "small.png"
+    drawn_image(1, size=160).save(big_file)
+    drawn_image(1, size=64).save(small_file)
+    tools = open_page(chromium, demo_server)
+    try:
+        upload(tools, big_file, width=160)
+        ask(tools, QUESTION, outcome="error")
+        status = tools.evaluate("document.getElementById('status').textContent")
+        assert "160x160 = 25600 pixels; the limit is 16384" in status
+        assert tools.evaluate("document.getElementById('status').className") == "error"
+        upload(tools, small_file, width=64)
+        assert ask(tools, QUESTION)[0]
+    finally:
+        tools.close()
