@@ -5,7 +5,8 @@ GET /health, GET /metrics (batching counters, JSON) and GET / (the web demo).
 
 One background thread owns the model. It takes the queued requests, waits a short window for more to arrive,
 and runs them as one batch through `GenerationEngine.stream`, handing each request its own events; the HTTP
-side never touches the model or its tokenizer (fast tokenizers are not safe to share across threads). A client
+side never touches the model or its tokenizer (a fast tokenizer changing its padding settings in one thread
+while another encodes fails with "Already borrowed"), so the chat template is rendered there too. A client
 that goes away cancels only its own request; a batch whose clients have all gone is stopped.
 
 Every error is answered with an OpenAI-style body, {"error": {"message", "type", "param", "code"}}, and the
@@ -307,12 +308,13 @@ class Finished:
 class GenerationJob:
     """One request on its way through the worker; items for it arrive on `events` (an asyncio.Queue)."""
 
-    prompt: str
-    images: list[Image.Image]
+    messages: list[dict[str, Any]]  # as parse_chat_request leaves them: images decoded
     params: SamplingParams
     max_tokens_given: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    prompt: str = ""  # set by the worker: the chat template renders through the tokenizer
+    images: list[Image.Image] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     released: bool = False  # the HTTP side is done with it (set once, on the event loop)
     prompt_tokens: int = 0  # set by the worker when it admits the job
@@ -406,14 +408,15 @@ class BatchingWorker:
         return batch
 
     def _admit(self, job: GenerationJob) -> bool:
-        """Check the prompt against the context window; settle max_new_tokens; tell the HTTP side."""
+        """Render the prompt, check it against the context window, settle max_new_tokens; tell the HTTP side."""
         if job.cancelled.is_set():
             self.requests_cancelled += 1
             return False
         try:
+            job.prompt, job.images = format_chat(self.engine.processor, job.messages)
             prompt_tokens = self.engine.count_prompt_tokens(job.prompt, job.images)
-        except ValueError as error:
-            job.deliver(APIError(400, f"the request does not fit the model: {error}", code="invalid_value",
+        except ValueError as error:  # e.g. a message order the model's chat template refuses
+            job.deliver(APIError(400, f"the messages do not fit the model: {error}", code="invalid_value",
                                  param="messages"))
             return False
         window = self.engine.context_window
@@ -469,7 +472,6 @@ def sse(payload: dict[str, Any]) -> str:
 @dataclass
 class ServerState:
     worker: BatchingWorker
-    processor: Any
     model_name: str
     limits: ServerLimits
     allow_local_dir: Path | None
@@ -477,7 +479,7 @@ class ServerState:
     active: int = 0
 
 
-def create_app(engine: GenerationEngine, processor, model_name: str, limits: ServerLimits | None = None,
+def create_app(engine: GenerationEngine, model_name: str, limits: ServerLimits | None = None,
                allow_local_dir: str | Path | None = None):
     """The Starlette application; `app.state.kopru` holds the worker (call `app.state.kopru.worker.close()`)."""
     from starlette.applications import Starlette
@@ -490,7 +492,7 @@ def create_app(engine: GenerationEngine, processor, model_name: str, limits: Ser
     limits = limits or ServerLimits()
     state = ServerState(
         worker=BatchingWorker(engine, limits),
-        processor=processor, model_name=model_name, limits=limits,
+        model_name=model_name, limits=limits,
         allow_local_dir=Path(allow_local_dir) if allow_local_dir is not None else None,
     )
     page = resources.files("kopru").joinpath("web", DEMO_PAGE).read_text(encoding="utf-8")
@@ -526,16 +528,13 @@ def create_app(engine: GenerationEngine, processor, model_name: str, limits: Ser
         try:
             body = await read_json(request)
             chat = await asyncio.to_thread(parse_chat_request, body, model_name, limits, state.allow_local_dir)
-            prompt, images = format_chat(processor, chat.messages)
         except APIError as error:
             return error_response(error)
-        except ValueError as error:  # format_chat: e.g. a message order the chat template refuses
-            return error_response(APIError(400, str(error), code="invalid_value", param="messages"))
         if state.active >= limits.max_queued_requests:
             return error_response(APIError(429, f"the server is busy: {state.active} requests in progress, the "
                                            f"limit is {limits.max_queued_requests}; retry shortly",
                                            code="server_busy", kind="rate_limit_error"))
-        job = GenerationJob(prompt, images, chat.params, chat.max_tokens_given, asyncio.get_running_loop(),
+        job = GenerationJob(chat.messages, chat.params, chat.max_tokens_given, asyncio.get_running_loop(),
                             asyncio.Queue())
         state.active += 1
         state.worker.submit(job)
@@ -684,7 +683,7 @@ def load_server(model_dir: str | Path, model_name: str | None = None, limits: Se
     engine = GenerationEngine(model.to(device).eval(), processor, max_batch_size=limits.max_batch_size,
                               max_seq_len=max_seq_len, compile=compile)
     name = model_name or Path(model_dir).resolve().name
-    return create_app(engine, processor, name, limits, allow_local_dir)
+    return create_app(engine, name, limits, allow_local_dir)
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000) -> None:
