@@ -1,4 +1,4 @@
-"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, budget, chat."""
+"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, budget, chat, serve."""
 
 from __future__ import annotations
 
@@ -164,6 +164,41 @@ def _chat(args: argparse.Namespace) -> int:
         return 130
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kopru.serve import ServerLimits, load_server, run_server
+
+    limits = ServerLimits(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServerLimits)})
+    app = load_server(args.model, model_name=args.model_name, limits=limits, allow_local_dir=args.allow_local_dir,
+                      device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len)
+    print(f"serving {app.state.kopru.model_name!r} on http://{args.host}:{args.port} "
+          f"(OpenAI API under /v1, web demo at /)", flush=True)
+    run_server(app, host=args.host, port=args.port)
+    return 0
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from kopru.serve import LIMIT_HELP, ServerLimits
+
+    parser.add_argument("--model", required=True, help="a saved Köprü model directory")
+    parser.add_argument("--model-name", help="the id clients name in 'model' (default: the directory's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as saved)")
+    parser.add_argument("--max-seq-len", type=int, help="context window (default: the LLM's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    parser.add_argument("--allow-local-dir",
+                        help="serve image_url file:// URLs and paths under this directory (default: refuse local "
+                             "files, since any client could otherwise read images anywhere the server can)")
+    for spec in dataclasses.fields(ServerLimits):
+        parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=type(spec.default),
+                            default=spec.default, help=f"{LIMIT_HELP[spec.name]} (default {spec.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kopru", description="Join a vision encoder to a causal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-seq-len", type=int, help="context window (default: the LLM's)")
     chat.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     chat.set_defaults(run=_chat)
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (chat completions, streaming) with a web demo page",
+        description="Serve a saved Köprü model: POST /v1/chat/completions (OpenAI format, images as data: URLs), "
+                    "GET /v1/models, GET /health, GET /metrics, and a web demo at /. Concurrent requests are "
+                    "generated together in batches.",
+    )
+    _add_serve_flags(serve)
+    serve.set_defaults(run=_serve)
     return parser
 
 
