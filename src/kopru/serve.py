@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from kopru.generation import GenerationEngine, SamplingParams, StreamEvent, format_chat
+from kopru.image_processing import load_image
 
 DEMO_PAGE = "index.html"
 DISCONNECT_CHECK_S = 0.1  # how often a non-streamed request checks that its client is still there
@@ -97,27 +98,28 @@ class APIError(Exception):
 
 # ------------------------------------------------------------------------------------------------ images
 def decode_image(data: bytes, limits: ServerLimits, where: str) -> Image.Image:
-    """Encoded bytes -> an RGB image, refusing oversize or undecodable input with a 400 that names `where`.
+    """Encoded bytes -> an RGB image (EXIF orientation applied, alpha and 16-bit modes converted as everywhere in
+    Köprü: `kopru.image_processing.load_image`), refusing oversize or undecodable input with a 400 naming `where`.
 
     The pixel count comes from the header, before the pixels are decoded (a small file can hold a huge image).
-    TODO(lead): switch to kopru.image_processing.load_image once issue 5's loader is merged.
     """
     if len(data) > limits.max_image_bytes:
         raise APIError(400, f"{where}: the image is {len(data)} bytes; the limit is {limits.max_image_bytes}",
                        code="image_too_large", param="messages")
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise APIError(400, f"{where}: the image is {width}x{height} = {width * height} pixels; the limit is "
-                           f"{limits.max_image_pixels}", code="image_too_large", param="messages")
-        image.load()
-        return image.convert("RGB")
-    except APIError:
-        raise
+        with Image.open(io.BytesIO(data)) as probe:  # the header only
+            width, height = probe.size
     except Image.DecompressionBombError as error:  # Pillow's own ceiling, for limits set above it
         raise APIError(400, f"{where}: {error}", code="image_too_large", param="messages") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise APIError(400, f"{where}: expected an image (PNG, JPEG, WebP, GIF, ...), could not decode it: {error}",
+                       code="invalid_image", param="messages") from None
+    if width * height > limits.max_image_pixels:
+        raise APIError(400, f"{where}: the image is {width}x{height} = {width * height} pixels; the limit is "
+                       f"{limits.max_image_pixels}", code="image_too_large", param="messages")
+    try:
+        return load_image(data, max_pixels=limits.max_image_pixels)
+    except ValueError as error:
         raise APIError(400, f"{where}: expected an image (PNG, JPEG, WebP, GIF, ...), could not decode it: {error}",
                        code="invalid_image", param="messages") from None
 
