@@ -41,7 +41,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from kopru.config import KopruConfig, VisionTowerConfig
-from kopru.connectors import strategy_class
 from kopru.connectors.cross_attention import CONTEXT_KWARG, ImageContext
 from kopru.llm import decoder_layers
 from kopru.resolution import anyres_layout, smart_resize
@@ -415,13 +414,13 @@ def _recipe_trainable(model, groups, lora_rank: int) -> tuple[dict[str, dict[int
         trains[recipe] = {id(p): p.requires_grad for p in model.parameters()}
     if not model.connector.splices_into_text:
         return trains, None
-    base_llm = model.llm
     with torch.device("meta"), warnings.catch_warnings():  # peft's call of a deprecated transformers helper
         warnings.simplefilter("ignore", FutureWarning)
         apply_recipe(model, "instruct", LoraSettings(r=lora_rank, alpha=2 * lora_rank, dropout=0.0))
     trains["lora"] = {id(p): p.requires_grad for p in model.parameters()}
     adapters = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" in n)
-    model.llm = base_llm  # the components are counted on the plain LLM
+    model.llm = model.llm.unload()  # peft injects the adapters in place: take them out again
+    model.requires_grad_(False)
     return trains, adapters
 
 
@@ -510,6 +509,19 @@ class SequenceCost:
         return self.per_position + self.attention * context
 
 
+@dataclass(frozen=True)
+class FlopTracer:
+    """count / fit, or zeros when FLOPs are not wanted (Settings.flops=False)."""
+
+    enabled: bool = True
+
+    def count(self, run: Callable[[], Any]) -> float:
+        return float(count_flops(run)) if self.enabled else 0.0
+
+    def fit(self, run: Callable[[int], Any]) -> SequenceCost:
+        return SequenceCost.fit(run) if self.enabled else SequenceCost(0.0, 0.0, 0.0)
+
+
 def _dense_flops(modules: Iterable[nn.Module], tokens: int) -> float:
     """2 x weights x tokens over the Linear / Conv layers of `modules` (each runs once per token)."""
     weights = sum(m.weight.numel() for module in modules for m in module.modules()
@@ -530,6 +542,7 @@ class Settings:
     images_per_sample: int = 1
     text_tokens: int = 64
     lora_rank: int = LORA_RANK
+    flops: bool = True  # False skips the FLOP tracing (the slowest part), e.g. when only counts are wanted
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -580,6 +593,7 @@ def _shape(*dims: int) -> list[int]:
 
 def _explain_kopru(target: Target, settings: Settings) -> Explanation:
     config, vision_config, llm_config = target.kopru, target.vision, target.text
+    tracer = FlopTracer(settings.flops)
     model = build_kopru_meta(config, vision_config, llm_config)
     vision, connector, llm = model.vision, model.connector, model.llm
     groups = _partition(model, [("vision encoder", "vision", _params(vision.encoder)), *_connector_groups(model),
@@ -624,7 +638,7 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
         stages.append(Stage("resampler latents", _shape(b, features_out, vision.hidden_size), "Perceiver resampler"))
     if connector.splices_into_text:
         stages += [
-            Stage("connector output", _shape(b, features_out, dim), f"one LLM-width vector per image position"),
+            Stage("connector output", _shape(b, features_out, dim), "one LLM-width vector per image position"),
             Stage("LLM input embeddings", _shape(n, sequence, dim),
                   f"{text} text tokens + {settings.images_per_sample} x {count.llm_positions} image positions"
                   + (" (incl. 2 markers)" if count.markers else "")),
@@ -648,24 +662,26 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
 
     # FLOPs.
     pixels = torch.empty(1, 3, size, size, device="meta")
-    vision_flops = count_flops(lambda: vision(pixels))
+    vision_flops = tracer.count(lambda: vision(pixels))
     features = torch.empty(1, vision.num_tokens, vision.hidden_size, device="meta")
-    connector_flops = count_flops(lambda: connector(features))
+    connector_flops = tracer.count(lambda: connector(features))
     if not connector.splices_into_text:
         states = torch.empty(1, features_out, dim, device="meta")
-        connector_flops += count_flops(lambda: [blk.keys_values(states) for blk in connector.blocks])
+        connector_flops += tracer.count(lambda: [blk.keys_values(states) for blk in connector.blocks])
+
+    image_context = None
+    if not connector.splices_into_text:  # keys/values built outside the count: they are the connector's
+        states = torch.empty(1, features_out, dim, device="meta")
+        image_context = ImageContext([blk.keys_values(states) for blk in connector.blocks], torch.ones(1),
+                                     features_out, connector.config.attend_to, connector.blocks)
 
     def run_llm(length: int) -> None:
-        embeds = torch.empty(1, length, dim, device="meta")
         extra = {}
-        if not connector.splices_into_text:
-            states = torch.empty(1, features_out, dim, device="meta")
-            context_ = ImageContext([blk.keys_values(states) for blk in connector.blocks], torch.ones(1),
-                                    features_out, connector.config.attend_to, connector.blocks)
-            extra[CONTEXT_KWARG] = context_.for_positions(torch.ones(1, length, device="meta"))
-        llm(inputs_embeds=embeds, **extra)
+        if image_context is not None:
+            extra[CONTEXT_KWARG] = image_context.for_positions(torch.ones(1, length, device="meta"))
+        llm(inputs_embeds=torch.empty(1, length, dim, device="meta"), **extra)
 
-    llm_cost = SequenceCost.fit(run_llm)
+    llm_cost = tracer.fit(run_llm)
     kv_positions = count.cross_attention_kv * settings.images_per_sample
     memory = {"kv_cache": _kv_bytes(llm_config.num_hidden_layers, llm_config, context, settings),
               "cross_attention_kv": _kv_bytes(len(getattr(connector, "blocks", [])), llm_config, kv_positions,
@@ -679,7 +695,7 @@ def _finish(target: Target, settings: Settings, model: nn.Module, built_from: st
             budget: ImageBudget, vision_flops: float, connector_flops: float, llm_cost: SequenceCost,
             memory: dict[str, float], notes: list[str]) -> Explanation:
     positions = budget.llm_positions
-    flops = {
+    flops = {} if not settings.flops else {
         "vision_per_image": float(vision_flops),
         "connector_per_image": float(connector_flops),
         "llm_per_image": float(positions * llm_cost.per_position),
@@ -706,7 +722,7 @@ def _finish(target: Target, settings: Settings, model: nn.Module, built_from: st
 
 
 def _explain_llava_next(target: Target, settings: Settings) -> Explanation:
-    preset = target.preset
+    preset, tracer = target.preset, FlopTracer(settings.flops)
     model = build_reference(preset)
     inner, vision_config, text_config = model.model, target.vision, target.text
     size, patch = vision_config.image_size, vision_config.patch_size
@@ -749,10 +765,10 @@ def _explain_llava_next(target: Target, settings: Settings) -> Explanation:
         Stage("logits", _shape(n, sequence, vocab), "output head"),
     ]
     pixels = torch.empty(1, 3, size, size, device="meta")
-    vision_flops = crops * count_flops(lambda: inner.vision_tower(pixel_values=pixels, output_hidden_states=True))
+    vision_flops = crops * tracer.count(lambda: inner.vision_tower(pixel_values=pixels, output_hidden_states=True))
     features = torch.empty(crops, per_side**2, vision_config.hidden_size, device="meta")
-    connector_flops = count_flops(lambda: inner.multi_modal_projector(features))
-    llm_cost = SequenceCost.fit(lambda length: model.lm_head(inner.language_model(
+    connector_flops = tracer.count(lambda: inner.multi_modal_projector(features))
+    llm_cost = tracer.fit(lambda length: model.lm_head(inner.language_model(
         inputs_embeds=torch.empty(1, length, dim, device="meta")).last_hidden_state))
     memory = {"kv_cache": _kv_bytes(text_config.num_hidden_layers, text_config, context, settings),
               "cross_attention_kv": 0.0}
@@ -780,14 +796,14 @@ def _llm_groups_reference(language_model: nn.Module, lm_head: nn.Module, skip: I
 def _explain_mllama(target: Target, settings: Settings) -> Explanation:
     from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
 
-    preset = target.preset
+    preset, tracer = target.preset, FlopTracer(settings.flops)
     model = build_reference(preset)
     inner, vision_config, text_config = model.model, model.config.vision_config, model.config.text_config
     cross_layers = list(text_config.cross_attention_layers)
     cross = [inner.language_model.layers[i] for i in cross_layers]
     visual = inner.vision_model
     groups = _partition(model, [
-        (f"vision encoder: patch + gated position/tile embeddings", "vision",
+        ("vision encoder: patch + gated position/tile embeddings", "vision",
          _params(visual.patch_embedding) + [visual.class_embedding] + _params(visual.gated_positional_embedding)
          + _params(visual.pre_tile_positional_embedding) + _params(visual.post_tile_positional_embedding)
          + _params(visual.layernorm_pre)),
@@ -843,11 +859,11 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
     vision_inputs = {"pixel_values": torch.empty(1, 1, max_tiles, 3, size, size, device="meta"),
                      "aspect_ratio_ids": torch.ones(1, 1, dtype=torch.long, device="meta"),
                      "aspect_ratio_mask": torch.ones(1, 1, max_tiles, dtype=torch.long, device="meta")}
-    vision_flops = count_flops(lambda: visual(**vision_inputs))
+    vision_flops = tracer.count(lambda: visual(**vision_inputs))
     features = torch.empty(1, kv_length, vision_config.vision_output_dim, device="meta")
     states = torch.empty(1, kv_length, dim, device="meta")
-    connector_flops = count_flops(lambda: inner.multi_modal_projector(features))
-    connector_flops += count_flops(lambda: [(layer.cross_attn.k_proj(states), layer.cross_attn.v_proj(states))
+    connector_flops = tracer.count(lambda: inner.multi_modal_projector(features))
+    connector_flops += tracer.count(lambda: [(layer.cross_attn.k_proj(states), layer.cross_attn.v_proj(states))
                                             for layer in cross])
 
     def run_text(length: int) -> None:
@@ -855,7 +871,7 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
                                       cross_attention_states=states).last_hidden_state
         model.lm_head(hidden)
 
-    cost = SequenceCost.fit(run_text)  # `fixed` = the cross-attention K/V projections, counted with the connector
+    cost = tracer.fit(run_text)  # `fixed` = the cross-attention K/V projections, counted with the connector
     self_layers = text_config.num_hidden_layers - len(cross)
     memory = {"kv_cache": _kv_bytes(self_layers, text_config, context, settings),
               "cross_attention_kv": _kv_bytes(len(cross), text_config, settings.images_per_sample * kv_length,
@@ -870,7 +886,7 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
 
 
 def _explain_qwen2_vl(target: Target, settings: Settings) -> Explanation:
-    preset = target.preset
+    preset, tracer = target.preset, FlopTracer(settings.flops)
     model = build_reference(preset)
     inner, vision_config, text_config = model.model, model.config.vision_config, model.config.text_config
     visual = inner.visual
@@ -913,16 +929,16 @@ def _explain_qwen2_vl(target: Target, settings: Settings) -> Explanation:
     ]
     # The encoder's attention splits on data-dependent sequence lengths and cannot run on meta tensors: counted
     # as matmuls 2 x weights x tokens, attention 4 x tokens^2 x width per block.
-    vision_flops = _dense_flops([visual.patch_embed, visual.blocks], patches) + 4.0 * len(visual.blocks) \
-        * patches**2 * embed
-    connector_flops = _dense_flops([visual.merger], tokens)
+    vision_flops = tracer.enabled * (_dense_flops([visual.patch_embed, visual.blocks], patches)
+                                     + 4.0 * len(visual.blocks) * patches**2 * embed)
+    connector_flops = tracer.enabled * _dense_flops([visual.merger], tokens)
 
     def run_text(length: int) -> None:
         positions = torch.zeros(3, 1, length, dtype=torch.long, device="meta")
         model.lm_head(inner.language_model(inputs_embeds=torch.empty(1, length, dim, device="meta"),
                                            position_ids=positions).last_hidden_state)
 
-    cost = SequenceCost.fit(run_text)
+    cost = tracer.fit(run_text)
     memory = {"kv_cache": _kv_bytes(text_config.num_hidden_layers, text_config, context, settings),
               "cross_attention_kv": 0.0}
     notes = ["explained from the HF reference model Qwen2VLForConditionalGeneration on the meta device: Köprü has "
@@ -1066,7 +1082,7 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return lines + ["| " + " | ".join(row) + " |" for row in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in rows]
 
@@ -1095,7 +1111,7 @@ def _render(e: Explanation, markdown: bool) -> str:
     out.append(i.note)
     f = e.flops
     out += ["", h("Forward FLOPs")]
-    out += _table(["quantity", "FLOPs"], [
+    out += ["not computed (flops=False)"] if not f else _table(["quantity", "FLOPs"], [
         ["vision encoder per image", human(f["vision_per_image"])],
         ["connector per image", human(f["connector_per_image"])],
         ["LLM per image (its positions, dense)", human(f["llm_per_image"])],
