@@ -72,6 +72,9 @@ def test_reference_built_presets_agree_with_kopru_built_ones():
     assert next_.total_params == llava.total_params + 4096
     assert next_.component("vision") == llava.component("vision")
     assert next_.component("llm") == llava.component("llm")
+    # LoRA adapters: peft on the Köprü model, r x (in + out) per Linear on the HF one.
+    assert next_.component("adapter") == llava.component("adapter") == 32 * 128 * (
+        4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
 
 
 def test_lesson_strategies_closed_form():
@@ -219,3 +222,17 @@ def test_bad_input_names_what_is_missing(tmp_path, capsys, llm_dirs):
         _context(target, Settings())
     assert main(["explain", "--preset", "llava-1.5-7b", "--image", "640"]) == 2
     assert "expected an image size as WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_config_file_counts_the_image_tokens_rows_the_real_build_adds(build, vision_dirs, llm_dirs, tmp_path):
+    """From a kopru_config.json next to fresh backbones: the tokenizer's image tokens grow the LLM's embedding
+    table in from_backbones, and explain counts those rows too."""
+    from kopru import KopruConfig, VisionTowerConfig
+
+    model, _ = build("qformer")
+    config = KopruConfig(vision=VisionTowerConfig(str(vision_dirs["clip"])), llm=str(llm_dirs["llama"]),
+                         strategy="qformer", connector=model.config.connector)
+    config.save(tmp_path / "kopru_config.json")
+    explanation = explain(config=tmp_path / "kopru_config.json", flops=False)
+    assert explanation.total_params == sum(p.numel() for p in model.parameters())
+    assert explanation.image.llm_positions == model.image_count.llm_positions

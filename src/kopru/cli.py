@@ -128,10 +128,13 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from kopru.explain import draw_diagram, explain, list_presets, parse_image_size
+    from kopru.explain import draw_diagram, explain, list_presets, parse_image_size, summary_table
 
     if args.list:
         print(list_presets())
+        return 0
+    if args.summary:
+        print(summary_table(dtype=args.dtype, batch=args.batch, context=args.context), end="")
         return 0
     image = parse_image_size(args.image) if args.image else None
     explanation = explain(preset=args.preset, config=args.config, model_dir=args.model, dtype=args.dtype,
@@ -198,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="a Köprü config JSON file (kopru_config.json); backbones' config.json read")
     source.add_argument("--model", help="a saved Köprü model directory")
     source.add_argument("--list", action="store_true", help="list the presets")
+    source.add_argument("--summary", action="store_true", help="one markdown row per preset (counts, positions, ...)")
     explain.add_argument("--format", choices=["text", "markdown", "json"], default="text")
     explain.add_argument("--dtype", default="bfloat16", help="weights and KV cache dtype (default bfloat16)")
     explain.add_argument("--batch", type=int, default=1, help="sequences in the batch (KV cache, shapes)")

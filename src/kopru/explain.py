@@ -1108,7 +1108,7 @@ def _render(e: Explanation, markdown: bool) -> str:
                    f"share of a {i.context:,} context"],
                   [[f"{i.image_size[0]}x{i.image_size[1]}", f"{i.vision_tokens:,}", f"{i.llm_positions:,}",
                     str(i.markers), f"{i.cross_attention_kv:,}", f"{100 * i.context_share:.2f}%"]], markdown)
-    out.append(i.note)
+    out += ["", i.note]
     f = e.flops
     out += ["", h("Forward FLOPs")]
     out += ["not computed (flops=False)"] if not f else _table(["quantity", "FLOPs"], [
@@ -1179,6 +1179,21 @@ def draw_diagram(e: Explanation, path: str | Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def summary_table(names: Iterable[str] | None = None, **options: Any) -> str:
+    """One markdown row per preset: counts per recipe, image positions, FLOPs per image, weights."""
+    header = ["preset", "built from", "total params", "trainable: align", "trainable: instruct",
+              f"trainable: LoRA r={options.get('lora_rank', LORA_RANK)}", "LLM positions / image",
+              "cross-attn K/V / image", "FLOPs / image", f"weights {options.get('dtype', 'bfloat16')}"]
+    rows = []
+    for name in names or PRESETS:
+        e = explain(preset=name, **options)
+        rows.append([name, e.built_from, f"{e.total_params:,}", _count(e.trainable("align")),
+                     _count(e.trainable("instruct")), _count(e.trainable("lora")), f"{e.image.llm_positions:,}",
+                     f"{e.image.cross_attention_kv:,}", human(e.flops["per_image"]) if e.flops else "n/a",
+                     human_bytes(e.memory["weights"])])
+    return "\n".join(_table(header, rows, markdown=True)) + "\n"
 
 
 def list_presets() -> str:
