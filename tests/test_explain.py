@@ -125,6 +125,8 @@ def test_mllama_shapes_equal_a_meta_forward_of_the_hf_encoder():
     ).last_hidden_state
     stages = {s.name: s.shape for s in explanation.stages}
     assert stages["vision features (final + 5 intermediate)"] == list(features.shape)
+    states = model.model.multi_modal_projector(features).reshape(1, -1, 64)  # as MllamaModel.forward does
+    assert stages["cross-attention states"] == list(states.shape)
     assert explanation.image.cross_attention_kv == 4 * ((config.image_size // config.patch_size) ** 2 + 1) == 6404
     cross = len(model.config.text_config.cross_attention_layers)
     # K/V cache: 32 self-attention layers x context, 8 cross-attention layers x 6404, 8 KV heads of 128, bf16
@@ -236,3 +238,116 @@ def test_config_file_counts_the_image_tokens_rows_the_real_build_adds(build, vis
     explanation = explain(config=tmp_path / "kopru_config.json", flops=False)
     assert explanation.total_params == sum(p.numel() for p in model.parameters())
     assert explanation.image.llm_positions == model.image_count.llm_positions
+
+
+# --- the HF-reference architectures, tiny, against a real forward pass of the HF model ----------------------
+
+TINY_CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256}
+
+
+def _real(preset):
+    torch.manual_seed(0)
+    return getattr(transformers, preset.reference)(reference_config(preset)).eval()
+
+
+def test_tiny_llava_next_shapes_equal_a_real_forward():
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from kopru.explain import Preset
+
+    preset = Preset("tiny-llava-next", "", "", "llava_next", "projection", TINY_CLIP, TINY_LLAMA,
+                    reference="LlavaNextForConditionalGeneration",
+                    reference_extra={"image_token_index": 63, "vision_feature_layer": -2,
+                                     "image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]]})
+    width, height = 50, 30
+    explanation = explain(preset=preset, image=(width, height), text_tokens=5, flops=False)
+    stages = {s.name: s.shape for s in explanation.stages}
+    model = _real(preset)
+    crops = image_size_to_num_patches((height, width), model.config.image_grid_pinpoints, 32)
+    pixels = torch.randn(1, crops, 3, 32, 32)
+    sizes = torch.tensor([[height, width]])
+    with torch.no_grad():
+        out = model.model.get_image_features(pixels, sizes, vision_feature_layer=-2,
+                                             vision_feature_select_strategy="default", output_hidden_states=True)
+        tokens = out.pooler_output[0].shape[0]
+        ids = torch.tensor([[63] * tokens + [1, 2, 3, 4, 5]])
+        logits = model(input_ids=ids, pixel_values=pixels, image_sizes=sizes).logits
+    assert stages["pixels"] == [1, crops, 3, 32, 32]
+    assert stages["encoder hidden states"] == list(out.hidden_states[-2].shape)
+    assert stages["image tokens (base + unpadded grid + newlines)"] == [1, *out.pooler_output[0].shape]
+    assert explanation.image.llm_positions == tokens
+    assert stages["logits"] == list(logits.shape)
+    assert explanation.total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_qwen2_vl_shapes_equal_a_real_forward():
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from kopru.explain import Preset
+
+    vision = {"model_type": "qwen2_vl_vision", "depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 4,
+              "hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    text = {**TINY_LLAMA, "model_type": "qwen2_vl_text", "bos_token_id": 0, "eos_token_id": 1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    preset = Preset("tiny-qwen2-vl", "", "", "qwen2_vl", "projection", vision, text,
+                    reference="Qwen2VLForConditionalGeneration",
+                    reference_extra={"image_token_id": 60, "vision_start_token_id": 61, "vision_end_token_id": 62},
+                    default_image=(100, 70))
+    explanation = explain(preset=preset, text_tokens=4, flops=False)
+    stages = {s.name: s.shape for s in explanation.stages}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    inputs = Qwen2VLImageProcessorPil()(images=[image], return_tensors="pt")
+    model = _real(preset)
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        tokens = out.pooler_output[0].shape[0]
+        ids = torch.tensor([[61] + [60] * tokens + [62, 1, 2, 3, 4]])
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                       mm_token_type_ids=(ids == 60).int()).logits
+    assert stages["patches (flattened, image repeated in time)"] == list(inputs["pixel_values"].shape)
+    assert stages["encoder hidden states"] == list(out.last_hidden_state.shape)
+    assert stages["merger output"] == list(out.pooler_output[0].shape)
+    assert explanation.image.placeholders == tokens and explanation.image.llm_positions == tokens + 2
+    assert stages["logits"] == list(logits.shape)
+    assert explanation.total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_mllama_shapes_equal_a_real_forward():
+    from kopru.explain import Preset
+
+    vision = {"model_type": "mllama_vision_model", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_global_layers": 1, "attention_heads": 4, "image_size": 28,
+              "patch_size": 14, "max_num_tiles": 4, "intermediate_layers_indices": [0], "vision_output_dim": 64}
+    text = {**TINY_LLAMA, "model_type": "mllama_text_model", "num_hidden_layers": 4, "cross_attention_layers": [1],
+            "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+    preset = Preset("tiny-mllama", "", "", "mllama", "cross_attention", vision, text,
+                    reference="MllamaForConditionalGeneration", reference_extra={"image_token_index": 63})
+    explanation = explain(preset=preset, text_tokens=4, flops=False)
+    stages = {s.name: s.shape for s in explanation.stages}
+    model = _real(preset)
+    seen = {}
+    for name in ("transformer", "global_transformer"):
+        getattr(model.model.vision_model, name).register_forward_hook(
+            lambda m, a, o, name=name: seen.update({name: o.last_hidden_state.shape}) and None)
+    pixels = torch.randn(1, 1, 4, 3, 28, 28)
+    ratio_ids, ratio_mask = torch.tensor([[1]]), torch.tensor([[[1, 0, 0, 0]]])
+    with torch.no_grad():
+        features = model.model.vision_model(pixel_values=pixels, aspect_ratio_ids=ratio_ids,
+                                            aspect_ratio_mask=ratio_mask).last_hidden_state
+        ids = torch.tensor([[63, 1, 2, 3, 4]])
+        logits = model(input_ids=ids, pixel_values=pixels, aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask,
+                       cross_attention_mask=torch.tensor([[[[1, 0, 0, 0]]] * 5])).logits
+    assert stages["local encoder (each tile padded to a multiple of 8)"] == list(seen["transformer"])
+    assert stages["global encoder"] == list(seen["global_transformer"])
+    assert stages["vision features (final + 5 intermediate)"] == list(features.shape)
+    states = model.model.multi_modal_projector(features).reshape(1, -1, 64)  # as MllamaModel.forward does
+    assert stages["cross-attention states"] == list(states.shape)
+    assert stages["logits"] == list(logits.shape)
+    assert explanation.image.cross_attention_kv == 4 * 5  # 4 tiles x (2 x 2 patches + CLS)
+    assert explanation.total_params == sum(p.numel() for p in model.parameters())

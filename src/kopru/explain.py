@@ -102,7 +102,7 @@ MLLAMA_90B_TEXT = {  # meta-llama/Llama-3.2-90B-Vision text_config: Llama-3.1-70
     "num_attention_heads": 64, "cross_attention_layers": list(range(3, 100, 5)),
 }
 QWEN2_VL_7B_VISION = {  # Qwen/Qwen2-VL-7B-Instruct vision_config
-    "model_type": "qwen2_vl", "depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_channels": 3,
+    "model_type": "qwen2_vl_vision", "depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_channels": 3,
     "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
 }
 QWEN2_VL_7B_TEXT = {  # Qwen/Qwen2-VL-7B-Instruct text side
@@ -201,7 +201,8 @@ def reference_config(preset: Preset) -> PretrainedConfig:
     text = {k: v for k, v in preset.text.items() if not (k == "model_type" and v.endswith("_text_model"))}
     if preset.reference.startswith("Qwen2VL"):
         vision, text = {k: v for k, v in preset.vision.items() if k != "model_type"}, dict(preset.text)
-        return config_class(vision_config=vision, text_config=text, tie_word_embeddings=False)
+        return config_class(vision_config=vision, text_config=text, tie_word_embeddings=False,
+                            **preset.reference_extra)
     return config_class(vision_config=vision, text_config=text, **preset.reference_extra)
 
 
@@ -840,11 +841,12 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
               f"tiles of {size}px ({tiles} used for a {width}x{height} image)"),
         Stage("patch embeddings + CLS", _shape(b * max_tiles, per_tile, vision_config.hidden_size),
               f"{(size // patch) ** 2} patches of {patch}px + CLS, gated position and tile embeddings"),
-        Stage("local encoder (padded to a multiple of 8)", _shape(b * max_tiles, padded, vision_config.hidden_size),
-              f"{vision_config.num_hidden_layers} layers; layers {list(vision_config.intermediate_layers_indices)} "
-              "kept"),
+        Stage("local encoder (each tile padded to a multiple of 8)",
+              _shape(b, max_tiles * padded, vision_config.hidden_size),
+              f"{vision_config.num_hidden_layers} layers over all tiles' patches together; layers "
+              f"{list(vision_config.intermediate_layers_indices)} kept"),
         Stage("global encoder", _shape(b, max_tiles * padded, vision_config.hidden_size),
-              f"{vision_config.num_global_layers} gated layers over all tiles"),
+              f"{vision_config.num_global_layers} gated layers, tile position embeddings added"),
         Stage("vision features (final + 5 intermediate)", _shape(n, settings.images_per_sample, max_tiles, per_tile,
                                                                  vision_config.vision_output_dim), "padding removed"),
         Stage("cross-attention states", _shape(n, settings.images_per_sample * kv_length, dim), "Linear projector"),
@@ -1028,9 +1030,10 @@ def model_dir_target(path: str | Path) -> Target:
     return config_target(config, base=path, name=path.name)
 
 
-def explain(preset: str | None = None, config: KopruConfig | str | Path | None = None,
+def explain(preset: str | Preset | None = None, config: KopruConfig | str | Path | None = None,
             model_dir: str | Path | None = None, settings: Settings | None = None, **options: Any) -> Explanation:
-    """Explain one model: a named `preset`, a Köprü `config` (object or JSON file) or a saved `model_dir`.
+    """Explain one model: a `preset` (a name from PRESETS or a Preset of your own), a Köprü `config` (object or
+    JSON file) or a saved `model_dir`.
 
     `options` are `Settings` fields (dtype, batch, context, image=(width, height), images_per_sample,
     text_tokens, lora_rank).
@@ -1040,7 +1043,7 @@ def explain(preset: str | None = None, config: KopruConfig | str | Path | None =
         raise ValueError(f"expected exactly one of preset, config or model_dir, found {len(given)}")
     settings = dataclasses.replace(settings or Settings(), **options)
     if preset is not None:
-        target = preset_target(get_preset(preset))
+        target = preset_target(preset if isinstance(preset, Preset) else get_preset(preset))
     elif model_dir is not None:
         target = model_dir_target(model_dir)
     elif isinstance(config, KopruConfig):
