@@ -125,7 +125,7 @@ def test_mllama_shapes_equal_a_meta_forward_of_the_hf_encoder():
     ).last_hidden_state
     stages = {s.name: s.shape for s in explanation.stages}
     assert stages["vision features (final + 5 intermediate)"] == list(features.shape)
-    states = model.model.multi_modal_projector(features).reshape(1, -1, 64)  # as MllamaModel.forward does
+    states = model.model.multi_modal_projector(features).reshape(1, -1, 4096)  # as MllamaModel.forward does
     assert stages["cross-attention states"] == list(states.shape)
     assert explanation.image.cross_attention_kv == 4 * ((config.image_size // config.patch_size) ** 2 + 1) == 6404
     cross = len(model.config.text_config.cross_attention_layers)
