@@ -197,13 +197,15 @@ def reference_config(preset: Preset) -> PretrainedConfig:
     import transformers
 
     config_class = getattr(transformers, preset.reference.replace("ForConditionalGeneration", "Config"))
+    # LLaVA's sub-configs are AutoConfigs chosen by model_type; the others have fixed sub-config classes
+    # (Blip2VisionConfig, MllamaTextConfig, ...) that take the fields alone. BLIP-2's text side is an AutoConfig.
     vision = {k: v for k, v in preset.vision.items() if k != "model_type" or preset.reference.startswith("Llava")}
     text = {k: v for k, v in preset.text.items() if not (k == "model_type" and v.endswith("_text_model"))}
+    extra = dict(preset.reference_extra)
     if preset.reference.startswith("Qwen2VL"):
-        vision, text = {k: v for k, v in preset.vision.items() if k != "model_type"}, dict(preset.text)
-        return config_class(vision_config=vision, text_config=text, tie_word_embeddings=False,
-                            **preset.reference_extra)
-    return config_class(vision_config=vision, text_config=text, **preset.reference_extra)
+        text = dict(preset.text)
+        extra.setdefault("tie_word_embeddings", preset.text.get("tie_word_embeddings", False))
+    return config_class(vision_config=vision, text_config=text, **extra)
 
 
 def build_reference(preset: Preset) -> nn.Module:
@@ -353,7 +355,7 @@ def _partition(model: nn.Module, groups: Iterable[tuple[str, str, Iterable[nn.Pa
             result.append((name, role, mine))
     rest = [p for p in model.parameters() if id(p) not in seen]
     if rest:
-        raise AssertionError(f"{sum(p.numel() for p in rest)} parameters fall in no component")
+        raise RuntimeError(f"{sum(p.numel() for p in rest)} parameters fall in no component")
     return result
 
 
@@ -361,28 +363,27 @@ def _params(module: nn.Module | None) -> list[nn.Parameter]:
     return [] if module is None else list(module.parameters())
 
 
-def _by_prefix(model: nn.Module, *prefixes: str) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(prefixes)]
-
-
 def _linear_shape(layer: nn.Linear) -> str:
     return f"{layer.in_features}->{layer.out_features}"
 
 
-def _connector_groups(model) -> list[tuple[str, str, list[nn.Parameter]]]:
-    connector, strategy = model.connector, model.config.strategy
-    if strategy == "projection":
-        linears = [m for m in connector.modules() if isinstance(m, nn.Linear)]
-        text = ", GELU, ".join(f"Linear {_linear_shape(m)}" for m in linears)
-        return [(f"projector ({text})", "connector", _params(connector))]
-    if strategy == "qformer":
-        config = connector.qformer.config
-        return [
-            (f"Q-Former ({config.num_queries} queries x {config.hidden_size}, {config.num_layers} layers, "
-             f"cross-attention every {config.cross_attention_frequency})", "connector", _params(connector.qformer)),
-            (f"Q-Former -> LLM (Linear {_linear_shape(connector.projection)})", "connector",
-             _params(connector.projection)),
-        ]
+def _projection_groups(connector) -> list[tuple[str, str, list[nn.Parameter]]]:
+    linears = [m for m in connector.modules() if isinstance(m, nn.Linear)]
+    text = ", GELU, ".join(f"Linear {_linear_shape(m)}" for m in linears)
+    return [(f"projector ({text})", "connector", _params(connector))]
+
+
+def _qformer_groups(connector) -> list[tuple[str, str, list[nn.Parameter]]]:
+    config = connector.qformer.config
+    return [
+        (f"Q-Former ({config.num_queries} queries x {config.hidden_size}, {config.num_layers} layers, "
+         f"cross-attention every {config.cross_attention_frequency})", "connector", _params(connector.qformer)),
+        (f"Q-Former -> LLM (Linear {_linear_shape(connector.projection)})", "connector",
+         _params(connector.projection)),
+    ]
+
+
+def _cross_attention_groups(connector) -> list[tuple[str, str, list[nn.Parameter]]]:
     groups = []
     if connector.resampler is not None:
         groups.append((f"Perceiver resampler ({len(connector.resampler.layers)} layers, "
@@ -392,6 +393,21 @@ def _connector_groups(model) -> list[tuple[str, str, list[nn.Parameter]]]:
     groups.append((f"gated cross-attention blocks x{len(connector.blocks)} (before layers {connector.positions})",
                    "connector", _params(connector.blocks)))
     return groups
+
+
+# How each strategy's connector splits into named components (a strategy missing here is one component).
+CONNECTOR_COMPONENTS: dict[str, Callable[[nn.Module], list[tuple[str, str, list[nn.Parameter]]]]] = {
+    "projection": _projection_groups,
+    "qformer": _qformer_groups,
+    "cross_attention": _cross_attention_groups,
+}
+
+
+def _connector_groups(model) -> list[tuple[str, str, list[nn.Parameter]]]:
+    describe = CONNECTOR_COMPONENTS.get(model.config.strategy)
+    if describe is None:
+        return [(f"connector ({model.config.strategy})", "connector", _params(model.connector))]
+    return describe(model.connector)
 
 
 def _llm_groups(llm: nn.Module, prefix: str = "LLM") -> list[tuple[str, str, list[nn.Parameter]]]:
@@ -404,7 +420,7 @@ def _llm_groups(llm: nn.Module, prefix: str = "LLM") -> list[tuple[str, str, lis
     ]
 
 
-def _recipe_trainable(model, groups, lora_rank: int) -> tuple[dict[str, dict[int, bool]], int | None]:
+def _recipe_trainable(model, lora_rank: int) -> tuple[dict[str, dict[int, bool]], int | None]:
     """Per recipe, which parameters train (by id), applying `kopru.recipes.apply_recipe` to the meta model;
     and the LoRA adapters' parameter count (None where the strategy refuses LoRA)."""
     from kopru.recipes import LoraSettings, apply_recipe
@@ -429,8 +445,6 @@ def _recipe_trainable(model, groups, lora_rank: int) -> tuple[dict[str, dict[int
 def _roles_trained(strategy: str) -> dict[str, frozenset[str]]:
     """For a strategy, the roles (vision / connector / llm) each recipe trains: `kopru.recipes` applied to a tiny
     meta Köprü model of that strategy, so reference presets follow exactly the rules Köprü models do."""
-    from kopru.recipes import apply_recipe
-
     vision = hf_config({"model_type": "clip_vision_model", "hidden_size": 8, "intermediate_size": 16,
                         "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 8, "patch_size": 4})
     llm = hf_config({"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
@@ -438,13 +452,12 @@ def _roles_trained(strategy: str) -> dict[str, frozenset[str]]:
     connector = {"qformer": {"num_queries": 2, "hidden_size": 8, "num_layers": 1, "num_heads": 2,
                              "intermediate_size": 16}}.get(strategy)
     model = build_kopru_meta(KopruConfig(VisionTowerConfig("tiny"), "tiny", strategy, connector), vision, llm)
+    trains, _ = _recipe_trainable(model, lora_rank=2)
     parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
-    roles = {}
-    for recipe in ("align", "instruct", "single-stage"):
-        apply_recipe(model, recipe)
-        roles[recipe] = frozenset(r for r, m in parts.items() if any(p.requires_grad for p in m.parameters()))
-    roles["lora"] = roles["align"] if model.connector.splices_into_text else frozenset()
-    return roles
+    # The base parameters only: with LoRA, the adapters are counted apart (see _lora_params).
+    return {recipe: frozenset(role for role, module in parts.items()
+                              if any(trains[recipe][id(p)] for p in module.parameters()))
+            for recipe in trains}
 
 
 def _lora_params(modules: Iterable[nn.Module], exclude: set[int], rank: int) -> int:
@@ -454,7 +467,7 @@ def _lora_params(modules: Iterable[nn.Module], exclude: set[int], rank: int) -> 
 
 
 def _components(groups, trains: dict[str, dict[int, bool]] | None, roles: dict[str, frozenset[str]] | None,
-                lora_adapters: int | None) -> list[Component]:
+                lora_adapters: int | None, lora_rank: int) -> list[Component]:
     components = []
     for name, role, params in groups:
         trainable: dict[str, int | None] = {}
@@ -468,7 +481,7 @@ def _components(groups, trains: dict[str, dict[int, bool]] | None, roles: dict[s
         components.append(Component(name, role, sum(p.numel() for p in params), trainable))
     if lora_adapters is not None:
         trainable = {recipe: 0 for recipe in RECIPES} | {"lora": lora_adapters}
-        components.append(Component(f"LoRA adapters (r={LORA_RANK}, every LLM Linear but the head; lora only)",
+        components.append(Component(f"LoRA adapters (r={lora_rank}, every LLM Linear but the head; lora only)",
                                     "adapter", lora_adapters, trainable))
     return components
 
@@ -599,8 +612,8 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
     vision, connector, llm = model.vision, model.connector, model.llm
     groups = _partition(model, [("vision encoder", "vision", _params(vision.encoder)), *_connector_groups(model),
                                 *_llm_groups(llm)])
-    trains, adapters = _recipe_trainable(model, groups, settings.lora_rank)
-    components = _components(groups, trains, None, adapters)
+    trains, adapters = _recipe_trainable(model, settings.lora_rank)
+    components = _components(groups, trains, None, adapters, settings.lora_rank)
 
     context = _context(target, settings)
     size = vision_config.image_size
@@ -623,8 +636,7 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
         Stage("pixels", _shape(b, 3, size, size), f"{b} image(s), resized to {size}x{size}"),
         Stage("encoder hidden states", _shape(b, encoder_tokens, width),
               f"{vision_config.model_type}: {(size // vision_config.patch_size) ** 2} patches of "
-              f"{vision_config.patch_size}px" + (" + CLS" if encoder_tokens > vision.num_tokens or not
-                                                  vision.drop_cls and vision.backbone.has_cls else "")
+              f"{vision_config.patch_size}px" + (" + CLS" if vision.backbone.has_cls else "")
               + f", {vision_config.num_hidden_layers} layers"),
         Stage("selected features", _shape(b, vision.num_tokens, vision.hidden_size),
               f"hidden state(s) {layers}" + (", CLS dropped" if vision.drop_cls else "")
@@ -737,7 +749,7 @@ def _explain_llava_next(target: Target, settings: Settings) -> Explanation:
     ])
     roles = _roles_trained(target.strategy)
     lora = _lora_params([inner.language_model], set(), settings.lora_rank)
-    components = _components(groups, None, roles, lora)
+    components = _components(groups, None, roles, lora, settings.lora_rank)
 
     width, height = settings.image or target.default_image or (size, size)
     layout = anyres_layout(height, width, tile_size=size, patches_per_side=per_side,
@@ -818,7 +830,7 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
         *_llm_groups_reference(inner.language_model, model.lm_head, skip=cross_layers),
     ])
     roles = _roles_trained(target.strategy)
-    components = _components(groups, None, roles, None)
+    components = _components(groups, None, roles, None, settings.lora_rank)
 
     size, patch, max_tiles = vision_config.image_size, vision_config.patch_size, vision_config.max_num_tiles
     width, height = settings.image or target.default_image or (size, size)
@@ -901,7 +913,7 @@ def _explain_qwen2_vl(target: Target, settings: Settings) -> Explanation:
     ])
     roles = _roles_trained(target.strategy)
     lora = _lora_params([inner.language_model], set(), settings.lora_rank)
-    components = _components(groups, None, roles, lora)
+    components = _components(groups, None, roles, lora, settings.lora_rank)
 
     patch, merge, temporal = vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size
     width, height = settings.image or target.default_image
@@ -1135,7 +1147,7 @@ def _render(e: Explanation, markdown: bool) -> str:
 _ROLE_COLOURS = {"vision": "#cfe2f3", "connector": "#fce5cd", "llm": "#d9ead3"}
 
 
-def _stage_role(stage: Stage, index: int, stages: list[Stage]) -> str:
+def _stage_role(stage: Stage) -> str:
     name = stage.name.lower()
     if name.startswith(("llm", "logits")):
         return "llm"
@@ -1166,7 +1178,7 @@ def draw_diagram(e: Explanation, path: str | Path) -> Path:
             ha="center", fontsize=9)
     for index, stage in enumerate(e.stages):
         y = count - 1 - index
-        role = _stage_role(stage, index, e.stages)
+        role = _stage_role(stage)
         ax.add_patch(FancyBboxPatch((0.6, y - 0.36), 8.8, 0.72, boxstyle="round,pad=0.02",
                                     facecolor=_ROLE_COLOURS[role], edgecolor="#555555"))
         ax.text(0.8, y + 0.12, stage.name, fontsize=10, weight="bold", va="center")
