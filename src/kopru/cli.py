@@ -134,12 +134,13 @@ def _explain(args: argparse.Namespace) -> int:
         print(list_presets())
         return 0
     if args.summary:
-        print(summary_table(dtype=args.dtype, batch=args.batch, context=args.context), end="")
+        print(summary_table(dtype=args.dtype, batch=args.batch, context=args.context, flops=not args.no_flops),
+              end="")
         return 0
     image = parse_image_size(args.image) if args.image else None
     explanation = explain(preset=args.preset, config=args.config, model_dir=args.model, dtype=args.dtype,
                           batch=args.batch, context=args.context, image=image, images_per_sample=args.images,
-                          text_tokens=args.text_tokens)
+                          text_tokens=args.text_tokens, flops=not args.no_flops)
     print(explanation.format(args.format), end="")
     if args.diagram:
         path = draw_diagram(explanation, args.diagram)
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--images", type=int, default=1, help="images per sample (default 1)")
     explain.add_argument("--text-tokens", type=int, default=64, help="text tokens in the shape table (default 64)")
     explain.add_argument("--diagram", help="also draw the data flow with shapes to this .png or .svg")
+    explain.add_argument("--no-flops", action="store_true",
+                         help="skip the FLOP counting (the slow part): shapes, counts, positions and memory only")
     explain.set_defaults(run=_explain)
 
     pretrain = commands.add_parser(
