@@ -1,4 +1,4 @@
-"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, budget, chat, serve."""
+"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, budget, chat, serve, explain."""
 
 from __future__ import annotations
 
@@ -199,6 +199,27 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                             default=spec.default, help=f"{LIMIT_HELP[spec.name]} (default {spec.default})")
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from kopru.explain import draw_diagram, explain, list_presets, parse_image_size, summary_table
+
+    if args.list:
+        print(list_presets())
+        return 0
+    if args.summary:
+        print(summary_table(dtype=args.dtype, batch=args.batch, context=args.context, flops=not args.no_flops),
+              end="")
+        return 0
+    image = parse_image_size(args.image) if args.image else None
+    explanation = explain(preset=args.preset, config=args.config, model_dir=args.model, dtype=args.dtype,
+                          batch=args.batch, context=args.context, image=image, images_per_sample=args.images,
+                          text_tokens=args.text_tokens, flops=not args.no_flops)
+    print(explanation.format(args.format), end="")
+    if args.diagram:
+        path = draw_diagram(explanation, args.diagram)
+        print(f"diagram: {path}", file=sys.stderr if args.format == "json" else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kopru", description="Join a vision encoder to a causal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +263,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--train-data", help="training data file (default: builtin:shapes)")
     compare.add_argument("--eval-data", help="held-out data file (default: the built-in held-out split)")
     compare.set_defaults(run=_compare)
+
+    explain = commands.add_parser(
+        "explain", help="shapes, parameters per recipe, FLOPs, image positions and memory of a model (meta device)",
+        description="Explain a model's architecture mathematics without downloading or allocating weights: "
+                    "one of --preset, --config or --model.",
+    )
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a named preset (--list shows them)")
+    source.add_argument("--config", help="a Köprü config JSON file (kopru_config.json); backbones' config.json read")
+    source.add_argument("--model", help="a saved Köprü model directory")
+    source.add_argument("--list", action="store_true", help="list the presets")
+    source.add_argument("--summary", action="store_true", help="one markdown row per preset (counts, positions, ...)")
+    explain.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    explain.add_argument("--dtype", default="bfloat16", help="weights and KV cache dtype (default bfloat16)")
+    explain.add_argument("--batch", type=int, default=1, help="sequences in the batch (KV cache, shapes)")
+    explain.add_argument("--context", type=int, default=None,
+                         help="context length (default: the LLM's max_position_embeddings)")
+    explain.add_argument("--image", help="image size WIDTHxHEIGHT for anyres / dynamic / tiled presets "
+                                         "(default: the encoder's base size; 336x336 for qwen2-vl-7b)")
+    explain.add_argument("--images", type=int, default=1, help="images per sample (default 1)")
+    explain.add_argument("--text-tokens", type=int, default=64, help="text tokens in the shape table (default 64)")
+    explain.add_argument("--diagram", help="also draw the data flow with shapes to this .png or .svg")
+    explain.add_argument("--no-flops", action="store_true",
+                         help="skip the FLOP counting (the slow part): shapes, counts, positions and memory only")
+    explain.set_defaults(run=_explain)
 
     pretrain = commands.add_parser(
         "pretrain-tiny", help="pretrain the tiny vision encoder and LLM of the built-in tasks (CPU, minutes)"
