@@ -11,9 +11,9 @@ text tokens, greedy, a fixed number of new tokens (eos ignored), at batch 1 and 
     Köprü compiled     GenerationEngine(compile=True): decode_step under torch.compile (CUDA graphs on GPU)
 
 TTFT = the fastest time of a 1-new-token call (images encoded, prompt prefilled, first token on the host);
-decode tok/s = batch x (new tokens - 1) / (time of the full call - TTFT), all sequences together; peak memory =
-CUDA's allocator peak during the full call (CPU: the process's peak resident set, both models' weights
-included). Fastest of `--repeats` after a warm-up call (which also compiles). The GPU roofline is the bytes of
+decode tok/s = batch x (new tokens - 1) / (fastest full call - TTFT), all sequences together; peak memory =
+the implementation's model weights + what a full call adds at its peak to the memory in use before it (CUDA's
+allocator; on CPU the process's resident set, coarse). After a warm-up call (which also compiles), the `--repeats` take turns across the implementations. The GPU roofline is the bytes of
 weights one decode step reads (LLM, plus the gated blocks for cross_attention) over the measured
 device-to-device copy bandwidth.
 
@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -182,17 +183,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def fastest(call: Callable[[], int], repeats: int, device: torch.device) -> tuple[float, int]:
-    """(fastest wall time of `repeats` calls after a warm-up, new tokens per row of the last call)."""
-    call()
-    best, produced = float("inf"), 0
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        produced = call()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best, produced
+def timed(call: Callable[[], int], device: torch.device) -> tuple[float, int]:
+    synchronize(device)
+    start = time.perf_counter()
+    produced = call()
+    synchronize(device)
+    return time.perf_counter() - start, produced
 
 
 def hf_runner(reference, inputs: dict, static: bool) -> Callable[[int], int]:
@@ -223,26 +219,62 @@ def engine_runner(engine: GenerationEngine, inputs: dict) -> Callable[[int], int
     return run
 
 
-def measure(run: Callable[[int], int], preset: Preset, batch: int, repeats: int) -> dict:
-    device = torch.device(preset.device)
-    ttft, first = fastest(lambda: run(1), repeats, device)
+def resident_bytes(device: torch.device) -> tuple[float, float]:
+    """(memory in use now, peak since the last reset): CUDA's allocator, or on CPU the process's resident set."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_peak_rss()
-    total, produced = fastest(lambda: run(preset.new_tokens), repeats, device)
-    if produced != preset.new_tokens or first != 1:
-        raise RuntimeError(f"expected {preset.new_tokens} new tokens per row, found {produced}")
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else (_peak_rss_mb() or 0) / 1024
-    return {"ttft_ms": ttft * 1e3, "decode": batch * (produced - 1) / max(total - ttft, 1e-9), "peak_gib": memory}
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return (int(status["VmRSS"].split()[0]) * 1024, (_peak_rss_mb() or 0) * 2**20)
+
+
+def measure_all(runners: dict[str, Callable[[int], int]], weights: dict[str, int], preset: Preset, batch: int,
+                repeats: int) -> dict:
+    """Per implementation: TTFT, decode tok/s, peak memory (its model's weights + what one full call adds on top
+    of what was in use before it). The repeats take turns across implementations, so that load from other
+    processes on a shared machine falls on all of them alike; fastest of `repeats`."""
+    device = torch.device(preset.device)
+    results: dict[str, dict] = {}
+    for label, run in runners.items():  # warm-up (and compilation), then the peak memory of one full call
+        try:
+            run(preset.new_tokens)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                _reset_peak_rss()
+            before, _ = resident_bytes(device)
+            produced = run(preset.new_tokens)
+            if produced != preset.new_tokens:
+                raise RuntimeError(f"expected {preset.new_tokens} new tokens per row, found {produced}")
+            added = max(resident_bytes(device)[1] - before, 0)
+            results[label] = {"ttft_s": float("inf"), "total_s": float("inf"),
+                              "peak_mib": (weights[label] + added) / 2**20}
+        except Exception as error:  # a reference that cannot run this way is reported, not fatal
+            results[label] = {"error": f"{type(error).__name__}: {str(error)[:160]}"}
+    for _ in range(repeats):
+        for label, run in runners.items():
+            if "error" in results[label]:
+                continue
+            result = results[label]
+            result["ttft_s"] = min(result["ttft_s"], timed(lambda run=run: run(1), device)[0])
+            result["total_s"] = min(result["total_s"], timed(lambda run=run: run(preset.new_tokens), device)[0])
+    for result in results.values():
+        if "error" not in result:
+            result["ttft_ms"] = result["ttft_s"] * 1e3
+            result["decode"] = batch * (preset.new_tokens - 1) / max(result["total_s"] - result["ttft_s"], 1e-9)
+    return results
 
 
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a device-to-device copy (read + write counted), fastest of 10."""
     source = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
     target = torch.empty_like(source)
-    seconds, _ = fastest(lambda: target.copy_(source) and 0, 10, device)
+    target.copy_(source)
+    seconds = min(timed(lambda: target.copy_(source) and 0, device)[0] for _ in range(10))
     return 2 * source.numel() * source.element_size() / seconds
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def decode_weight_bytes(model) -> int:
@@ -267,12 +299,11 @@ def run_preset(name: str, repeats: int, skip_compiled: bool, batches: tuple[int,
                             for label, engine in engines.items()]
         for batch in batches or preset.batches:
             hf_inputs, kopru_inputs = inputs_for(preset, reference, model, batch)
-            for label, make in implementations:
-                inputs = hf_inputs if label.startswith("HF") else kopru_inputs
-                try:
-                    result = measure(make(inputs), preset, batch, repeats)
-                except Exception as error:  # a reference that cannot run this way is reported, not fatal
-                    result = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
+            runners = {label: make(hf_inputs if label.startswith("HF") else kopru_inputs)
+                       for label, make in implementations}
+            weights = {label: parameter_bytes(reference if label.startswith("HF") else model)
+                       for label in runners}
+            for label, result in measure_all(runners, weights, preset, batch, repeats).items():
                 rows.append({"preset": name, "strategy": STRATEGY[preset.family], "batch": batch,
                              "implementation": label, **result})
                 print(format_row(rows[-1]), flush=True)
@@ -288,7 +319,7 @@ def format_row(row: dict) -> str:
     head = f"{row['strategy']:<16} {row['batch']:>5}  {row['implementation']:<18}"
     if "error" in row:
         return f"{head} failed: {row['error']}"
-    return f"{head} {row['ttft_ms']:>9.1f} {row['decode']:>11.1f} {row['peak_gib']:>9.2f}"
+    return f"{head} {row['ttft_ms']:>9.1f} {row['decode']:>11.1f} {row['peak_mib']:>9.0f}"
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -340,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}; device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
           f"; {torch.get_num_threads()} CPU thread(s); fastest of {args.repeats}")
-    print(f"{'strategy':<16} {'batch':>5}  {'implementation':<18} {'TTFT ms':>9} {'decode t/s':>11} {'peak GiB':>9}")
+    print(f"{'strategy':<16} {'batch':>5}  {'implementation':<18} {'TTFT ms':>9} {'decode t/s':>11} {'peak MiB':>9}")
     rows = []
     for name in names:
         rows += run_preset(name, args.repeats, args.skip_compiled, tuple(args.batch) if args.batch else None)

@@ -86,12 +86,12 @@ def _images_in_order(history: list[dict]) -> list[Image.Image]:
     return images
 
 
-def run_chat(engine: GenerationEngine, params: SamplingParams, prompt: str | None, image_paths: list[str],
+def run_chat(engine: GenerationEngine, params: SamplingParams, prompt: str | None, images: list[Image.Image],
              stdin: TextIO, out: TextIO, err: TextIO, template: str = "chat", system: str | None = None) -> int:
     """One-shot when `prompt` is given (errors raise ValueError), otherwise an interactive loop on `stdin` in
-    which a bad line is reported on `err` and the conversation goes on."""
+    which a bad line is reported on `err` and the conversation goes on. `images` go with the first message."""
     session = ChatSession(engine, params, template, system)
-    images = [read_image(path) for path in image_paths]
+    images = list(images)
     if prompt is not None:
         session.ask(prompt, images, out)
         return 0
@@ -140,8 +140,11 @@ def sampling_from_args(args) -> SamplingParams:
 def load_engine(model_dir: str, device: str | None = None, dtype: str | None = None, compile: bool = False,
                 max_seq_len: int | None = None) -> GenerationEngine:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from kopru.model import KopruForConditionalGeneration
+
+    hf_logging.disable_progress_bar()  # the answer streams to the terminal: no loading bars around it
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = None if dtype is None else getattr(torch, dtype, None)

@@ -128,12 +128,13 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from kopru.chat import load_engine, run_chat, sampling_from_args
+    from kopru.chat import load_engine, read_image, run_chat, sampling_from_args
 
-    params = sampling_from_args(args)  # bad settings are refused before the model loads
+    params = sampling_from_args(args)  # bad settings and unreadable images are refused before the model loads
+    images = [read_image(path) for path in args.image or []]
     engine = load_engine(args.model, args.device, args.dtype, args.compile, args.max_seq_len)
     try:
-        return run_chat(engine, params, args.prompt, args.image or [], sys.stdin, sys.stdout, sys.stderr,
+        return run_chat(engine, params, args.prompt, images, sys.stdin, sys.stdout, sys.stderr,
                         template=args.template, system=args.system)
     except KeyboardInterrupt:
         print(file=sys.stderr)

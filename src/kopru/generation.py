@@ -596,12 +596,20 @@ class GenerationEngine:
         del out, embeds, extra, context
         next_position = positions[:, -1:] + 1
 
-        # ---- decode: queue step n + 1 on the device, then read token n on the host
+        # ---- decode: queue step n + 1 on the device, then read token n on the host. On CUDA token n is copied
+        # to pinned memory before step n + 1 is queued, so reading it waits for that copy only, not for the step.
         warm_key = (batch, cache_length, tuple(slot.cross_kv[0][0].shape) if step_extra else None)
+        on_cuda = self.device.type == "cuda"
+        host = torch.empty(batch, dtype=torch.long, pin_memory=True) if on_cuda else None
         for step in range(budget):
+            copied = None
+            if on_cuda:
+                host.copy_(tokens, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
             pending = tokens
             if step + 1 < budget:
-                if self.compiled and self.device.type == "cuda":
+                if self.compiled and on_cuda:
                     torch.compiler.cudagraph_mark_step_begin()
                 if CONTEXT_KWARG in step_extra:
                     step_extra[CONTEXT_KWARG].ran = []
@@ -611,7 +619,11 @@ class GenerationEngine:
                 self._warm_keys.add(warm_key)
                 tokens = sampling.next_tokens(logits)
                 next_position = next_position + 1
-            yield pending.tolist()[:real]
+            if copied is not None:
+                copied.synchronize()
+                yield host.tolist()[:real]
+            else:
+                yield pending.tolist()[:real]
 
     def _advance(self, row: _Row, token: int) -> StreamEvent | None:
         """Take one generated token for `row`; the event to emit, if any."""
