@@ -5,6 +5,7 @@ Everything runs on CPU in float32 and eval mode; nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from kopru import KopruConfig, KopruForConditionalGeneration, KopruProcessor, Vi
 from kopru.tiny import save_tiny_llm, save_tiny_vision
 
 hf_logging.disable_progress_bar()
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker: with `-n 2` on 2 cores, two threads each oversubscribe the CPU, and the tiny
+    # models' ops then wait on each other's scheduler slices (engine calls measured 40x slower).
+    torch.set_num_threads(1)
 
 VISION_KINDS = ("clip", "siglip", "vit")
 LLM_KINDS = ("llama", "qwen2", "gpt2")

@@ -344,6 +344,8 @@ def test_streaming_concatenates_to_the_completion_with_turkish(build, images) ->
     assert "".join(e.text for e in events) == SHORT_TURKISH
     assert sum(e.finish_reason is not None for e in events) == 1
     assert events[-1].finish_reason == "length"
+    assert events[-1].completion_tokens == completion.completion_tokens == len(answer)
+    assert all(e.completion_tokens is None for e in events[:-1])
     assert not any("\ufffd" in e.text for e in events)
 
 

@@ -153,6 +153,7 @@ class StreamEvent:
     index: int  # which request in the batch
     text: str  # new decoded text since the last event for this index ("" allowed)
     finish_reason: str | None  # None while running; "stop" (eos or stop string) or "length" at the end
+    completion_tokens: int | None = None  # on the final event: tokens generated for this request
 
 
 @dataclass
@@ -641,16 +642,18 @@ class GenerationEngine:
         """Take one generated token for `row`; the event to emit, if any."""
         if token in self._eos_set and not row.params.ignore_eos:
             row.finish_reason = "stop"
-            return StreamEvent(row.index, row.stopper.feed(row.detokenizer.flush())[0] + row.stopper.finish(), "stop")
+            return StreamEvent(row.index, row.stopper.feed(row.detokenizer.flush())[0] + row.stopper.finish(), "stop",
+                               row.completion_tokens)
         row.token_ids.append(token)
         piece, stopped = row.stopper.feed(row.detokenizer.add(token))
         if stopped:
             row.finish_reason = "stop"
-            return StreamEvent(row.index, piece, "stop")
+            return StreamEvent(row.index, piece, "stop", row.completion_tokens)
         if row.completion_tokens >= row.max_new_tokens:
             tail, stopped = row.stopper.feed(row.detokenizer.flush())
             row.finish_reason = "stop" if stopped else "length"
-            return StreamEvent(row.index, piece + tail + ("" if stopped else row.stopper.finish()), row.finish_reason)
+            return StreamEvent(row.index, piece + tail + ("" if stopped else row.stopper.finish()), row.finish_reason,
+                               row.completion_tokens)
         return StreamEvent(row.index, piece, None) if piece else None
 
 

@@ -439,20 +439,16 @@ class BatchingWorker:
 
     def _generate(self, jobs: list[GenerationJob]) -> None:
         self.batch_sizes[len(jobs)] += 1
-        # The engine's per-request state, filled in as it goes: completion token counts for `usage`.
-        # TODO(lead): `_stream` is the engine's twin of `stream` that exposes this state; switch to a public API
-        # once the engine reports token counts itself (e.g. on the final StreamEvent).
-        rows: dict[int, Any] = {}
         events = None
         try:
-            events = self.engine._stream([job.prompt for job in jobs], [job.images for job in jobs],
-                                         [job.params for job in jobs], rows)
+            events = self.engine.stream([job.prompt for job in jobs], [job.images for job in jobs],
+                                        [job.params for job in jobs])
             for event in events:
                 job = jobs[event.index]
                 job.deliver(event)
                 if event.finish_reason is not None:
                     job.finish_reason = event.finish_reason
-                    job.deliver(Finished(rows[event.index].completion_tokens))
+                    job.deliver(Finished(event.completion_tokens))
                     self.requests_done += 1
                 if all(job.cancelled.is_set() for job in jobs):
                     break  # nobody is listening: stop the batch
