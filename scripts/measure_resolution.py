@@ -1,4 +1,4 @@
-"""Figures of docs/readme_sections/issue5-model.md: positions per image for each resolution mode and strategy
+"""Figures of docs/high_resolution.md: positions per image for each resolution mode and strategy
 (CLIP-L/336 geometry, counted from configs alone), then forward latency on the tiny pretrained backbones."""
 
 import time
