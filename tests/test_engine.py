@@ -373,10 +373,13 @@ def test_generation_stops_at_the_context_window(build) -> None:
         assert completion.completion_tokens == 24 - length
 
 
-def test_image_count_mismatch_is_refused(build, images) -> None:
+def test_image_count_mismatch_and_empty_prompt_are_refused(build, images) -> None:
     model, processor = build("projection")
+    engine = GenerationEngine(model, processor)
     with pytest.raises(ValueError, match="placeholder"):
-        GenerationEngine(model, processor).complete(PROMPTS[:1], [images[1]])
+        engine.complete(PROMPTS[:1], [images[1]])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.complete([TEXT_PROMPTS[0], ""], [[], []])
 
 
 def test_format_chat_renders_as_training_does(build, make_image) -> None:

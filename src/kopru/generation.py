@@ -313,7 +313,7 @@ class _BatchSampling:
 
 
 def decode_step(llm: PreTrainedModel, cache_argument: str, tokens: torch.Tensor, positions: torch.Tensor,
-                key_valid: torch.Tensor, key_index: torch.Tensor, cache: StaticCache, eager_mask: bool,
+                key_valid: torch.Tensor, key_index: torch.Tensor, cache: StaticCache, additive_mask: bool,
                 extra: dict) -> torch.Tensor:
     """One token per row through the LLM with the static cache; fixed shapes, no host synchronisation.
 
@@ -323,7 +323,7 @@ def decode_step(llm: PreTrainedModel, cache_argument: str, tokens: torch.Tensor,
     """
     written = cache.layers[0].cumulative_length
     visible = (key_valid & (key_index <= written)).unsqueeze(1).unsqueeze(1)  # [B, 1, 1, S]
-    mask = _attention_mask(visible, eager_mask, llm.dtype)
+    mask = _attention_mask(visible, additive_mask, llm.dtype)
     out = llm(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
               **{cache_argument: cache}, **extra)
     return out.logits[:, -1].float()
@@ -409,7 +409,7 @@ class GenerationEngine:
         self._eos_set = set(self.eos_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or [0])[0]
         self._cache_argument = model._cache_argument
-        self._eager_mask = self.llm.config._attn_implementation == "eager"
+        self._additive_mask = self.llm.config._attn_implementation == "eager"
         self._slots: OrderedDict[tuple[int, int, int], _Slot] = OrderedDict()
         self._lock = threading.Lock()
         self._warm_keys: set[tuple] = set()
@@ -463,6 +463,8 @@ class GenerationEngine:
             raise ValueError(f"expected one SamplingParams per prompt ({len(prompts)}), found {len(params)}")
         lengths = [self.count_prompt_tokens(p, i) for p, i in zip(prompts, images, strict=True)]
         for index, length in enumerate(lengths):
+            if length == 0:
+                raise ValueError(f"prompt {index} is empty; expected at least one token to continue from")
             if length >= self._window:
                 raise ValueError(
                     f"prompt {index} takes {length} tokens (images expanded) but the context window is "
@@ -587,7 +589,7 @@ class GenerationEngine:
         visible = (slot.key_index <= query_index) & key_valid[:, None, :]
         # A padding row sees itself, so that no attention row is empty (which would give NaN).
         visible = (visible | (slot.key_index == query_index)).unsqueeze(1)
-        out = self.llm(inputs_embeds=embeds, attention_mask=_attention_mask(visible, self._eager_mask, embeds.dtype),
+        out = self.llm(inputs_embeds=embeds, attention_mask=_attention_mask(visible, self._additive_mask, embeds.dtype),
                        position_ids=positions, use_cache=True, logits_to_keep=1,
                        **{self._cache_argument: slot.cache}, **extra)
         check_blocks_ran(extra)
@@ -628,7 +630,7 @@ class GenerationEngine:
                     step_extra[CONTEXT_KWARG].ran = []
                 with self._guards(warm_key):
                     logits = self._step(self.llm, self._cache_argument, tokens.unsqueeze(1), next_position, key_valid,
-                                        slot.key_index, slot.cache, self._eager_mask, step_extra)
+                                        slot.key_index, slot.cache, self._additive_mask, step_extra)
                 self._warm_keys.add(warm_key)
                 tokens = sampling.next_tokens(logits)
                 next_position = next_position + 1
