@@ -785,8 +785,8 @@ def _explain_llava_next(target: Target, settings: Settings) -> Explanation:
         inputs_embeds=torch.empty(1, length, dim, device="meta")).last_hidden_state))
     memory = {"kv_cache": _kv_bytes(text_config.num_hidden_layers, text_config, context, settings),
               "cross_attention_kv": 0.0}
-    notes = ["explained from the HF reference model LlavaNextForConditionalGeneration on the meta device: Köprü's "
-             "projection model has no anyres newline embedding"]
+    notes = ["explained from the HF reference model LlavaNextForConditionalGeneration on the meta device (a Köprü "
+             "projection model with resolution mode 'anyres' converts from it with the same parameters)"]
     return _finish(target, settings, model, "HF LlavaNextForConditionalGeneration", stages, components, budget,
                    vision_flops, connector_flops, llm_cost, memory, notes)
 

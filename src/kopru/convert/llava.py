@@ -16,15 +16,26 @@ REFERENCE_CLASS = LlavaForConditionalGeneration
 
 
 def to_kopru(reference: LlavaForConditionalGeneration, src: str) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
-    config = reference.config
+    kopru_config = llava_kopru_config(reference.config, src)
+    vision = VisionTower(reference.model.vision_tower, kopru_config.vision)
+    llm = AutoModelForCausalLM.from_config(reference.config.text_config)
+    copy_language_model(llm, reference.model.language_model, reference.lm_head)
+    model = KopruForConditionalGeneration(kopru_config, vision, llm)
+    copy_projector(model, reference.model.multi_modal_projector)
+    tokenizer = load_tokenizer(src, kopru_config)
+    processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count)
+    return model, processor
+
+
+def llava_kopru_config(config, src: str, **extra) -> KopruConfig:
+    """The Köprü config of a LLaVA (or LLaVA-NeXT) HF config: an mlp2x_gelu projector, no image markers."""
     if config.vision_feature_select_strategy not in ("default", "full"):
         raise ValueError(
             f"expected vision_feature_select_strategy 'default' or 'full', found {config.vision_feature_select_strategy!r}"
         )
-    projector = reference.model.multi_modal_projector
     if config.projector_hidden_act != "gelu":
         raise ValueError(f"expected a GELU projector (mlp2x_gelu), found activation {config.projector_hidden_act!r}")
-    kopru_config = KopruConfig(
+    return KopruConfig(
         vision=VisionTowerConfig(
             name_or_path=src,
             feature_layer=config.vision_feature_layer,
@@ -39,17 +50,15 @@ def to_kopru(reference: LlavaForConditionalGeneration, src: str) -> tuple[KopruF
         image_start_token=None,
         image_end_token=None,
         image_token_id=config.image_token_id,
+        **extra,
     )
-    vision = VisionTower(reference.model.vision_tower, kopru_config.vision)
-    llm = AutoModelForCausalLM.from_config(config.text_config)
-    copy_language_model(llm, reference.model.language_model, reference.lm_head)
-    model = KopruForConditionalGeneration(kopru_config, vision, llm)
-    layers = model.connector.layers
-    layers[0].load_state_dict(projector.linear_1.state_dict())
-    layers[2].load_state_dict(projector.linear_2.state_dict())
-    tokenizer = load_tokenizer(src, kopru_config)
-    processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count)
-    return model, processor
+
+
+def copy_projector(model: KopruForConditionalGeneration, projector) -> None:
+    """HF's `multi_modal_projector.linear_1/linear_2` into Köprü's MLP projector."""
+    with torch.no_grad():
+        model.connector.layers[0].load_state_dict(projector.linear_1.state_dict())
+        model.connector.layers[2].load_state_dict(projector.linear_2.state_dict())
 
 
 def random_inputs(reference: LlavaForConditionalGeneration, model: KopruForConditionalGeneration):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlavaNextForConditionalGeneration
 
-from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
-from kopru.connectors.projection import ProjectionConfig
+from kopru.config import ResolutionConfig
 from kopru.convert.common import copy_language_model, image_preprocessor, load_tokenizer
+from kopru.convert.llava import copy_projector, llava_kopru_config
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.tokens import image_positions
@@ -19,35 +19,14 @@ REFERENCE_CLASS = LlavaNextForConditionalGeneration
 def to_kopru(reference: LlavaNextForConditionalGeneration, src: str
              ) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
     config = reference.config
-    if config.vision_feature_select_strategy not in ("default", "full"):
-        raise ValueError(
-            f"expected vision_feature_select_strategy 'default' or 'full', found {config.vision_feature_select_strategy!r}"
-        )
-    if config.projector_hidden_act != "gelu":
-        raise ValueError(f"expected a GELU projector (mlp2x_gelu), found activation {config.projector_hidden_act!r}")
-    kopru_config = KopruConfig(
-        vision=VisionTowerConfig(
-            name_or_path=src,
-            feature_layer=config.vision_feature_layer,
-            drop_cls=None if config.vision_feature_select_strategy == "default" else False,
-        ),
-        llm=src,
-        strategy="projection",
-        connector=ProjectionConfig(kind="mlp", depth=2),
-        image_token="<image>",
-        image_start_token=None,
-        image_end_token=None,
-        image_token_id=config.image_token_id,
-        resolution=ResolutionConfig(mode="anyres", grid_pinpoints=[list(p) for p in config.image_grid_pinpoints]),
-    )
+    pinpoints = [list(p) for p in config.image_grid_pinpoints]
+    kopru_config = llava_kopru_config(config, src, resolution=ResolutionConfig(mode="anyres", grid_pinpoints=pinpoints))
     vision = VisionTower(reference.model.vision_tower, kopru_config.vision)
     llm = AutoModelForCausalLM.from_config(config.text_config)
     copy_language_model(llm, reference.model.language_model, reference.lm_head)
     model = KopruForConditionalGeneration(kopru_config, vision, llm)
-    projector = reference.model.multi_modal_projector
+    copy_projector(model, reference.model.multi_modal_projector)
     with torch.no_grad():
-        model.connector.layers[0].load_state_dict(projector.linear_1.state_dict())
-        model.connector.layers[2].load_state_dict(projector.linear_2.state_dict())
         model.connector.image_newline.copy_(reference.model.image_newline)
     tokenizer = load_tokenizer(src, kopru_config)
     processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count,
