@@ -80,7 +80,7 @@ def test_two_processes_give_the_losses_of_one(vision_dirs, llm_dirs, tmp_path, s
         "--output-dir", str(tmp_path / "ddp"), "--seed", "0", "--fsdp", str(sharding == "fsdp"),
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "Error" in line)[-3000:]
+    assert done.returncode == 0, done.stderr[-6000:]  # the whole tail: a child's abort says little else
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single.losses), rtol=0, atol=1e-5)
     # The saved model (gathered from the shards under FSDP) equals the single-process one.

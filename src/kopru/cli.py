@@ -39,9 +39,20 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in _train_fields() if getattr(args, name) is not None}
     base = read_config_file(args.config) if args.config else {}
     summary = train(TrainConfig(**{**base, **overrides}))
+    end_distributed()  # not on failure: a failing process must exit (torchrun stops the rest), not wait for them
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
         print(format_summary(summary))
     return 0
+
+
+def end_distributed() -> None:
+    """Under torchrun: wait for every process, then tear the process group down. A process that exits with its
+    group alive can abort (SIGABRT) in the group's destructor once its peers have closed their connections."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def format_summary(summary) -> str:
