@@ -48,7 +48,7 @@ from transformers import (
     MllamaForConditionalGeneration,
 )
 
-from kopru.compare import _peak_rss_mb, _reset_peak_rss
+from kopru.compare import peak_rss_mb, reset_peak_rss
 from kopru.convert import blip2 as blip2_converter
 from kopru.convert import llava as llava_converter
 from kopru.convert import mllama as mllama_converter
@@ -224,7 +224,7 @@ def resident_bytes(device: torch.device) -> tuple[float, float]:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return (int(status["VmRSS"].split()[0]) * 1024, (_peak_rss_mb() or 0) * 2**20)
+    return (int(status["VmRSS"].split()[0]) * 1024, (peak_rss_mb() or 0) * 2**20)
 
 
 def measure_all(runners: dict[str, Callable[[int], int]], weights: dict[str, int], preset: Preset, batch: int,
@@ -240,7 +240,7 @@ def measure_all(runners: dict[str, Callable[[int], int]], weights: dict[str, int
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             else:
-                _reset_peak_rss()
+                reset_peak_rss()
             before, _ = resident_bytes(device)
             produced = run(preset.new_tokens)
             if produced != preset.new_tokens:

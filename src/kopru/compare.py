@@ -5,6 +5,7 @@ what was measured.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -191,11 +192,18 @@ def _peak_memory_child(model_dir: str, new_tokens: int) -> None:
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         model.generate(**_latency_batch(model, processor), max_new_tokens=new_tokens, eos_token_id=[])
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb()
     print(json.dumps({"peak_memory_mb": peak}))
 
 
-def _peak_rss_mb() -> float | None:
+def reset_peak_rss() -> None:
+    """Linux: start this process's peak resident set (VmHWM) afresh, at the current resident set."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set in MB since start or `reset_peak_rss` (Linux), else None."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
