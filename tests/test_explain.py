@@ -224,7 +224,8 @@ def test_bad_input_names_what_is_missing(tmp_path, capsys, llm_dirs):
                                          "context length"):
         _context(target, Settings())
     assert main(["explain", "--preset", "llava-1.5-7b", "--image", "640"]) == 2
-    assert "expected an image size as WIDTHxHEIGHT" in capsys.readouterr().err
+    assert "expected an image size WIDTHxHEIGHT such as 640x480, or an existing image file; found '640'" in \
+        capsys.readouterr().err
 
 
 def test_config_file_counts_the_image_tokens_rows_the_real_build_adds(build, vision_dirs, llm_dirs, tmp_path):

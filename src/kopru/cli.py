@@ -211,7 +211,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from kopru.explain import draw_diagram, explain, list_presets, parse_image_size, summary_table
+    from kopru.budget import parse_image_size
+    from kopru.explain import draw_diagram, explain, list_presets, summary_table
 
     if args.list:
         print(list_presets())
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--batch", type=int, default=1, help="sequences in the batch (KV cache, shapes)")
     explain.add_argument("--context", type=int, default=None,
                          help="context length (default: the LLM's max_position_embeddings)")
-    explain.add_argument("--image", help="image size WIDTHxHEIGHT for anyres / dynamic / tiled presets "
+    explain.add_argument("--image", help="image size WIDTHxHEIGHT (or an image file) for anyres / dynamic / tiled presets "
                                          "(default: the encoder's base size; 336x336 for qwen2-vl-7b)")
     explain.add_argument("--images", type=int, default=1, help="images per sample (default 1)")
     explain.add_argument("--text-tokens", type=int, default=64, help="text tokens in the shape table (default 64)")

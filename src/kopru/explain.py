@@ -1066,14 +1066,6 @@ def explain(preset: str | Preset | None = None, config: KopruConfig | str | Path
     return ARCHITECTURES[target.architecture](target, settings)
 
 
-def parse_image_size(text: str) -> tuple[int, int]:
-    """'640x480' -> (640, 480), width x height."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"expected an image size as WIDTHxHEIGHT (e.g. 640x480), found {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Rendering
 
