@@ -60,6 +60,7 @@ class KopruForConditionalGeneration(nn.Module):
         # (`image_positions`), which the processor expands and `prepare_inputs` checks.
         native = vision.image_size
         self.image_count = image_positions(config, vision.encoder.config, native, native)
+        self._native_plan = self.plan(native, native)  # every fixed-resolution image takes this one plan
         self._cache_argument = cache_argument(llm)
         if not connector.llm_trains_in_stage2:
             llm.requires_grad_(False)  # the base LLM stays frozen; only the gated blocks (and resampler) learn
@@ -96,7 +97,7 @@ class KopruForConditionalGeneration(nn.Module):
         anyres / dynamic images of different sizes give different lengths: see `encode_image_list`.
         """
         if self.config.resolution.mode == "fixed":
-            return self._encode_passes(pixel_values, self.plan(self.vision.image_size, self.vision.image_size))
+            return self._encode_passes(pixel_values, self._native_plan)
         features = self.encode_image_list(pixel_values, image_sizes)
         lengths = {f.shape[0] for f in features}
         if len(lengths) > 1:
@@ -122,17 +123,22 @@ class KopruForConditionalGeneration(nn.Module):
         `image_sizes` [images, 2] = original (height, width). dynamic: [images, 3, H, W] zero padded, each image
         in its top-left corner at its `smart_resize` size, and `image_sizes` as for anyres.
         """
-        mode = self.config.resolution.mode
-        if mode == "fixed":
+        if self.config.resolution.mode == "fixed":
             return list(self.encode_images(pixel_values).unbind(0))
+        return self._encode_planned(pixel_values, self._plans(pixel_values, image_sizes))
+
+    def _plans(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[ImagePlan]:
+        mode = self.config.resolution.mode
         if image_sizes is None:
             raise ValueError(f"resolution mode {mode!r} needs image_sizes [images, 2] (original height, width) beside "
                              "pixel_values, as the processor returns them; found none")
         if image_sizes.shape != (pixel_values.shape[0], 2):
             raise ValueError(f"expected image_sizes of shape [{pixel_values.shape[0]}, 2] (one (height, width) per "
                              f"image), found {list(image_sizes.shape)}")
-        plans = [self.plan(int(h), int(w)) for h, w in image_sizes.tolist()]
-        if mode == "anyres":
+        return [self.plan(int(h), int(w)) for h, w in image_sizes.tolist()]
+
+    def _encode_planned(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
+        if self.config.resolution.mode == "anyres":
             return self._encode_anyres(pixel_values, plans)
         return self._encode_dynamic(pixel_values, plans)
 
@@ -207,9 +213,11 @@ class KopruForConditionalGeneration(nn.Module):
 
     def _checked_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
         """Per-image features, each checked against the count the processor expanded the text to."""
-        features = self.encode_image_list(pixel_values, image_sizes)
-        for index, ((height, width), image_features) in enumerate(zip(image_sizes.tolist(), features, strict=True)):
-            counted = connector_tokens(self.config, self.plan(height, width))
+        plans = self._plans(pixel_values, image_sizes)
+        features = self._encode_planned(pixel_values, plans)
+        for index, ((height, width), plan, image_features) in enumerate(
+                zip(image_sizes.tolist(), plans, features, strict=True)):
+            counted = connector_tokens(self.config, plan)
             if image_features.shape[0] != counted:
                 raise RuntimeError(
                     f"image {index} ({width}x{height}): the model produced {image_features.shape[0]} features but "
