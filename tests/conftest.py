@@ -5,7 +5,9 @@ Everything runs on CPU in float32 and eval mode; nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,51 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per worker: with `-n 2` on 2 cores, two threads each oversubscribe the CPU, and the tiny
     # models' ops then wait on each other's scheduler slices (engine calls measured 40x slower).
     torch.set_num_threads(1)
+
+# --- tests of trained numbers ----------------------------------------------------------------------------
+# A test marked `trained` asserts on a figure that comes out of training (a loss, an accuracy, a recall). Another
+# CPU rounds differently (AVX512, AVX2 or generic kernels, MKL's own dispatch, aarch64), training amplifies the
+# difference, and the figure moves: such a test asserts with a margin that covers the spread measured over CPU
+# profiles and seeds (`python scripts/trained_spread.py`, which runs these tests with `--trained-seeds` and
+# collects what they report through `trained_figure`). `make test` runs them a second time on generic kernels.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--trained-seeds", default="0", help="seeds for tests that take `trained_seed`: '0', "
+                     "'0,3' or '0-9' (scripts/trained_spread.py measures the spread of trained figures over them)")
+
+
+def _seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "trained_seed" in metafunc.fixturenames:
+        metafunc.parametrize("trained_seed", _seeds(metafunc.config.getoption("--trained-seeds")),
+                             ids=lambda seed: f"seed{seed}")
+
+
+@pytest.fixture
+def trained_figure(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """trained_figure(name, value): report a trained figure the test asserts on. Written as a JSON line to
+    $KOPRU_TRAINED_LOG when that is set (scripts/trained_spread.py), otherwise ignored."""
+
+    def _record(name: str, value: float) -> None:
+        path = os.environ.get("KOPRU_TRAINED_LOG")
+        if path:
+            seed = request.node.callspec.params.get("trained_seed") if hasattr(request.node, "callspec") else None
+            test = re.sub(r"\[\]$", "", re.sub(r"-?seed\d+-?", "", request.node.name))
+            line = {"test": test, "figure": name, "value": float(value), "seed": seed,
+                    "capability": torch.backends.cpu.get_cpu_capability()}
+            with open(path, "a") as log:
+                log.write(json.dumps(line) + "\n")
+
+    return _record
+
 
 VISION_KINDS = ("clip", "siglip", "vit")
 LLM_KINDS = ("llama", "qwen2", "gpt2")
