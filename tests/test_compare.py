@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+import torch
+
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.cli import main
 from kopru.data.builtin import builtin_dataset
@@ -48,15 +51,18 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
     assert "contrastive (ITC) head" in report
 
 
-def test_an_untrained_connector_scores_at_chance():
+@pytest.mark.trained
+def test_an_untrained_connector_scores_at_chance(trained_seed, trained_figure):
     """The accuracy the report shows is measured: before any training the model answers from text alone."""
     backbones = default_backbones()
+    torch.manual_seed(trained_seed)
     config = KopruConfig(vision=VisionTowerConfig(str(backbones["vision"])), llm=str(backbones["llm"]))
     model, processor = KopruForConditionalGeneration.from_backbones(config)
     questions = random.Random(0).sample(builtin_dataset("shapes", 60, "test"), 240)
     accuracy = answer_accuracy(model, SampleEncoder(processor, template="chat"), questions)
     for language in ("en", "tr"):
         found, chance = accuracy[f"all/{language}"]["accuracy"], accuracy[f"all/{language}"]["chance"]
+        trained_figure(f"{language}/above_chance", found - chance)
         assert abs(found - chance) < 0.1, (language, found, chance)
 
 

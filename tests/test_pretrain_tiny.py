@@ -126,7 +126,8 @@ def _mean_nll(llm: PreTrainedModel, ids: list[int]) -> float:
         return float(llm(input_ids=tensor, labels=tensor).loss)
 
 
-def test_llm_prefers_well_formed_text_to_shuffled_tokens(llm, tokenizer) -> None:
+@pytest.mark.trained
+def test_llm_prefers_well_formed_text_to_shuffled_tokens(llm, tokenizer, trained_figure) -> None:
     sentences = [
         render_chat([{"role": "user", "content": "\nHow many squares are there?"},
                      {"role": "assistant", "content": "two"}]),
@@ -139,6 +140,8 @@ def test_llm_prefers_well_formed_text_to_shuffled_tokens(llm, tokenizer) -> None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         shuffled = [ids[0]] + [ids[1:][i] for i in torch.randperm(len(ids) - 1, generator=generator).tolist()]
         right, wrong = _mean_nll(llm, ids), _mean_nll(llm, shuffled)
+        trained_figure(f"{text[:12]}/right", right)
+        trained_figure(f"{text[:12]}/wrong_over_right", wrong / right)
         assert right < 1.5 and wrong > 4 * right, (text, right, wrong)
 
 
@@ -166,10 +169,14 @@ def _probe_accuracies(encoder: PreTrainedModel, assets: dict[str, Path]) -> dict
             for key in ("colour", "shape", "count")}
 
 
-def test_vision_features_separate_colours_shapes_and_counts(assets, encoder) -> None:
+@pytest.mark.trained
+def test_vision_features_separate_colours_shapes_and_counts(assets, encoder, trained_seed, trained_figure) -> None:
     trained = _probe_accuracies(encoder, assets)
-    torch.manual_seed(0)
+    torch.manual_seed(trained_seed)
     untrained = _probe_accuracies(tiny_vision_encoder().eval(), assets)  # same architecture, random weights
+    for key in trained:
+        trained_figure(f"trained/{key}", trained[key])
+        trained_figure(f"untrained/{key}", untrained[key])
     assert trained["colour"] > 0.9 > 2 / len(COLOURS)
     assert trained["shape"] > 0.7 > 2 / len(SHAPES)
     assert trained["count"] > 0.6 > 2 / MAX_COUNT

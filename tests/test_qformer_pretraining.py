@@ -316,33 +316,45 @@ def test_pretrainer_on_a_kopru_model(build) -> None:
         QFormerPretrainer(projection, processor.tokenizer)
 
 
-def test_pretraining_learns_and_keeps_the_connector(build, tmp_path, one_thread) -> None:
-    model, processor = build("qformer")
+@pytest.mark.trained
+def test_pretraining_learns_and_keeps_the_connector(build, tmp_path, one_thread, trained_seed,
+                                                    trained_figure) -> None:
+    model, processor = build("qformer", seed=trained_seed)
     keys = list(model.connector.state_dict())
     before = {name: t.clone() for name, t in model.state_dict().items()}
     # 8 scenes, each with an English and a Turkish caption: 16 pairs, 8 images.
     samples = shapes_dataset(8, kind="caption", image_size=32, max_groups=1)
     batch_size = 8
     pretrainer = QFormerPretrainer(model, processor.tokenizer)
-    # The random tiny Q-Former starts near a saddle (see pretrain_qformer), hence 150 steps at a high lr.
+    # The random tiny Q-Former starts near a saddle (see pretrain_qformer), hence a high lr. When ITC leaves the
+    # saddle depends on rounding: after 150 steps, one CPU profile of seed 0 had only begun (ITC down 0.40, t2i@1
+    # 0.31) where the others were done (down 0.87-1.25). 250 steps let every run finish the descent.
     history = pretrain_qformer(
         model,
         processor,
         samples,
-        steps=150,
+        steps=250,
         batch_size=batch_size,
         lr=5e-3,
+        seed=trained_seed,
         pretrainer=pretrainer,
         progress=False,
     )
 
-    assert len(history) == 150 and set(history[0]) >= {"step", "total", "itc", "itg", "itm", "lr"}
-    first = sum(h["total"] for h in history[:10]) / 10
-    last = sum(h["total"] for h in history[-10:]) / 10
-    assert last < 0.7 * first
-    assert history[-1]["itc"] < history[0]["itc"] - 0.3
+    assert len(history) == 250 and set(history[0]) >= {"step", "total", "itc", "itg", "itm", "lr"}
 
+    def mean(key: str, steps: slice) -> float:
+        return sum(h[key] for h in history[steps]) / len(history[steps])
+
+    # Means over 10 steps, not single batches: one batch's loss moves with its draw.
+    total_ratio = mean("total", slice(-10, None)) / mean("total", slice(10))
+    itc_drop = mean("itc", slice(10)) - mean("itc", slice(-10, None))
     recall = retrieval_recall(model, pretrainer, processor, samples)
+    for name, value in (("total_ratio", total_ratio), ("itc_drop", itc_drop), ("i2t@1", recall["i2t@1"]),
+                        ("t2i@1", recall["t2i@1"])):
+        trained_figure(name, value)
+    assert total_ratio < 0.7
+    assert itc_drop > 0.3
     assert (recall["images"], recall["texts"]) == (8, 16)
     assert recall["i2t@1"] > 2 / batch_size and recall["t2i@1"] > 2 / batch_size
     english = retrieval_recall(
@@ -359,7 +371,7 @@ def test_pretraining_learns_and_keeps_the_connector(build, tmp_path, one_thread)
 
     # The stage-1 connector checkpoint loads into a fresh model, which then encodes images identically.
     model.save_connector(tmp_path / "stage1")
-    fresh, _ = build("qformer", seed=1)
+    fresh, _ = build("qformer", seed=trained_seed + 1)
     fresh.load_connector(tmp_path / "stage1")
     pixel_values = processor.image_processor([samples[0].images[0]])
     with torch.no_grad():

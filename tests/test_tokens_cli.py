@@ -63,10 +63,12 @@ def test_config_json_round_trip(tmp_path):
         KopruConfig.from_dict({**config.to_dict(), "connecter": {}})
 
 
-def test_demo_trains_generates_and_reloads(tmp_path):
-    results = run_demo(tmp_path, steps=25)
+@pytest.mark.trained
+def test_demo_trains_generates_and_reloads(tmp_path, trained_seed, trained_figure):
+    results = run_demo(tmp_path, steps=25, seed=trained_seed)
     assert [r.strategy for r in results] == ["projection", "qformer", "cross_attention"]
     for r in results:
+        trained_figure(f"{r.strategy}/loss_drop", r.loss_before - r.loss_stage2)
         assert r.loss_stage2 < r.loss_before - 0.5, r  # training moved the loss
         assert r.reload_max_diff == 0.0  # save + load is exact
         assert 0 < r.trainable < r.total

@@ -26,18 +26,22 @@ def _config(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
+@pytest.mark.trained
 @pytest.mark.parametrize("strategy", ["projection", "cross_attention"])
-def test_resume_gives_the_losses_of_an_uninterrupted_run(vision_dirs, llm_dirs, tmp_path, strategy):
+def test_resume_gives_the_losses_of_an_uninterrupted_run(vision_dirs, llm_dirs, tmp_path, strategy, trained_seed,
+                                                         trained_figure):
     connector = {"every_n_layers": 2} if strategy == "cross_attention" else {}
-    whole = train(_config(vision_dirs, llm_dirs, tmp_path / "a", strategy=strategy, connector=connector))
+    whole = train(_config(vision_dirs, llm_dirs, tmp_path / "a", strategy=strategy, connector=connector,
+                          seed=trained_seed))
+    trained_figure("loss_drop", whole.losses[0] - whole.losses[-1])
     assert len(whole.losses) == 6 and whole.losses[-1] < whole.losses[0]
 
     killed = train(_config(vision_dirs, llm_dirs, tmp_path / "b", strategy=strategy, connector=connector,
-                           stop_after=3))
+                           stop_after=3, seed=trained_seed))
     assert killed.steps == 3 and killed.final_model is None
     assert latest_checkpoint(tmp_path / "b" / "run").name == "checkpoint-2"  # step 3 was lost with the "kill"
     resumed = train(_config(vision_dirs, llm_dirs, tmp_path / "b", strategy=strategy, connector=connector,
-                            resume=True))
+                            resume=True, seed=trained_seed))
     assert resumed.steps == 6
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(whole.losses), rtol=0, atol=1e-6)
 
