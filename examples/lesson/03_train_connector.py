@@ -14,8 +14,8 @@ from kopru.data.encoding import SampleEncoder
 from kopru.data.synthetic import shapes_dataset
 from kopru.recipes import apply_recipe, count_parameters, template_for
 
-setup()
-model, processor = build("projection")
+seed = setup()
+model, processor = build("projection", seed)
 apply_recipe(model, "align")
 trainable, total = count_parameters(model)
 print(f"align recipe: {trainable:,} of {total:,} parameters train (the projector)")
@@ -34,7 +34,7 @@ def held_out_loss() -> float:
 
 before = held_out_loss()
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
 for step in range(1, 61):
     model.train()
     rows = [train[int(i)] for i in order[(step - 1) * 16 % len(train):][:16]]
