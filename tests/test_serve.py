@@ -305,7 +305,8 @@ def test_decode_image_formats_and_refusals() -> None:
     with pytest.raises(APIError) as caught:
         decode_image(png[: len(png) // 2], LIMITS, "messages[0].content[0]")
     assert (caught.value.status, caught.value.code) == (400, "invalid_image")
-    assert caught.value.message.startswith("messages[0].content[0]: expected an image")
+    assert caught.value.message.startswith("messages[0].content[0]: expected complete image data, found it "
+                                           "truncated or corrupt")
 
     # 8000 x 8000 black pixels compress to 8 KB; the header alone refuses them, nothing is decoded.
     huge = _encoded(Image.new("1", (8000, 8000)), "PNG")
@@ -380,6 +381,7 @@ def test_bad_input_gets_openai_error_and_server_goes_on(server: RunningServer, c
         assert set(error) == {"message", "type", "param", "code"}, name
         assert (error["code"], error["param"]) == (code, param), f"{name}: {error}"
         assert error["type"] == "invalid_request_error" and error["message"], name
+        assert " object at 0x" not in error["message"], f"{name}: {error['message']}"
 
     for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
         got, text = http_request(server.url + path, method)
@@ -398,6 +400,30 @@ def test_bad_input_gets_openai_error_and_server_goes_on(server: RunningServer, c
     reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=12, temperature=0)
     assert reply.choices[0].message.content == expected(engine, messages, max_tokens=12).text
     assert metrics(server)["active_requests"] == 0
+
+
+def test_bad_image_is_named_by_its_place_in_the_request(server: RunningServer, client) -> None:
+    """Images are counted from 1 across all of the request's messages; the message names the bad one that way
+    (and its JSON path), never the in-memory stream Pillow read it from."""
+    png = png_bytes(drawn_image(1))
+    bad_images = {
+        "truncated PNG": (png[: len(png) // 2], "expected complete image data, found it truncated or corrupt"),
+        "not an image": (b"this is not a picture", "expected an image Pillow can read (PNG, JPEG, WebP, ...)"),
+    }
+    for case, (data, expected) in bad_images.items():
+        bad = "data:image/png;base64," + base64.b64encode(data).decode()
+        messages = [*user_message("first", data_url(drawn_image(0))), {"role": "assistant", "content": "ok"},
+                    *user_message("second", bad)]
+        status, text = http_request(server.url + "/v1/chat/completions", "POST", json.dumps(
+            {"model": MODEL_NAME, "messages": messages, "max_tokens": 4}).encode())
+        error = json.loads(text)["error"]
+        assert (status, error["code"]) == (400, "invalid_image"), (case, text)
+        assert error["message"].startswith(f"image 2 of the request (messages[2].content[0]): {expected}"), \
+            (case, error["message"])
+        assert "0x" not in error["message"], (case, error["message"])
+        with pytest.raises(openai.BadRequestError) as caught:  # the official client shows the same message
+            client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=4, stream=True)
+        assert "image 2 of the request" in str(caught.value) and "0x" not in str(caught.value), case
 
 
 def test_client_disconnect_mid_stream(server: RunningServer, client, engine) -> None:
