@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,9 +31,17 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig  # noqa: E402
+from kopru.cli import build_parser  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.pretrain_tiny import default_backbones  # noqa: E402
-from kopru.serve import APIError, ServerLimits, decode_image, load_server, parse_chat_request  # noqa: E402
+from kopru.serve import (  # noqa: E402
+    APIError,
+    ServerLimits,
+    decode_image,
+    load_server,
+    parse_chat_request,
+    served_model_name,
+)
 from kopru.tiny import save_tiny_llm  # noqa: E402
 
 MODEL_NAME = "tiny-kopru"
@@ -172,6 +181,41 @@ def test_models_health_and_page(server: RunningServer, client) -> None:
     assert get_json(server.url + "/health")["status"] == "ok"
     status, page = http_request(server.url + "/")
     assert status == 200 and 'id="answer"' in page
+
+
+def test_served_model_name_rules(tmp_path: Path) -> None:
+    assert served_model_name(tmp_path / "my-vlm") == "my-vlm"
+    for stage in ("final", "latest", "checkpoint-300"):  # a stage of a run: the run's name
+        assert served_model_name(tmp_path / "runs" / "my-vlm" / stage) == "my-vlm", stage
+        assert served_model_name(tmp_path / "runs" / "my-vlm" / stage, "stored") == "stored", stage
+    assert served_model_name(tmp_path / "finale", "stored") == "finale"  # a folder's own name comes first
+    parser = build_parser()
+    for flag in ("--served-model-name", "--model-name"):  # vLLM's name, and the older one
+        assert parser.parse_args(["serve", "--model", "m", flag, "vlm-x"]).served_model_name == "vlm-x"
+
+
+def test_a_trained_model_is_served_under_its_run_name(model_dir: Path, tmp_path: Path) -> None:
+    """kopru train saves runs/NAME/final: that model is offered (GET /v1/models) and answers as NAME, not
+    "final"; the name stored in its config wins over the folder it was moved to."""
+    final = tmp_path / "runs" / "my-vlm" / "final"
+    shutil.copytree(model_dir, final)
+    moved = tmp_path / "elsewhere" / "final"
+    shutil.copytree(model_dir, moved)
+    config = KopruConfig.load(moved / "kopru_config.json")
+    config.name = "stored-name"
+    config.save(moved / "kopru_config.json")
+    for path, name in ((final, "my-vlm"), (moved, "stored-name")):
+        served = RunningServer(load_server(path, limits=LIMITS))
+        try:
+            client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            assert [model.id for model in client.models.list().data] == [name]
+            reply = client.chat.completions.create(model=name, messages=user_message("hi", data_url(drawn_image(0))),
+                                                   max_tokens=2, temperature=0)
+            assert reply.model == name and reply.choices[0].message.content is not None
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="final", messages=user_message("hi"), max_tokens=2)
+        finally:
+            served.stop()
 
 
 def test_streamed_equals_whole_equals_engine(server: RunningServer, client, engine) -> None:
@@ -545,7 +589,8 @@ def test_cli_serve_subcommand(model_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     process = subprocess.Popen(
         [sys.executable, "-m", "kopru.cli", "serve", "--model", str(model_dir), "--port", str(port),
-         "--max-images-per-request", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--max-images-per-request", "3", "--served-model-name", "vlm-x", "--threads", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -556,10 +601,11 @@ def test_cli_serve_subcommand(model_dir: Path) -> None:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"kopru serve did not come up: {process.stdout.read()}") from None
                 time.sleep(0.2)
-        assert health == {"status": "ok", "model": model_dir.name}
+        assert health == {"status": "ok", "model": "vlm-x"}
+        assert [card["id"] for card in get_json(f"http://127.0.0.1:{port}/v1/models")["data"]] == ["vlm-x"]
         image = data_url(drawn_image(0))
         status, text = http_request(f"http://127.0.0.1:{port}/v1/chat/completions", "POST", json.dumps({
-            "model": model_dir.name, "messages": user_message("hi", image, image, image, image)}).encode())
+            "model": "vlm-x", "messages": user_message("hi", image, image, image, image)}).encode())
         assert status == 400 and "the limit is 3 per request" in json.loads(text)["error"]["message"]
     finally:
         process.terminate()

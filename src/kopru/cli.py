@@ -184,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kopru.serve import ServerLimits, load_server, run_server
 
     limits = ServerLimits(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServerLimits)})
-    app = load_server(args.model, model_name=args.model_name, limits=limits, allow_local_dir=args.allow_local_dir,
+    app = load_server(args.model, model_name=args.served_model_name, limits=limits, allow_local_dir=args.allow_local_dir,
                       device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len)
     print(f"serving {app.state.kopru.model_name!r} on http://{args.host}:{args.port} "
           f"(OpenAI API under /v1, web demo at /)", flush=True)
@@ -198,7 +198,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     from kopru.serve import LIMIT_HELP, ServerLimits
 
     parser.add_argument("--model", required=True, help="a saved Köprü model directory")
-    parser.add_argument("--model-name", help="the id clients name in 'model' (default: the directory's name)")
+    parser.add_argument("--served-model-name", "--model-name", dest="served_model_name",
+                        help="the id clients send as 'model' (vLLM's flag; default: the model folder's name, or for a "
+                             "folder named final, latest or checkpoint-N the name kopru train stored in the model's "
+                             "config, else the run folder's: runs/my-vlm/final is served as my-vlm)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")

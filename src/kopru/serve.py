@@ -22,6 +22,7 @@ import dataclasses
 import io
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -665,6 +666,21 @@ def create_app(engine: GenerationEngine, model_name: str, limits: ServerLimits |
     return app
 
 
+# Folders that name a stage of a run rather than the model: `kopru train` writes runs/NAME/final, checkpoints
+# runs/NAME/checkpoint-N and runs/NAME/latest.
+_GENERIC_FOLDER = re.compile(r"final|latest|checkpoint-\d+")
+
+
+def served_model_name(model_dir: str | Path, config_name: str | None = None) -> str:
+    """The id a saved model is served under when none is given: its folder's name, unless that folder is named
+    after a stage of a run (final, latest, checkpoint-N); then the name stored in its config (`config_name`,
+    KopruConfig.name), else the run folder's name, so that runs/my-vlm/final is served as "my-vlm"."""
+    folder = Path(model_dir).resolve()
+    if not _GENERIC_FOLDER.fullmatch(folder.name):
+        return folder.name
+    return config_name or folder.parent.name or folder.name
+
+
 def load_server(model_dir: str | Path, model_name: str | None = None, limits: ServerLimits | None = None,
                 allow_local_dir: str | Path | None = None, device: str | None = None, dtype: str | None = None,
                 compile: bool = False, max_seq_len: int | None = None):
@@ -684,7 +700,7 @@ def load_server(model_dir: str | Path, model_name: str | None = None, limits: Se
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
     engine = GenerationEngine(model.to(device).eval(), processor, max_batch_size=limits.max_batch_size,
                               max_seq_len=max_seq_len, compile=compile)
-    name = model_name or Path(model_dir).resolve().name
+    name = model_name or served_model_name(model_dir, model.config.name)
     return create_app(engine, name, limits, allow_local_dir)
 
 
@@ -698,4 +714,4 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 __all__ = ["APIError", "BatchingWorker", "ServerLimits", "create_app", "decode_image", "load_server",
-           "parse_chat_request", "read_image_url", "run_server"]
+           "parse_chat_request", "read_image_url", "run_server", "served_model_name"]
