@@ -1,16 +1,17 @@
-"""How many CPU threads torch uses for the `kopru` commands that compute (the `--threads` flag).
+"""How many CPU threads torch uses for the `kopru` commands that run a model (the `--threads` flag).
 
 torch's own default is one intra-op thread per core. For Köprü's tiny built-in models that is the worst choice on
-a small shared machine: their matrices are too small to gain anything from a second thread, every op waits for
-all of its threads, and one descheduled thread stalls them all. On this project's busy 2-core machine
-`kopru demo` took 2 min 16 s with torch's default against 10 s with one thread. So the commands start with
+a small shared machine: their matrices are too small to gain from a second thread, every op waits for all of its
+threads, and one descheduled thread stalls them all. On this project's 2-core machine, with another engineer's
+tests keeping the load average at 2.6-3.6, `kopru demo` took 8.9 s and 9.7 s with `--threads 1` against 58.3 s
+and 39.0 s with `--threads 2` (torch's default there). So the commands start with
 
 - `--threads N` when it is given;
-- otherwise whatever OMP_NUM_THREADS or MKL_NUM_THREADS says, when the user set one (torch already applied it:
-  this is the convention torch, NumPy and torchrun follow, and Köprü leaves it alone);
+- otherwise whatever OMP_NUM_THREADS or MKL_NUM_THREADS says, when the user set one (torch already applied it
+  at import: the convention torch, NumPy and torchrun follow, and Köprü leaves it alone);
 - otherwise `default_threads()`: half the CPUs this process may run on, at least 1 and at most 4. Half leaves
-  room for whatever else runs (the other half of a hyper-threaded core gives a matmul little), and past 4 the
-  models this runs on a CPU stop getting faster while a shared machine gets slower for everyone.
+  room for whatever else runs, which is what made the difference above; the cap of 4 keeps a default from
+  taking over a large shared machine (a real model on a CPU may well want more: ask with --threads).
 
 The count chosen is also exported as OMP_NUM_THREADS, so the processes a command starts (`kopru compare`
 measures memory in a fresh one) use the same.
