@@ -28,6 +28,9 @@ def saved(build, tmp_path_factory, make_image):
     for seed in (0, 1):
         make_image(seed).save(root / f"image{seed}.png")
     (root / "broken.png").write_bytes(b"not an image at all")
+    whole = io.BytesIO()
+    make_image(2).save(whole, format="PNG")
+    (root / "bad.png").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])  # a PNG cut in half
     loaded, loaded_processor = KopruForConditionalGeneration.from_pretrained(root / "model")
     return root, GenerationEngine(loaded, loaded_processor)
 
@@ -62,21 +65,28 @@ def test_interactive_conversation_keeps_history_and_images(saved, monkeypatch, c
     second = expected_answer(engine, [first_turn, {"role": "assistant", "content": first},
                                       {"role": "user", "content": "peki şimdi?"}], first_images, 5)
     assert captured.out == f"{first}\n{second}\n"
-    assert "cannot read the image" in captured.err and "broken.png" in captured.err
+    assert f"error: {root / 'broken.png'}: expected an image Pillow can read" in captured.err
     assert "unknown command '/nonsense'" in captured.err
     assert "Traceback" not in captured.err
 
 
 def test_unreadable_image_is_a_clear_error_without_traceback(saved) -> None:
     root, _ = saved
-    for path, message in ((root / "broken.png", "cannot read the image"), (root / "missing.png", "found nothing")):
+    cases = {
+        "broken.png": ": expected an image Pillow can read (PNG, JPEG, WebP, ...), found data it does not recognise",
+        "bad.png": ": expected complete image data, found it truncated or corrupt",
+        "missing.png": "found nothing",
+    }
+    for name, message in cases.items():
+        path = root / name
         result = subprocess.run(
             [sys.executable, "-m", "kopru.cli", "chat", "--model", str(root / "model"), "--image", str(path), "hi"],
             capture_output=True, text=True, timeout=120,
         )
         assert result.returncode == 2
-        assert message in result.stderr and str(path) in result.stderr
-        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith("kopru chat: error: "), result.stderr
+        assert message in result.stderr and str(path) in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and " object at 0x" not in result.stderr
 
 
 def test_prompt_beyond_the_context_is_a_clear_error(saved, capsys) -> None:

@@ -16,7 +16,14 @@ from PIL import Image
 from transformers.image_transforms import convert_to_rgb
 
 from kopru.data.formats import open_image
-from kopru.image_processing import MAX_IMAGE_PIXELS, ImagePreprocessor, expand_to_square, load_image, to_rgb
+from kopru.image_processing import (
+    MAX_IMAGE_PIXELS,
+    ImagePreprocessor,
+    expand_to_square,
+    load_image,
+    scrub_object_reprs,
+    to_rgb,
+)
 
 try:
     from transformers import CLIPImageProcessorPil as PilCLIPImageProcessor
@@ -203,6 +210,32 @@ def test_truncated_files_fail_with_their_name(tmp_path, fmt, keep) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ValueError, match=rf"image file {path}: .*(truncated or corrupt|not recognise)"):
         load_image(path)
+
+
+def test_errors_name_the_source_never_a_python_object() -> None:
+    """Bytes are read through an in-memory stream that Pillow's own messages show as '<_io.BytesIO object at
+    0x...>': every message names the source instead, as given by `name`, or the bytes' length."""
+    png = encode(Image.fromarray(random_pixels(64, 64, 3)), "PNG")
+    cases = {
+        "not an image": (b"just some text, no image", "expected an image Pillow can read"),
+        "header cut": (png[:20], "expected a complete image header, found it truncated or corrupt"),
+        "data cut": (png[: len(png) // 2], "expected complete image data, found it truncated or corrupt"),
+    }
+    for case, (data, expected) in cases.items():
+        for name, prefix in (("upload.png", "upload.png: "), (None, f"image bytes ({len(data):,} bytes): ")):
+            with pytest.raises(ValueError) as caught:
+                load_image(data, name=name)
+            message = str(caught.value)
+            assert message.startswith(prefix + expected), (case, message)
+            assert "0x" not in message, (case, message)
+
+
+def test_object_reprs_are_scrubbed() -> None:
+    stream = io.BytesIO()
+    pillow_style = f"cannot identify image file {stream!r}"
+    assert " object at 0x" in pillow_style  # what Pillow would have us show
+    assert scrub_object_reprs(pillow_style, "image 2 of the request") == (
+        "cannot identify image file image 2 of the request")
 
 
 def test_bytes_that_are_not_an_image(tmp_path) -> None:

@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,9 +31,17 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig  # noqa: E402
+from kopru.cli import build_parser  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.pretrain_tiny import default_backbones  # noqa: E402
-from kopru.serve import APIError, ServerLimits, decode_image, load_server, parse_chat_request  # noqa: E402
+from kopru.serve import (  # noqa: E402
+    APIError,
+    ServerLimits,
+    decode_image,
+    load_server,
+    parse_chat_request,
+    served_model_name,
+)
 from kopru.tiny import save_tiny_llm  # noqa: E402
 
 MODEL_NAME = "tiny-kopru"
@@ -174,6 +183,41 @@ def test_models_health_and_page(server: RunningServer, client) -> None:
     assert status == 200 and 'id="answer"' in page
 
 
+def test_served_model_name_rules(tmp_path: Path) -> None:
+    assert served_model_name(tmp_path / "my-vlm") == "my-vlm"
+    for stage in ("final", "latest", "checkpoint-300"):  # a stage of a run: the run's name
+        assert served_model_name(tmp_path / "runs" / "my-vlm" / stage) == "my-vlm", stage
+        assert served_model_name(tmp_path / "runs" / "my-vlm" / stage, "stored") == "stored", stage
+    assert served_model_name(tmp_path / "finale", "stored") == "finale"  # a folder's own name comes first
+    parser = build_parser()
+    for flag in ("--served-model-name", "--model-name"):  # vLLM's name, and the older one
+        assert parser.parse_args(["serve", "--model", "m", flag, "vlm-x"]).served_model_name == "vlm-x"
+
+
+def test_a_trained_model_is_served_under_its_run_name(model_dir: Path, tmp_path: Path) -> None:
+    """kopru train saves runs/NAME/final: that model is offered (GET /v1/models) and answers as NAME, not
+    "final"; the name stored in its config wins over the folder it was moved to."""
+    final = tmp_path / "runs" / "my-vlm" / "final"
+    shutil.copytree(model_dir, final)
+    moved = tmp_path / "elsewhere" / "final"
+    shutil.copytree(model_dir, moved)
+    config = KopruConfig.load(moved / "kopru_config.json")
+    config.name = "stored-name"
+    config.save(moved / "kopru_config.json")
+    for path, name in ((final, "my-vlm"), (moved, "stored-name")):
+        served = RunningServer(load_server(path, limits=LIMITS))
+        try:
+            client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            assert [model.id for model in client.models.list().data] == [name]
+            reply = client.chat.completions.create(model=name, messages=user_message("hi", data_url(drawn_image(0))),
+                                                   max_tokens=2, temperature=0)
+            assert reply.model == name and reply.choices[0].message.content is not None
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="final", messages=user_message("hi"), max_tokens=2)
+        finally:
+            served.stop()
+
+
 def test_streamed_equals_whole_equals_engine(server: RunningServer, client, engine) -> None:
     messages = user_message(QUESTIONS[0], data_url(drawn_image(0)))
     reference = expected(engine, messages, max_tokens=24)
@@ -305,7 +349,8 @@ def test_decode_image_formats_and_refusals() -> None:
     with pytest.raises(APIError) as caught:
         decode_image(png[: len(png) // 2], LIMITS, "messages[0].content[0]")
     assert (caught.value.status, caught.value.code) == (400, "invalid_image")
-    assert caught.value.message.startswith("messages[0].content[0]: expected an image")
+    assert caught.value.message.startswith("messages[0].content[0]: expected complete image data, found it "
+                                           "truncated or corrupt")
 
     # 8000 x 8000 black pixels compress to 8 KB; the header alone refuses them, nothing is decoded.
     huge = _encoded(Image.new("1", (8000, 8000)), "PNG")
@@ -380,6 +425,7 @@ def test_bad_input_gets_openai_error_and_server_goes_on(server: RunningServer, c
         assert set(error) == {"message", "type", "param", "code"}, name
         assert (error["code"], error["param"]) == (code, param), f"{name}: {error}"
         assert error["type"] == "invalid_request_error" and error["message"], name
+        assert " object at 0x" not in error["message"], f"{name}: {error['message']}"
 
     for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
         got, text = http_request(server.url + path, method)
@@ -398,6 +444,30 @@ def test_bad_input_gets_openai_error_and_server_goes_on(server: RunningServer, c
     reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=12, temperature=0)
     assert reply.choices[0].message.content == expected(engine, messages, max_tokens=12).text
     assert metrics(server)["active_requests"] == 0
+
+
+def test_bad_image_is_named_by_its_place_in_the_request(server: RunningServer, client) -> None:
+    """Images are counted from 1 across all of the request's messages; the message names the bad one that way
+    (and its JSON path), never the in-memory stream Pillow read it from."""
+    png = png_bytes(drawn_image(1))
+    bad_images = {
+        "truncated PNG": (png[: len(png) // 2], "expected complete image data, found it truncated or corrupt"),
+        "not an image": (b"this is not a picture", "expected an image Pillow can read (PNG, JPEG, WebP, ...)"),
+    }
+    for case, (data, expected) in bad_images.items():
+        bad = "data:image/png;base64," + base64.b64encode(data).decode()
+        messages = [*user_message("first", data_url(drawn_image(0))), {"role": "assistant", "content": "ok"},
+                    *user_message("second", bad)]
+        status, text = http_request(server.url + "/v1/chat/completions", "POST", json.dumps(
+            {"model": MODEL_NAME, "messages": messages, "max_tokens": 4}).encode())
+        error = json.loads(text)["error"]
+        assert (status, error["code"]) == (400, "invalid_image"), (case, text)
+        assert error["message"].startswith(f"image 2 of the request (messages[2].content[0]): {expected}"), \
+            (case, error["message"])
+        assert "0x" not in error["message"], (case, error["message"])
+        with pytest.raises(openai.BadRequestError) as caught:  # the official client shows the same message
+            client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=4, stream=True)
+        assert "image 2 of the request" in str(caught.value) and "0x" not in str(caught.value), case
 
 
 def test_client_disconnect_mid_stream(server: RunningServer, client, engine) -> None:
@@ -519,7 +589,8 @@ def test_cli_serve_subcommand(model_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     process = subprocess.Popen(
         [sys.executable, "-m", "kopru.cli", "serve", "--model", str(model_dir), "--port", str(port),
-         "--max-images-per-request", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--max-images-per-request", "3", "--served-model-name", "vlm-x", "--threads", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -530,10 +601,11 @@ def test_cli_serve_subcommand(model_dir: Path) -> None:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"kopru serve did not come up: {process.stdout.read()}") from None
                 time.sleep(0.2)
-        assert health == {"status": "ok", "model": model_dir.name}
+        assert health == {"status": "ok", "model": "vlm-x"}
+        assert [card["id"] for card in get_json(f"http://127.0.0.1:{port}/v1/models")["data"]] == ["vlm-x"]
         image = data_url(drawn_image(0))
         status, text = http_request(f"http://127.0.0.1:{port}/v1/chat/completions", "POST", json.dumps({
-            "model": model_dir.name, "messages": user_message("hi", image, image, image, image)}).encode())
+            "model": "vlm-x", "messages": user_message("hi", image, image, image, image)}).encode())
         assert status == 400 and "the limit is 3 per request" in json.loads(text)["error"]["message"]
     finally:
         process.terminate()

@@ -127,6 +127,7 @@ def test_lora_recipe_saves_a_merged_plain_model(vision_dirs, llm_dirs, tmp_path)
     assert summary.trainable_params < full.trainable_params
     model, _ = KopruForConditionalGeneration.from_pretrained(summary.final_model)
     assert not any("lora" in name for name, _ in model.llm.named_parameters())
+    assert model.config.name == "run"  # the run folder's name (output_dir = tmp_path / "run"): kopru serve's id
 
 
 def test_config_file_and_flags(tmp_path, vision_dirs, llm_dirs):

@@ -1,21 +1,18 @@
 """The web demo end to end in headless Chromium: upload an image, ask, watch the answer stream, screenshot.
 
-Chromium is driven over its DevTools protocol (a websocket; no Selenium, no driver binary). Needs Debian's
+Chromium is driven over its DevTools protocol (a websocket; no Selenium, no driver binary) with the helpers of
+scripts/web_demo_screenshot.py, which takes the README's screenshot with a trained model. Needs Debian's
 `chromium` package (`apt-get install -y chromium`); the test is skipped without it.
-Set KOPRU_WEB_DEMO_SCREENSHOT=path to keep the screenshot (docs/serve/web_demo.png is made that way).
+Set KOPRU_WEB_DEMO_SCREENSHOT=path to keep this test's screenshot (a random connector: its answers are wrong).
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
-import shutil
-import subprocess
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "web_demo_screenshot.py"
+_spec = importlib.util.spec_from_file_location("web_demo_screenshot", SCRIPT)
+screenshot_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(screenshot_script)
+DevTools, ask, upload = screenshot_script.DevTools, screenshot_script.ask, screenshot_script.upload
+WINDOW = screenshot_script.WINDOW
+CHROMIUM = screenshot_script.find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package: apt-get install -y chromium")
 pytest.importorskip("uvicorn")
 sync_client = pytest.importorskip("websockets.sync.client")
@@ -31,81 +34,24 @@ sync_client = pytest.importorskip("websockets.sync.client")
 from test_serve import RunningServer, drawn_image  # noqa: E402
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig  # noqa: E402
+from kopru.alignment import normalize_text  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.pretrain_tiny import default_backbones  # noqa: E402
 from kopru.serve import ServerLimits, load_server  # noqa: E402
 
 MODEL_NAME = "tiny-kopru-demo"
-WINDOW = (900, 760)
 QUESTION = "What colour is the shape?"
-
-
-class DevTools:
-    """The few DevTools protocol calls the test needs, over one page's websocket."""
-
-    def __init__(self, url: str) -> None:
-        self.socket = sync_client.connect(url, max_size=64 * 1024 * 1024, open_timeout=30)
-        self.next_id = 0
-
-    def call(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:  # skip the events sent meanwhile
-            message = json.loads(self.socket.recv(timeout=60))
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.evaluate(expression):
-            if time.monotonic() > deadline:
-                status = self.evaluate("document.getElementById('status') && document.getElementById('status').textContent")
-                raise AssertionError(f"timed out waiting for {expression!r}; page status: {status!r}")
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        self.socket.close()
 
 
 @pytest.fixture(scope="module")
 def chromium():
     """A headless Chromium with remote debugging on a free port; yields the DevTools HTTP address."""
-    profile = tempfile.mkdtemp(prefix="kopru-chromium-")
-    process = subprocess.Popen(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={profile}",
-         f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        for line in process.stderr:  # "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/..."
-            if "DevTools listening on" in line:
-                address = line.split("ws://", 1)[1].split("/", 1)[0]
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("chromium did not start its DevTools server")
-        else:
-            raise RuntimeError(f"chromium exited with code {process.wait()} before its DevTools server started")
-        yield f"http://{address}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        shutil.rmtree(profile, ignore_errors=True)
+    with screenshot_script.chromium(WINDOW) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory):
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped pretrained tiny backbones with a random projection connector: short, readable answers."""
     backbones = default_backbones()
     torch.manual_seed(0)
@@ -114,8 +60,14 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory):
     model, processor = KopruForConditionalGeneration.from_backbones(config)
     path = tmp_path_factory.mktemp("demo") / "model"
     model.save_pretrained(path, processor)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_model: Path):
     # 128 x 128 pixels at most, so that the error test can upload a slightly larger image.
-    app = load_server(path, model_name=MODEL_NAME, limits=ServerLimits(batch_window_ms=5, max_image_pixels=128 * 128))
+    app = load_server(demo_model, model_name=MODEL_NAME,
+                      limits=ServerLimits(batch_window_ms=5, max_image_pixels=128 * 128))
     running = RunningServer(app)
     yield running
     running.stop()
@@ -133,37 +85,8 @@ def expected_answer(engine, image_file: Path, question: str) -> str:
     return answer
 
 
-def ask(tools: DevTools, question: str, outcome: str = "done") -> tuple[str, int]:
-    """Type the question, press Ask, wait for the stream to end; (the answer shown, pieces received)."""
-    tools.evaluate(f"document.getElementById('question').value = {json.dumps(question)}")
-    tools.evaluate("document.getElementById('ask').click()")
-    tools.wait_for("document.getElementById('answer').dataset.state !== 'streaming'")
-    state = tools.evaluate("document.getElementById('answer').dataset.state")
-    assert state == outcome, tools.evaluate("document.getElementById('status').textContent")
-    return (tools.evaluate("document.getElementById('answer').textContent"),
-            int(tools.evaluate("document.getElementById('answer').dataset.chunks")))
-
-
 def open_page(chromium: str, server: RunningServer) -> DevTools:
-    with urllib.request.urlopen(chromium + "/json/list", timeout=30) as response:
-        page = next(target for target in json.load(response) if target["type"] == "page")
-    tools = DevTools(page["webSocketDebuggerUrl"])
-    tools.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1], deviceScaleFactor=1,
-               mobile=False)
-    tools.call("Page.enable")
-    tools.call("Page.navigate", url=server.url + "/")
-    tools.wait_for(f"document.readyState === 'complete' && "
-                   f"document.getElementById('model').textContent === {json.dumps(MODEL_NAME)}")
-    return tools
-
-
-def upload(tools: DevTools, image_file: Path, width: int) -> None:
-    root = tools.call("DOM.getDocument")["root"]["nodeId"]
-    file_input = tools.call("DOM.querySelector", nodeId=root, selector="#image")["nodeId"]
-    tools.call("DOM.setFileInputFiles", nodeId=file_input, files=[str(image_file)])
-    tools.wait_for("document.getElementById('preview').style.display === 'block' && "
-                   "document.getElementById('preview').complete && "
-                   f"document.getElementById('preview').naturalWidth === {width}")
+    return screenshot_script.open_page(chromium, server.url, MODEL_NAME, WINDOW)
 
 
 def test_upload_ask_stream_screenshot(chromium: str, demo_server: RunningServer, tmp_path: Path) -> None:
@@ -227,3 +150,24 @@ def test_server_error_is_shown(chromium: str, demo_server: RunningServer, tmp_pa
         assert ask(tools, QUESTION)[0]
     finally:
         tools.close()
+
+
+def test_screenshot_script_measures_and_refuses_wrong_answers(chromium: str, demo_server: RunningServer,
+                                                              demo_model: Path, tmp_path: Path, capsys) -> None:
+    """scripts/web_demo_screenshot.py on the random-connector model: the accuracy it prints is the share of the
+    held-out colour questions the engine answers right, and it takes a screenshot only of a right answer."""
+    engine = demo_server.app.state.kopru.worker.engine
+    samples = screenshot_script.held_out_questions("colour", "en", scenes=6, seed=1)
+    right = []
+    for sample in samples:
+        sample.images[0].save(tmp_path / "scene.png")
+        answer = expected_answer(engine, tmp_path / "scene.png", screenshot_script.question_of(sample))
+        right.append(normalize_text(answer, "en") == normalize_text(sample.meta["answer"], "en"))
+    out = tmp_path / "shot.png"
+    code = screenshot_script.main(["--model", str(demo_model), "--eval-scenes", "6", "--scene", "0",
+                                   "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"held-out accuracy {sum(right) / len(right):.3f} ({sum(right)} of {len(right)} questions" in printed
+    assert (code, out.exists()) == ((0, True) if right[0] else (1, False)), printed
+    if right[0]:
+        assert Image.open(out).size == WINDOW

@@ -12,21 +12,23 @@ from typing import TextIO
 
 from PIL import Image
 
-from kopru.data.formats import IMAGE_PLACEHOLDER, open_image
+from kopru.data.formats import IMAGE_PLACEHOLDER
 from kopru.generation import GenerationEngine, SamplingParams, format_chat
+from kopru.image_processing import load_image, scrub_object_reprs
 
 HELP = "commands: /image PATH (attach to the next message), /reset (new conversation), /quit"
 
 
 def read_image(path: str) -> Image.Image:
-    """An RGB image from `path`; a missing or unreadable file is a ValueError naming it."""
+    """An RGB image from `path`; a missing or unreadable file is a ValueError whose message starts with the path
+    (load_image's, which says what it expected and what it found)."""
     if not Path(path).is_file():
         raise ValueError(f"expected an image file at {path!r}, found {'a directory' if Path(path).exists() else 'nothing'}")
     try:
-        return open_image(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read the image {path!r}: expected a file PIL can open ({type(error).__name__}: "
-                         f"{error})") from None
+        return load_image(path, name=path)
+    except (OSError, Image.DecompressionBombError) as error:  # e.g. permission denied
+        raise ValueError(f"{path}: expected a readable image file, found {type(error).__name__}: "
+                         f"{scrub_object_reprs(str(error), path)}") from None
 
 
 def user_message(text: str, images: list[Image.Image]) -> dict:

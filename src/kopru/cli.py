@@ -132,7 +132,10 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
     from kopru.pretrain_tiny import build_tiny_backbones, iter_report_lines
 
     start = time.perf_counter()
-    paths = build_tiny_backbones(args.out, seed=args.seed, num_threads=args.threads)
+    import torch
+
+    # `main` chose the thread count (--threads, OMP_NUM_THREADS or the default rule): keep it while training.
+    paths = build_tiny_backbones(args.out, seed=args.seed, num_threads=torch.get_num_threads())
     print("\n".join(iter_report_lines(args.out)))
     print(f"built in {time.perf_counter() - start:.0f} s: vision encoder {paths['vision']}, LLM {paths['llm']}")
     return 0
@@ -181,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kopru.serve import ServerLimits, load_server, run_server
 
     limits = ServerLimits(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServerLimits)})
-    app = load_server(args.model, model_name=args.model_name, limits=limits, allow_local_dir=args.allow_local_dir,
+    app = load_server(args.model, model_name=args.served_model_name, limits=limits, allow_local_dir=args.allow_local_dir,
                       device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len)
     print(f"serving {app.state.kopru.model_name!r} on http://{args.host}:{args.port} "
           f"(OpenAI API under /v1, web demo at /)", flush=True)
@@ -195,7 +198,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     from kopru.serve import LIMIT_HELP, ServerLimits
 
     parser.add_argument("--model", required=True, help="a saved Köprü model directory")
-    parser.add_argument("--model-name", help="the id clients name in 'model' (default: the directory's name)")
+    parser.add_argument("--served-model-name", "--model-name", dest="served_model_name",
+                        help="the id clients send as 'model' (vLLM's flag; default: the model folder's name, or for a "
+                             "folder named final, latest or checkpoint-N the name kopru train stored in the model's "
+                             "config, else the run folder's: runs/my-vlm/final is served as my-vlm)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -232,18 +238,42 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of threads, found {text!r}")
+    return value
+
+
+def _threads_flag() -> argparse.ArgumentParser:
+    """The --threads flag of every command that runs a model (a parent parser; `main` applies it)."""
+    from kopru.threads import MAX_DEFAULT_THREADS
+
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--threads", type=_positive_threads, default=None,
+                        help="torch CPU threads (default: OMP_NUM_THREADS when set, else half the CPUs, at least 1 "
+                             f"and at most {MAX_DEFAULT_THREADS}: tiny models only slow down with more)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kopru", description="Join a vision encoder to a causal LLM.")
     commands = parser.add_subparsers(dest="command", required=True)
+    computes = [_threads_flag()]  # parents= of the commands that run a model
 
-    demo = commands.add_parser("demo", help="every strategy end to end on tiny built-in backbones (no downloads)")
+    demo = commands.add_parser("demo", help="every strategy end to end on tiny built-in backbones (no downloads)",
+                              parents=computes)
     demo.add_argument("--workdir", help="keep the tiny backbones and saved models here (default: a temp dir)")
     demo.add_argument("--steps", type=int, default=40, help="stage-1 training steps per strategy (default 40)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
     convert = commands.add_parser(
-        "convert", help="turn an HF LLaVA / BLIP-2 / Llama-3.2-Vision checkpoint into a Köprü model"
+        "convert", help="turn an HF LLaVA / BLIP-2 / Llama-3.2-Vision checkpoint into a Köprü model",
+        parents=computes,
     )
     convert.add_argument("--from", dest="source_format", required=True, choices=["llava", "llava_next", "blip2", "mllama"])
     convert.add_argument("src", help="HF checkpoint directory (or hub id when online)")
@@ -258,13 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train with a recipe (align / instruct / single-stage); config file + flags",
         description="Train a Köprü model. Settings come from --config (YAML or TOML) and any flag below, "
                     "flags winning. Run under `torchrun --nproc-per-node N` for data parallelism.",
+        parents=computes,
     )
     train.add_argument("--config", help="YAML or TOML file with TrainConfig settings")
     _add_train_flags(train)
     train.set_defaults(run=_train)
 
     compare = commands.add_parser(
-        "compare", help="train and evaluate the strategies side by side; write a report with plots and a verdict"
+        "compare", help="train and evaluate the strategies side by side; write a report with plots and a verdict",
+        parents=computes,
     )
     compare.add_argument("--preset", choices=["micro", "default", "full"], default="default",
                          help="micro: < 1 min; default: one variant per strategy x 3 seeds; full: every variant")
@@ -280,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "explain", help="shapes, parameters per recipe, FLOPs, image positions and memory of a model (meta device)",
         description="Explain a model's architecture mathematics without downloading or allocating weights: "
                     "one of --preset, --config or --model.",
+        parents=computes,
     )
     source = explain.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="a named preset (--list shows them)")
@@ -302,12 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=_explain)
 
     pretrain = commands.add_parser(
-        "pretrain-tiny", help="pretrain the tiny vision encoder and LLM of the built-in tasks (CPU, minutes)"
+        "pretrain-tiny", help="pretrain the tiny vision encoder and LLM of the built-in tasks (CPU, minutes)",
+        parents=computes,
     )
     pretrain.add_argument("--out", required=True, help="output directory (gets vision/ and llm/)")
     pretrain.add_argument("--seed", type=int, default=0)
-    pretrain.add_argument("--threads", type=int, default=None,
-                          help="torch threads while training (default: one per idle core)")
     pretrain.set_defaults(run=_pretrain_tiny)
 
     from kopru.budget import DTYPE_BYTES, available_presets
@@ -342,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         "chat", help="talk to a saved model: one-shot with a prompt, interactive without (streams the answer)",
         description="One-shot: kopru chat --model DIR --image PATH \"prompt\". Without a prompt, an interactive "
                     "conversation on stdin: /image PATH attaches an image to the next message, /reset, /quit.",
+        parents=computes,
     )
     chat.add_argument("prompt", nargs="?", help="the question; omit it for an interactive conversation")
     chat.add_argument("--model", required=True, help="a Köprü model directory (save_pretrained / kopru train)")
@@ -367,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a saved Köprü model: POST /v1/chat/completions (OpenAI format, images as data: URLs), "
                     "GET /v1/models, GET /health, GET /metrics, and a web demo at /. Concurrent requests are "
                     "generated together in batches.",
+        parents=computes,
     )
     _add_serve_flags(serve)
     serve.set_defaults(run=_serve)
@@ -376,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # a command that runs a model: before any of it runs
+            from kopru.threads import configure_threads
+
+            configure_threads(args.threads)
         return args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"kopru {args.command}: error: {error}", file=sys.stderr)

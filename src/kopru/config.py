@@ -108,6 +108,9 @@ class KopruConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # Fixed / anyres / dynamic resolution and token reduction; the default is one native-size pass per image.
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    # The model's name, the id `kopru serve` offers it under; `kopru train` stores its run folder's name here, so
+    # that a model saved as runs/NAME/final keeps NAME wherever the folder goes. None: named after its folder.
+    name: str | None = None
 
     __nested__ = {"resolution": ResolutionConfig}
 

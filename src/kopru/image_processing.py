@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import warnings
 from dataclasses import asdict, dataclass
@@ -42,14 +43,16 @@ _UNSUPPORTED_MODES = {"F": "32-bit float pixels, whose value range no file forma
 
 
 def load_image(source: str | Path | bytes | bytearray | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS,
-               background: tuple[int, int, int] = WHITE) -> Image.Image:
+               background: tuple[int, int, int] = WHITE, name: str | None = None) -> Image.Image:
     """A file path, encoded bytes or PIL image as a fully decoded RGB PIL image, oriented by its EXIF tag.
 
-    Raises ValueError naming the source for: bytes that are not an image Pillow reads, a truncated or corrupt
-    file, a 0-pixel image, more than `max_pixels` pixels (checked before decoding), an unsupported mode.
-    FileNotFoundError for a missing path.
+    Raises ValueError for: bytes that are not an image Pillow reads, a truncated or corrupt file, a 0-pixel image,
+    more than `max_pixels` pixels (checked before decoding; `ImageTooLargeError`), an unsupported mode.
+    FileNotFoundError for a missing path. Each message starts with `name` (default: the file's path, or the
+    bytes' length) and never holds a Python object's repr: bytes are read through an in-memory stream, which
+    Pillow's own messages would show as `<_io.BytesIO object at 0x...>`.
     """
-    name = _describe_source(source)
+    name = name or _describe_source(source)
     if isinstance(source, Image.Image):
         _check_size(source.width, source.height, max_pixels, name)
         return to_rgb(ImageOps.exif_transpose(source), background)
@@ -69,19 +72,38 @@ def load_image(source: str | Path | bytes | bytearray | Image.Image, max_pixels:
         raise ValueError(f"{name}: expected an image Pillow can read (PNG, JPEG, WebP, ...), found data it does "
                          f"not recognise as any image format") from None
     except Image.DecompressionBombError as error:
-        raise ValueError(f"{name}: over the pixel limit of {max_pixels:,} (Pillow refused it first: {error}; "
-                         f"raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to allow it)") from None
+        raise ImageTooLargeError(
+            f"{name}: over the pixel limit of {max_pixels:,} (Pillow refused it first: {_pillow_text(error, name)}; "
+            f"raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to allow it)") from None
     except (OSError, SyntaxError, struct.error) as error:  # a header cut short or damaged
-        raise ValueError(f"{name}: the image header is truncated or corrupt ({type(error).__name__}: "
-                         f"{error})") from None
+        raise ValueError(f"{name}: expected a complete image header, found it truncated or corrupt "
+                         f"({_pillow_text(error, name)})") from None
     with opened:
         _check_size(opened.width, opened.height, max_pixels, name)
         try:
             opened.load()  # decode now: a truncated file must fail here, not inside the model
         except (OSError, SyntaxError, ValueError) as error:  # Pillow raises all three for damaged data
-            raise ValueError(f"{name}: the image data is truncated or corrupt ({type(error).__name__}: "
-                             f"{error})") from None
+            raise ValueError(f"{name}: expected complete image data, found it truncated or corrupt "
+                             f"({_pillow_text(error, name)})") from None
         return to_rgb(ImageOps.exif_transpose(opened), background)
+
+
+class ImageTooLargeError(ValueError):
+    """An image over the pixel limit (a decompression-bomb guard), refused before its pixels are decoded."""
+
+
+# A Python object's default repr, e.g. "<_io.BytesIO object at 0x7f3a...>": meaningless to whoever sent the image.
+_OBJECT_REPR = re.compile(r"<[A-Za-z_][\w.]* object at 0x[0-9a-fA-F]+>")
+
+
+def scrub_object_reprs(text: str, name: str = "the image") -> str:
+    """`text` with every default object repr replaced by `name`."""
+    return _OBJECT_REPR.sub(name, text)
+
+
+def _pillow_text(error: BaseException, name: str) -> str:
+    """Pillow's exception as 'Type: message', any stream repr in it replaced by the source's name."""
+    return f"{type(error).__name__}: {scrub_object_reprs(str(error), name)}"
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -118,7 +140,7 @@ def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:
     if width < 1 or height < 1:
         raise ValueError(f"{name}: expected an image of at least 1x1 pixels, found {width}x{height} (width x height)")
     if width * height > max_pixels:
-        raise ValueError(
+        raise ImageTooLargeError(
             f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
             f"(a decompression-bomb guard; pass a larger max_pixels if the image is trusted)"
         )

@@ -22,6 +22,7 @@ import dataclasses
 import io
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -36,7 +37,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from kopru.generation import GenerationEngine, SamplingParams, StreamEvent, format_chat
-from kopru.image_processing import load_image
+from kopru.image_processing import ImageTooLargeError, load_image, scrub_object_reprs
 
 DEMO_PAGE = "index.html"
 DISCONNECT_CHECK_S = 0.1  # how often a non-streamed request checks that its client is still there
@@ -85,6 +86,7 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
                  kind: str | None = None) -> None:
+        message = scrub_object_reprs(message, "an object")  # a client can do nothing with "<... at 0x7f...>"
         super().__init__(message)
         self.status = status
         self.message = message
@@ -99,7 +101,8 @@ class APIError(Exception):
 # ------------------------------------------------------------------------------------------------ images
 def decode_image(data: bytes, limits: ServerLimits, where: str) -> Image.Image:
     """Encoded bytes -> an RGB image (EXIF orientation applied, alpha and 16-bit modes converted as everywhere in
-    Köprü: `kopru.image_processing.load_image`), refusing oversize or undecodable input with a 400 naming `where`.
+    Köprü: `kopru.image_processing.load_image`), refusing oversize or undecodable input with a 400 whose message
+    starts with `where` (e.g. "image 2 of the request (messages[0].content[1])").
 
     The pixel count comes from the header, before the pixels are decoded (a small file can hold a huge image).
     """
@@ -109,19 +112,18 @@ def decode_image(data: bytes, limits: ServerLimits, where: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as probe:  # the header only
             width, height = probe.size
-    except Image.DecompressionBombError as error:  # Pillow's own ceiling, for limits set above it
-        raise APIError(400, f"{where}: {error}", code="image_too_large", param="messages") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise APIError(400, f"{where}: expected an image (PNG, JPEG, WebP, GIF, ...), could not decode it: {error}",
-                       code="invalid_image", param="messages") from None
-    if width * height > limits.max_image_pixels:
-        raise APIError(400, f"{where}: the image is {width}x{height} = {width * height} pixels; the limit is "
-                       f"{limits.max_image_pixels}", code="image_too_large", param="messages")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pass  # load_image, below, refuses it with a message naming `where` (Pillow's names an anonymous stream)
+    else:
+        if width * height > limits.max_image_pixels:
+            raise APIError(400, f"{where}: the image is {width}x{height} = {width * height} pixels; the limit is "
+                           f"{limits.max_image_pixels}", code="image_too_large", param="messages")
     try:
-        return load_image(data, max_pixels=limits.max_image_pixels)
+        return load_image(data, max_pixels=limits.max_image_pixels, name=where)
+    except ImageTooLargeError as error:  # Pillow's own ceiling, for limits set above it
+        raise APIError(400, str(error), code="image_too_large", param="messages") from None
     except ValueError as error:
-        raise APIError(400, f"{where}: expected an image (PNG, JPEG, WebP, GIF, ...), could not decode it: {error}",
-                       code="invalid_image", param="messages") from None
+        raise APIError(400, str(error), code="invalid_image", param="messages") from None
 
 
 def read_image_url(url: str, limits: ServerLimits, allow_local_dir: Path | None, where: str) -> Image.Image:
@@ -256,6 +258,7 @@ def parse_chat_request(body: Any, model_name: str, limits: ServerLimits,
         raise APIError(400, f"too many images: {images} image_url parts; the limit is "
                        f"{limits.max_images_per_request} per request", code="too_many_images", param="messages")
     decoded = []
+    image_number = 0  # 1-based across the request's messages: how a client (or the web page) can tell images apart
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise APIError(400, f"messages[{index}] must be an object with 'role' and 'content', found "
@@ -277,12 +280,14 @@ def parse_chat_request(body: Any, model_name: str, limits: ServerLimits,
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
+                image_number += 1
                 spec = part.get("image_url")
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str):
                     raise APIError(400, f"{where}.image_url must be {{'url': <string>}}", code="invalid_value",
                                    param=f"{where}.image_url")
-                parts.append({"type": "image", "image": read_image_url(url, limits, allow_local_dir, where)})
+                image = read_image_url(url, limits, allow_local_dir, f"image {image_number} of the request ({where})")
+                parts.append({"type": "image", "image": image})
             else:
                 raise APIError(400, f"{where}: expected {{'type': 'text', 'text': ...}} or {{'type': 'image_url', "
                                f"'image_url': {{'url': ...}}}}, found {json.dumps(part)[:80]}",
@@ -661,6 +666,21 @@ def create_app(engine: GenerationEngine, model_name: str, limits: ServerLimits |
     return app
 
 
+# Folders that name a stage of a run rather than the model: `kopru train` writes runs/NAME/final, checkpoints
+# runs/NAME/checkpoint-N and runs/NAME/latest.
+_GENERIC_FOLDER = re.compile(r"final|latest|checkpoint-\d+")
+
+
+def served_model_name(model_dir: str | Path, config_name: str | None = None) -> str:
+    """The id a saved model is served under when none is given: its folder's name, unless that folder is named
+    after a stage of a run (final, latest, checkpoint-N); then the name stored in its config (`config_name`,
+    KopruConfig.name), else the run folder's name, so that runs/my-vlm/final is served as "my-vlm"."""
+    folder = Path(model_dir).resolve()
+    if not _GENERIC_FOLDER.fullmatch(folder.name):
+        return folder.name
+    return config_name or folder.parent.name or folder.name
+
+
 def load_server(model_dir: str | Path, model_name: str | None = None, limits: ServerLimits | None = None,
                 allow_local_dir: str | Path | None = None, device: str | None = None, dtype: str | None = None,
                 compile: bool = False, max_seq_len: int | None = None):
@@ -680,7 +700,7 @@ def load_server(model_dir: str | Path, model_name: str | None = None, limits: Se
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
     engine = GenerationEngine(model.to(device).eval(), processor, max_batch_size=limits.max_batch_size,
                               max_seq_len=max_seq_len, compile=compile)
-    name = model_name or Path(model_dir).resolve().name
+    name = model_name or served_model_name(model_dir, model.config.name)
     return create_app(engine, name, limits, allow_local_dir)
 
 
@@ -694,4 +714,4 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 __all__ = ["APIError", "BatchingWorker", "ServerLimits", "create_app", "decode_image", "load_server",
-           "parse_chat_request", "read_image_url", "run_server"]
+           "parse_chat_request", "read_image_url", "run_server", "served_model_name"]

@@ -453,6 +453,7 @@ def _save_final(model: KopruForConditionalGeneration, processor, config: TrainCo
         model.save_connector(final)  # stage 1 produces a connector for these backbones
     else:
         merge_lora(model)
+        model.config.name = output.resolve().name  # runs/NAME/final is served as NAME (kopru.serve)
         model.save_pretrained(final, processor)
     return final
 
