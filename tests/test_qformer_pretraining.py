@@ -353,10 +353,13 @@ def test_pretraining_learns_and_keeps_the_connector(build, tmp_path, one_thread,
     for name, value in (("total_ratio", total_ratio), ("itc_drop", itc_drop), ("i2t@1", recall["i2t@1"]),
                         ("t2i@1", recall["t2i@1"])):
         trained_figure(name, value)
-    assert total_ratio < 0.7
-    assert itc_drop > 0.3
+    # Measured over seeds 0-4 x native / AVX2 / generic kernels (scripts/trained_spread.py -k pretraining_learns):
+    # total ratio 0.21-0.32, ITC down 1.08-1.41, recall@1 0.75-1.00 both ways (chance 1/8); the bounds sit
+    # halfway between those and no learning.
+    assert total_ratio < 0.5
+    assert itc_drop > 0.6
     assert (recall["images"], recall["texts"]) == (8, 16)
-    assert recall["i2t@1"] > 2 / batch_size and recall["t2i@1"] > 2 / batch_size
+    assert recall["i2t@1"] >= 0.5 and recall["t2i@1"] >= 0.5
     english = retrieval_recall(
         model, pretrainer, processor, [s for s in samples if s.meta["language"] == "en"]
     )
