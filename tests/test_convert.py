@@ -17,16 +17,20 @@ import torch
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
+    Blip2Processor,
     Blip2QFormerConfig,
     Blip2VisionConfig,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     OPTConfig,
     PreTrainedModel,
     T5Config,
 )
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from kopru.convert import CONVERTERS, convert
 from kopru.convert import blip2 as blip2_converter
@@ -51,11 +55,25 @@ def randomise(model: PreTrainedModel) -> None:
             param.normal_(mean=1.0 if param.dim() == 1 else 0.0, std=0.2)
 
 
-def save_reference(model: PreTrainedModel, tokenizer, path: Path) -> Path:
+def save_reference(model: PreTrainedModel, tokenizer, path: Path, image_processor) -> Path:
+    """The checkpoint as the hub holds one: weights, tokenizer and its image-processor settings (`image_processor`:
+    an HF processor, saved as transformers 5 does, in processor_config.json; or a bare image processor, saved
+    alone in preprocessor_config.json)."""
     model.eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
     return path
+
+
+def llava_image_processor() -> CLIPImageProcessorPil:
+    """LLaVA-1.5's: shortest edge then a centre crop (40 -> 32, as 366 -> 336 would be), CLIP mean/std."""
+    return CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def blip2_image_processor() -> BlipImageProcessorPil:
+    """BLIP-2's: squash to the encoder's size, bicubic, CLIP mean/std."""
+    return BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
 def build_llava(path: Path, **overrides) -> tuple[LlavaForConditionalGeneration, Path]:
@@ -76,7 +94,9 @@ def build_llava(path: Path, **overrides) -> tuple[LlavaForConditionalGeneration,
     )
     model = LlavaForConditionalGeneration(config)
     randomise(model)
-    return model, save_reference(model, tokenizer, path)
+    processor = LlavaProcessor(image_processor=llava_image_processor(), tokenizer=tokenizer, patch_size=PATCH,
+                               vision_feature_select_strategy=config.vision_feature_select_strategy)
+    return model, save_reference(model, tokenizer, path, processor)
 
 
 def blip2_config(text_config, image_id: int | None) -> Blip2Config:
@@ -104,7 +124,9 @@ def build_blip2(path: Path) -> tuple[Blip2ForConditionalGeneration, Path]:
     )
     model = Blip2ForConditionalGeneration(blip2_config(text, image_id))
     randomise(model)
-    return model, save_reference(model, tokenizer, path)
+    processor = Blip2Processor(image_processor=blip2_image_processor(), tokenizer=tokenizer,
+                               num_query_tokens=NUM_QUERIES)
+    return model, save_reference(model, tokenizer, path, processor)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import LlamaForCausalLM, MllamaConfig, MllamaForConditionalGeneration
+from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
 from kopru.convert import convert, load_reference
 from kopru.convert import mllama as converter
@@ -63,6 +64,10 @@ def save_reference(model: MllamaForConditionalGeneration, path: Path) -> Path:
     tokenizer, _ = tokenizer_with_image_token()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    # Its image-processor settings, as a real checkpoint ships them (a conversion refuses a checkpoint without).
+    MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=MAX_TILES,
+                            image_mean=[0.48145466, 0.4578275, 0.40821073],
+                            image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(path)
     return path
 
 

@@ -379,7 +379,7 @@ def build_llava_next(path: Path) -> Path:
     )
     model = LlavaNextForConditionalGeneration(config)
     randomise(model)
-    return save_reference(model, tokenizer, path)
+    return save_reference(model, tokenizer, path, _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS))
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     SiglipVisionConfig,
 )
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.connectors import CrossAttentionConfig
@@ -123,10 +124,11 @@ def test_preprocessing_matches_hf_clip_image_processor(vision_dirs, tmp_path, sh
     torch.testing.assert_close(found, expected, atol=1e-5, rtol=0)
 
 
-def test_preprocessing_without_config_uses_family_mean_std(vision_dirs) -> None:
-    """Before: every encoder without a preprocessor_config.json got mean/std 0.5, wrong for CLIP."""
+def test_tiny_encoders_ship_their_family_mean_std(vision_dirs) -> None:
+    """Before: every encoder without a preprocessor_config.json got mean/std 0.5, wrong for CLIP. Now an encoder
+    without settings is refused (tests/test_image_processors.py), and the tiny ones ship their family's."""
     for kind, mean, std in (("clip", CLIP_MEAN, CLIP_STD), ("siglip", (0.5,) * 3, (0.5,) * 3)):
-        assert not (vision_dirs[kind] / CONFIG_NAME).exists()
+        assert (vision_dirs[kind] / CONFIG_NAME).is_file()
         tower = VisionTower.from_config(VisionTowerConfig(str(vision_dirs[kind])))
         preprocessor = ImagePreprocessor.for_encoder(str(vision_dirs[kind]), tower)
         assert preprocessor.size == IMAGE_SIZE
@@ -318,6 +320,7 @@ def test_llava_with_siglip_keeps_every_patch(tmp_path) -> None:
     src = tmp_path / "llava"
     reference.save_pretrained(src)
     tokenizer.save_pretrained(src)
+    SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(src)
 
     report = convert("llava", src, tmp_path / "kopru")
     assert report["image_positions"] == NUM_PATCHES

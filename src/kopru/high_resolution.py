@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 from kopru.config import KopruConfig, ResolutionConfig
 from kopru.connectors import strategy_class
-from kopru.image_processing import _RESAMPLE, ImagePreprocessor
+from kopru.image_processing import ImagePreprocessor
 from kopru.resolution import (
     QWEN2_VL_MAX_PIXELS,
     QWEN2_VL_MIN_PIXELS,
@@ -157,7 +157,7 @@ class HighResolutionPreprocessor:
         return {"pixel_values": pad_stack(per_image), "image_sizes": sizes}
 
     def _resample(self) -> Image.Resampling:
-        return _RESAMPLE.get(self.base.resample, Image.Resampling.BICUBIC)
+        return self.base.resample_filter
 
     def _anyres(self, image: Image.Image) -> torch.Tensor:
         plan = self.plan(image)

@@ -171,5 +171,7 @@ class KopruProcessor:
         tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(tokenizer, ImagePreprocessor.from_pretrained(vision_dir, image_size), config, image_count,
+        # A saved model always holds its image-processor settings: no size fallback (`image_size` is unused).
+        model_type = None if encoder_config is None else encoder_config.model_type
+        return cls(tokenizer, ImagePreprocessor.from_pretrained(vision_dir, model_type=model_type), config, image_count,
                    encoder_config=encoder_config)

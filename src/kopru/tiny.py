@@ -24,6 +24,8 @@ from transformers import (
     ViTModel,
 )
 
+from kopru.image_processing import ImagePreprocessor
+
 CORPUS = [
     "a red circle on the left of a blue square",
     "there are two green triangles in the picture",
@@ -82,10 +84,21 @@ def _llm(kind: str, vocab_size: int, hidden: int, layers: int, tie: bool):
     raise ValueError(f"unknown tiny LLM kind {kind!r}; expected llama, qwen2 or gpt2")
 
 
+_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+_TINY_PIXELS = {"clip": (*_CLIP, "CLIPImageProcessor"), "siglip": ((0.5,) * 3, (0.5,) * 3, "SiglipImageProcessor"),
+                "vit": ((0.5,) * 3, (0.5,) * 3, "ViTImageProcessor")}
+
+
 def save_tiny_vision(path: str | Path, kind: str = "clip", image_size: int = 32, patch_size: int = 8,
                      hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random encoder of `kind`, with the image-processor settings a real checkpoint ships (HF's
+    preprocessor_config.json: squash to `image_size`, bicubic, the family's mean/std), since Köprü refuses an
+    encoder without any rather than guessing them."""
     torch.manual_seed(seed)
     _vision(kind, image_size, patch_size, hidden, layers).save_pretrained(path)
+    mean, std, processor_type = _TINY_PIXELS[kind]
+    ImagePreprocessor(size=image_size, image_mean=mean, image_std=std, processor_type=processor_type
+                      ).save_pretrained(path)
     return Path(path)
 
 
