@@ -273,3 +273,54 @@ def test_unknown_format_lists_the_known_ones(tmp_path: Path) -> None:
         convert("nope", tmp_path, tmp_path / "out")
     for kind in CONVERTERS:
         assert kind in str(error.value)
+
+
+# --------------------------------------------------------------------------------------- image preprocessing
+# The same settings as the fixtures' processors, as a transformers-4 checkpoint holds them in
+# preprocessor_config.json (no processor_config.json): feature-extractor name and int sizes for LLaVA's CLIP,
+# the Fast class name for BLIP-2.
+_CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+TRANSFORMERS4_PREPROCESSOR = {
+    "llava": {"feature_extractor_type": "CLIPFeatureExtractor", "do_resize": True, "size": 40, "resample": 3,
+              "do_center_crop": True, "crop_size": IMAGE_SIZE, "do_normalize": True, "image_mean": _CLIP_MEAN,
+              "image_std": _CLIP_STD, "processor_class": "LlavaProcessor"},
+    "blip2": {"image_processor_type": "BlipImageProcessorFast", "do_resize": True,
+              "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 3, "do_rescale": True,
+              "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD,
+              "do_convert_rgb": True, "processor_class": "Blip2Processor"},
+}
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "transformers4"])
+@pytest.mark.parametrize("kind", ["llava", "blip2"])
+def test_converted_pixels_equal_hf_processor(kind: str, layout: str, llava, blip2, tmp_path: Path) -> None:
+    """The converted model carries the source's image-processor settings from whichever file it has, and its
+    reloaded processor gives HF's pixels exactly, on non-square images; its vision/ loads in HF as the same."""
+    from test_image_processors import picture
+    from transformers import AutoImageProcessor
+
+    _, src = llava if kind == "llava" else blip2
+    assert (src / "processor_config.json").is_file() and not (src / "preprocessor_config.json").exists()
+    if layout == "transformers4":
+        old = tmp_path / "old"
+        shutil.copytree(src, old)
+        (old / "processor_config.json").unlink()
+        (old / "preprocessor_config.json").write_text(json.dumps(TRANSFORMERS4_PREPROCESSOR[kind]))
+        src = old
+    hf = AutoImageProcessor.from_pretrained(src)
+    convert(kind, src, tmp_path / "kopru")
+    _, processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
+    images = [picture(200, 120, 0), picture(90, 300, 1), picture(333, 333, 2)]
+    expected = hf(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(processor.image_processor(images), expected)
+    saved = AutoImageProcessor.from_pretrained(tmp_path / "kopru" / "vision")
+    assert torch.equal(saved(images=images, return_tensors="pt")["pixel_values"], expected)
+
+
+def test_checkpoint_without_image_processor_is_refused(llava, tmp_path: Path) -> None:
+    _, src = llava
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare)
+    (bare / "processor_config.json").unlink()
+    with pytest.raises(ValueError, match=rf"expected image-processor settings in {bare} .*found neither"):
+        convert("llava", bare, tmp_path / "kopru")
