@@ -329,10 +329,14 @@ def test_crop_mode_on_rgba_matches_hf() -> None:
 
 
 def test_pad_mode_from_config_and_round_trip(tmp_path) -> None:
-    (tmp_path / "preprocessor_config.json").write_text(
-        '{"do_center_crop": true, "crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, '
-        '"image_aspect_ratio": "pad"}'
-    )
+    settings = ('{"do_center_crop": true, "crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, '
+                '"image_aspect_ratio": "pad"')
+    # No class named and no model_type to pick one (HF would take config.json's): refused, not guessed.
+    (tmp_path / "preprocessor_config.json").write_text(settings + "}")
+    with pytest.raises(ValueError, match=r"setting 'image_processor_type': expected one of .*found null"):
+        ImagePreprocessor.from_pretrained(tmp_path)
+    assert ImagePreprocessor.from_pretrained(tmp_path, model_type="llava").processor_type == "CLIPImageProcessor"
+    (tmp_path / "preprocessor_config.json").write_text(settings + ', "image_processor_type": "CLIPImageProcessor"}')
     loaded = ImagePreprocessor.from_pretrained(tmp_path)
     assert (loaded.mode, loaded.size, loaded.shortest_edge) == ("pad", 336, 336)
     saved = tmp_path / "saved"
