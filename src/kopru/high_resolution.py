@@ -141,7 +141,7 @@ def max_tiles(encoder_config: PretrainedConfig) -> int:
     expected = [list(ratio) for ratio in supported_aspect_ratios(tiles)]
     found = [list(ratio) for ratio in encoder_config.supported_aspect_ratios]
     if found != expected:
-        raise ValueError(f"the encoder's supported_aspect_ratios must be every (rows, columns) of at most "
+        raise ValueError(f"expected the encoder's supported_aspect_ratios to be every (rows, columns) of at most "
                          f"max_num_tiles={tiles} tiles in HF's order, {expected}; found {found}")
     return tiles
 
