@@ -266,3 +266,63 @@ def test_reload_keeps_tiling(setup, tmp_path: Path):
     with torch.no_grad():
         found = reloaded(input_ids=inputs["input_ids"], **kopru_pixels(inputs, images)).logits
         assert max_diff(reference(**inputs).logits, found) <= ATOL
+
+
+# ------------------------------------------------------------------------------ Köprü's own cross_attention
+@torch.no_grad()
+def test_kopru_cross_attention_model_on_an_mllama_encoder(tmp_path: Path, llm_dirs):
+    """A new Köprü cross_attention model (not a conversion) on a tiled Mllama encoder: each image's K/V are its
+    own tiles' patches (CLS dropped by Köprü's default), equal to HF's encoder on HF's processor inputs; the count
+    the processor, model and budget use follows the tiles; the engine generates as the reference loop does."""
+    from transformers import MllamaVisionModel
+
+    from kopru.budget import load_kopru_model
+
+    vision_config = MllamaVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=4, intermediate_size=64,
+        vision_output_dim=96, image_size=IMAGE_SIZE, patch_size=4, max_num_tiles=MAX_TILES,
+        intermediate_layers_indices=[0, 1],
+    )
+    torch.manual_seed(0)
+    encoder = MllamaVisionModel(vision_config).eval()
+    for name, param in encoder.named_parameters():  # gates away from 0, so tile embeddings matter
+        if "gate" in name:
+            param.data.uniform_(0.5, 1.5)
+    encoder.save_pretrained(tmp_path / "vision")
+    config = KopruConfig(vision=VisionTowerConfig(str(tmp_path / "vision"), feature_layer=-1),
+                         llm=str(llm_dirs["llama"]), strategy="cross_attention",
+                         resolution=ResolutionConfig(mode="tiled"))
+    model, processor = KopruForConditionalGeneration.from_backbones(config)
+    for block in model.connector.blocks:
+        block.attn_gate.data.fill_(1.0)
+        block.mlp_gate.data.fill_(1.0)
+    images = [IMAGES["tall"], IMAGES["square"], IMAGES["four"]]
+    counts = [processor.count(image).cross_attention_kv for image in images]
+    assert counts == [TILES["tall"] * 16, 16, 16 * 4]  # 4x4 patches per tile, CLS dropped
+
+    inputs = processor([f"{config.image_token}{config.image_token}two", f"{config.image_token}one"],
+                       images=[images[:2], images[2:]], padding_side="left")
+    features = model.encode_image_list(inputs["pixel_values"], inputs["image_sizes"])
+    assert [f.shape[0] for f in features] == counts
+    hf = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=MAX_TILES,
+                                 image_mean=list(processor.image_processor.image_mean),
+                                 image_std=list(processor.image_processor.image_std), resample=3)
+    hf_inputs = hf([images], return_tensors="pt")
+    hf_inputs.pop("num_tiles")
+    states = encoder(**hf_inputs).last_hidden_state[0]  # [images, tiles, patches + 1, dim]
+    for index, image_features in enumerate(features):
+        tiles = TILES[["tall", "square", "four"][index]]
+        expected = model.connector(states[index, :tiles, 1:]).flatten(0, 1)
+        assert float((expected - image_features).abs().max()) <= ATOL
+
+    engine = GenerationEngine(model, processor, max_batch_size=2)
+    steps = engine.stream_token_ids(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                    [SamplingParams(max_new_tokens=6)] * 2, image_sizes=inputs["image_sizes"])
+    found = torch.tensor([tokens for tokens, _ in zip(steps, range(6), strict=False)]).T
+    simple = model.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=6, eos_token_id=[],
+                            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    assert found.tolist() == simple.tolist()
+
+    model.save_pretrained(tmp_path / "kopru", processor)
+    budget = load_kopru_model(tmp_path / "kopru")
+    assert [budget.image_positions(image.width, image.height).cross_attention_kv for image in images] == counts
