@@ -21,7 +21,7 @@ from kopru.model import KopruForConditionalGeneration
 from kopru.tiny import tiny_tokenizer
 
 ATOL = 1e-4
-IMAGE_SIZE, PATCH, MAX_TILES = 16, 4, 2  # 16 patches + CLS = 17 tokens per tile (Mllama pads them to 24)
+IMAGE_SIZE, PATCH, MAX_TILES = 16, 4, 4  # 16 patches + CLS = 17 tokens per tile (Mllama pads them to 24)
 VISION_HIDDEN, INTERMEDIATE_LAYERS = 32, [0, 1]
 
 
@@ -40,7 +40,7 @@ def tiny_mllama(cross_attention_layers: list[int], num_layers: int, seed: int = 
             hidden_size=VISION_HIDDEN, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
             intermediate_size=64, vision_output_dim=VISION_HIDDEN * (1 + len(INTERMEDIATE_LAYERS)),
             image_size=IMAGE_SIZE, patch_size=PATCH, max_num_tiles=MAX_TILES,
-            intermediate_layers_indices=INTERMEDIATE_LAYERS, supported_aspect_ratios=[[1, 2], [1, 1], [2, 1]],
+            intermediate_layers_indices=INTERMEDIATE_LAYERS,  # default supported_aspect_ratios: HF's for 4 tiles
         ),
         text_config=dict(
             vocab_size=image_id, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
@@ -141,6 +141,7 @@ def test_end_to_end_from_pixels_and_reloaded(reference_dir, tmp_path, images_per
     model.eval()
     assert model.vision.num_tokens == reference.model.vision_model.num_patches
     assert model.image_count.llm_positions == 1
+    assert model.config.resolution.mode == "tiled"
     torch.manual_seed(1)
     reference_inputs, kopru_inputs = converter.random_inputs(reference, model, images_per_sample)
     expected = reference(**reference_inputs).logits
@@ -151,7 +152,7 @@ def test_end_to_end_from_pixels_and_reloaded(reference_dir, tmp_path, images_per
     model.save_pretrained(tmp_path / "kopru", processor)
     reloaded, reloaded_processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
     reloaded.eval()
-    assert type(reloaded.vision.encoder) is converter.MllamaSingleTileVisionModel
+    assert type(reloaded.vision.encoder) is converter.MllamaTiledVisionModel
     assert reloaded_processor.config.image_token_id == reference.config.image_token_id
     assert max_diff(expected, reloaded(**kopru_inputs).logits) <= ATOL
 
@@ -173,6 +174,7 @@ def test_processor_prompt_runs(reference_dir):
     image = Image.new("RGB", (40, 30), (200, 30, 30))
     inputs = processor(converter.IMAGE_TOKEN + "what colour is the shape?", images=[image])
     assert int((inputs["input_ids"] == reference.config.image_token_id).sum()) == 1
-    assert inputs["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert inputs["pixel_values"].shape == (1, MAX_TILES, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert inputs["image_sizes"].tolist() == [[30, 40]]
     new = model.eval().generate(**inputs, max_new_tokens=3)
     assert new.shape == (1, 3)

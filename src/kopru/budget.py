@@ -130,16 +130,12 @@ def dynamic_rule(patch_size: int = 14, merge_size: int = 2, min_pixels: int = 56
 
 
 def mllama_canvas(height: int, width: int, max_tiles: int = 4, tile_size: int = 560) -> tuple[int, int]:
-    """Llama-3.2-Vision's tile grid (rows, columns): HF `get_optimal_tiled_canvas`. Of the arrangements with at
-    most `max_tiles` tiles, the smallest upscale of the image if one fits it whole (scale >= 1), else the largest
-    downscale; ties go to the smallest canvas area."""
-    arrangements = [(rows, columns) for rows in range(1, max_tiles + 1) for columns in range(1, max_tiles + 1)
-                    if rows * columns <= max_tiles]
-    scales = [min(rows * tile_size / height, columns * tile_size / width) for rows, columns in arrangements]
-    upscales = [scale for scale in scales if scale >= 1]
-    chosen = min(upscales) if upscales else max(scales)
-    candidates = [arrangement for arrangement, scale in zip(arrangements, scales, strict=True) if scale == chosen]
-    return min(candidates, key=lambda grid: grid[0] * grid[1])
+    """Llama-3.2-Vision's tile grid (rows, columns): HF `get_optimal_tiled_canvas`, computed once in
+    `kopru.tiling` (the processor and the model use the same function)."""
+    from kopru.tiling import optimal_tiled_canvas
+
+    canvas_height, canvas_width = optimal_tiled_canvas(height, width, max_tiles, tile_size)
+    return canvas_height // tile_size, canvas_width // tile_size
 
 
 def tiles_rule(tile_size: int = 560, patch_size: int = 14, max_tiles: int = 4) -> ImageRule:

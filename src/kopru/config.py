@@ -29,7 +29,7 @@ class VisionTowerConfig:
     trainable: bool = False
 
 
-RESOLUTION_MODES = ("fixed", "anyres", "dynamic")
+RESOLUTION_MODES = ("fixed", "anyres", "dynamic", "tiled")
 REDUCTIONS = ("none", "pixel_shuffle", "avg_pool")
 
 
@@ -44,12 +44,16 @@ class ResolutionConfig:
       own (num_queries per tile) and cross-attention attends to all tiles' states.
     - "dynamic": Qwen2-VL. The image is resized (`smart_resize`) to multiples of patch x merge within
       [min_pixels, max_pixels] and seen in one pass, the encoder's position embeddings interpolated in 2-D.
+    - "tiled": Llama-3.2-Vision (an Mllama encoder only). The image is resized keeping its aspect ratio onto the
+      best canvas of up to the encoder's `max_num_tiles` tiles, padded and cut into tiles (`kopru.tiling`); the
+      encoder sees all tiles of an image together (tile position embeddings by aspect ratio) and every real
+      tile's states (patches + CLS unless dropped) reach the connector.
 
     `reduction` folds (pixel_shuffle: k x k neighbours concatenated, k^2 wider) or averages (avg_pool) each
     k x k block of patches before the connector, in every mode; in "dynamic" mode it is Qwen2-VL's k x k merge.
     """
 
-    mode: Literal["fixed", "anyres", "dynamic"] = "fixed"
+    mode: Literal["fixed", "anyres", "dynamic", "tiled"] = "fixed"
     # anyres: (height, width) pixel sizes the tiled view may take, each a multiple of the encoder's image size.
     # None: LLaVA-NeXT's five layouts (1x2, 2x1, 2x2, 3x1, 1x3 tiles) at the encoder's size.
     grid_pinpoints: list[list[int]] | None = None

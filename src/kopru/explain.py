@@ -891,7 +891,7 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
               "cross_attention_kv": _kv_bytes(len(cross), text_config, settings.images_per_sample * kv_length,
                                               settings)}
     notes = ["explained from the HF reference model MllamaForConditionalGeneration on the meta device: Köprü's "
-             "conversion runs one tile per image and keeps 8 extra lm_head rows (+8 x hidden parameters)"]
+             "conversion tiles images as HF does (K/V for the real tiles only) and keeps 8 extra lm_head rows (+8 x hidden parameters)"]
     return _finish(target, settings, model, "HF MllamaForConditionalGeneration", stages, components, budget,
                    vision_flops, connector_flops, cost, memory, notes)
 

@@ -29,7 +29,10 @@ from kopru.resolution import (
     anyres_layout,
     smart_resize,
 )
+from kopru.tiling import TiledPreprocessor, TileLayout, supported_aspect_ratios, tile_layout
 from kopru.vision import VISION_BACKBONES, vision_config_of
+
+TILED_ENCODERS = ("mllama_vision_model",)  # encoders with tile position embeddings (resolution mode "tiled")
 
 # LLaVA-NeXT's pinpoints in tiles (rows, columns): 336x672, 672x336, 672x672, 1008x336, 336x1008 at 336 px.
 LLAVA_NEXT_TILE_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
@@ -60,6 +63,7 @@ class ImagePlan:
     grid: tuple[int, int]  # patch rows, columns per pass after the k x k reduction
     cls_tokens: int  # CLS tokens per pass kept in front of the grid (never with a reduction or grid packing)
     layout: AnyresLayout | None = None  # anyres only
+    tiling: TileLayout | None = None  # tiled only: passes = its tiles, all seen by the encoder together
 
     @property
     def tokens_per_pass(self) -> int:
@@ -117,10 +121,29 @@ def plan_image(config: KopruConfig, encoder_config: PretrainedConfig, height: in
     side //= merge
     if resolution.mode == "fixed":
         return ImagePlan(1, (size, size), (side, side), cls_tokens)
+    if resolution.mode == "tiled":
+        tiling = tile_layout(height, width, size, max_tiles(encoder_config))
+        return ImagePlan(tiling.num_tiles, (size, size), (side, side), cls_tokens, tiling=tiling)
     layout = anyres_layout(height, width, tile_size=size, patches_per_side=side,
                            pinpoints=anyres_pinpoints(resolution, size))
     rows, columns = layout.tiles
     return ImagePlan(1 + rows * columns, (size, size), (side, side), cls_tokens, layout)
+
+
+def max_tiles(encoder_config: PretrainedConfig) -> int:
+    """Tiles per image of a tiled encoder (its `max_num_tiles`), after checking that its aspect-ratio embeddings
+    are indexed as `kopru.tiling` (and HF's processor) number the arrangements."""
+    encoder_config = vision_config_of(encoder_config)
+    if encoder_config.model_type not in TILED_ENCODERS:
+        raise ValueError(f"resolution mode 'tiled' needs an encoder with tile position embeddings "
+                         f"(model_type {list(TILED_ENCODERS)}), found {encoder_config.model_type!r}")
+    tiles = encoder_config.max_num_tiles
+    expected = [list(ratio) for ratio in supported_aspect_ratios(tiles)]
+    found = [list(ratio) for ratio in encoder_config.supported_aspect_ratios]
+    if found != expected:
+        raise ValueError(f"expected the encoder's supported_aspect_ratios to be every (rows, columns) of at most "
+                         f"max_num_tiles={tiles} tiles in HF's order, {expected}; found {found}")
+    return tiles
 
 
 # ------------------------------------------------------------------------------------------------ pixels
@@ -131,16 +154,21 @@ class HighResolutionPreprocessor:
     resized to fit the best pinpoint keeping its aspect ratio, padded with black symmetrically and cut into
     tiles row by row -> `pixel_values` [images, 1 + most tiles, 3, tile, tile], zero tiles after an image's own.
     dynamic: the image resized to its `smart_resize` size -> [images, 3, tallest, widest], zero padded at the
-    bottom and right. Both return `image_sizes` [images, 2] = the original (height, width), from which the model
+    bottom and right. tiled: Llama-3.2-Vision's tiles (`kopru.tiling.TiledPreprocessor`) -> [images, max_tiles,
+    3, tile, tile]. All return `image_sizes` [images, 2] = the original (height, width), from which the model
     re-plans every image.
     """
 
     def __init__(self, base: ImagePreprocessor, config: KopruConfig, encoder_config: PretrainedConfig) -> None:
         if config.resolution.mode == "fixed":
-            raise ValueError("HighResolutionPreprocessor serves resolution modes 'anyres' and 'dynamic', found 'fixed'")
+            raise ValueError("HighResolutionPreprocessor serves resolution modes 'anyres', 'dynamic' and 'tiled', "
+                             "found 'fixed'")
         self.base = base
         self.config = config
         self.encoder_config = vision_config_of(encoder_config)
+        self.tiled = None
+        if config.resolution.mode == "tiled":  # Mllama's canvas, resize, pad and split (kopru.tiling)
+            self.tiled = TiledPreprocessor(base, self.encoder_config.image_size, max_tiles(self.encoder_config))
 
     def plan(self, image: Image.Image) -> ImagePlan:
         return plan_image(self.config, self.encoder_config, image.height, image.width)
@@ -149,6 +177,8 @@ class HighResolutionPreprocessor:
         for image in images:
             if not isinstance(image, Image.Image):
                 raise TypeError(f"expected a PIL.Image.Image, found {type(image).__name__}")
+        if self.tiled is not None:
+            return self.tiled(images)  # pixel_values [images, max_tiles, 3, S, S] and image_sizes
         sizes = torch.tensor([[image.height, image.width] for image in images], dtype=torch.long).view(-1, 2)
         if self.config.resolution.mode == "anyres":
             per_image = [self._anyres(image.convert("RGB")) for image in images]

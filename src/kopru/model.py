@@ -27,6 +27,7 @@ from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
 from kopru.paths import atomic_directory
 from kopru.processing import KopruProcessor, add_image_tokens
+from kopru.tiling import aspect_ratio_inputs
 from kopru.tokens import connector_tokens, image_positions
 from kopru.vision import VisionTower
 
@@ -121,7 +122,8 @@ class KopruForConditionalGeneration(nn.Module):
 
         fixed: pixel_values [images, 3, S, S]. anyres: [images, 1 + most tiles, 3, S, S] (base view first) and
         `image_sizes` [images, 2] = original (height, width). dynamic: [images, 3, H, W] zero padded, each image
-        in its top-left corner at its `smart_resize` size, and `image_sizes` as for anyres.
+        in its top-left corner at its `smart_resize` size, and `image_sizes` as for anyres. tiled: [images,
+        max_tiles, 3, S, S] (each image's own tiles first, `kopru.tiling`) and `image_sizes` as for anyres.
         """
         if self.config.resolution.mode == "fixed":
             return list(self.encode_images(pixel_values).unbind(0))
@@ -140,7 +142,25 @@ class KopruForConditionalGeneration(nn.Module):
     def _encode_planned(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
         if self.config.resolution.mode == "anyres":
             return self._encode_anyres(pixel_values, plans)
+        if self.config.resolution.mode == "tiled":
+            return self._encode_tiled(pixel_values, plans)
         return self._encode_dynamic(pixel_values, plans)
+
+    def _encode_tiled(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
+        """Llama-3.2-Vision: all `max_tiles` tiles of every image through the encoder together (its tile position
+        embeddings and global layers see the whole canvas), then only each image's own tiles to the connector:
+        HF masks the padding tiles out of cross-attention, so leaving them out gives the same attention."""
+        size, max_tiles = self.vision.image_size, plans[0].tiling.max_tiles
+        if pixel_values.dim() != 5 or pixel_values.shape[1:] != (max_tiles, 3, size, size):
+            raise ValueError(f"tiled resolution expects pixel_values [images, {max_tiles} tiles, 3, {size}, {size}], "
+                             f"found {list(pixel_values.shape)}")
+        ids, mask = aspect_ratio_inputs([plan.tiling for plan in plans], max_tiles, device=pixel_values.device)
+        features = self.vision(pixel_values, aspect_ratio_ids=ids, aspect_ratio_mask=mask)
+        features = features.unflatten(0, (len(plans), max_tiles))[mask.bool()]  # [real tiles, tokens, dim]
+        rows, columns = plans[0].grid
+        factor = self.reduction.factor
+        states = self.connector(self.reduction(features, rows * factor, columns * factor))
+        return [out.flatten(0, 1) for out in states.split([plan.passes for plan in plans])]
 
     def _encode_anyres(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
         size = self.vision.image_size

@@ -54,7 +54,7 @@ class TrainConfig:
     strategy: str = "projection"
     connector: dict[str, Any] = field(default_factory=dict)
     feature_layer: int | list[int] = -2
-    # ResolutionConfig fields (kopru.config): mode fixed / anyres / dynamic, grid_pinpoints, min/max_pixels,
+    # ResolutionConfig fields (kopru.config): mode fixed / anyres / dynamic / tiled (Mllama encoders), grid_pinpoints, min/max_pixels,
     # reduction, reduction_factor; empty: one native-size pass per image.
     resolution: dict[str, Any] = field(default_factory=dict)
     init_connector: str | None = None  # a stage-1 connector checkpoint to start from

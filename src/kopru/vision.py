@@ -57,8 +57,9 @@ VISION_BACKBONES: dict[str, VisionBackbone] = {
     "siglip_vision_model": VisionBackbone(SiglipVisionModel, has_cls=False, final_norm="post_layernorm"),
     "vit": VisionBackbone(ViTModel, has_cls=True, final_norm="layernorm", load_kwargs=(("add_pooling_layer", False),)),
     "blip_2_vision_model": VisionBackbone(Blip2VisionModel, has_cls=True, final_norm="post_layernorm", **_CLIP_PIXELS),
-    # Llama-3.2-Vision's tiled encoder run on one tile per image; features = last + intermediate layers.
-    "mllama_vision_model": VisionBackbone("kopru.convert.mllama:MllamaSingleTileVisionModel", has_cls=True,
+    # Llama-3.2-Vision's tiled encoder (resolution mode "tiled"; "fixed" runs one tile per image); features = last
+    # + intermediate layers, per tile.
+    "mllama_vision_model": VisionBackbone("kopru.convert.mllama:MllamaTiledVisionModel", has_cls=True,
                                           final_norm=None, width="vision_output_dim", interpolates=False,
                                           **_CLIP_PIXELS),
 }
@@ -152,16 +153,26 @@ class VisionTower(nn.Module):
     def patch_size(self) -> int:
         return self.encoder.config.patch_size
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None,
+                aspect_ratio_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[images, 3, H, W] -> [images, tokens, hidden_size]
 
         H and W other than the encoder's native size (multiples of its patch size) interpolate its position
         embeddings; the native size runs the encoder exactly as trained.
+
+        Tiled encoders (Mllama, resolution mode "tiled"): pixel_values [images, tiles, 3, S, S] with
+        `aspect_ratio_ids` [images] and `aspect_ratio_mask` [images, tiles] -> [images * tiles, tokens,
+        hidden_size], one row per tile (padding tiles included), so feature selection and CLS dropping act per tile.
         """
         dtype = next(self.encoder.parameters()).dtype
         height, width = pixel_values.shape[-2:]
         native = height == width == self.image_size
         kwargs = {}
+        if aspect_ratio_ids is not None:
+            if self.encoder.config.model_type != "mllama_vision_model":
+                raise ValueError(f"aspect_ratio_ids are for a tiled (Mllama) encoder, found a "
+                                 f"{self.encoder.config.model_type!r} encoder")
+            kwargs = {"aspect_ratio_ids": aspect_ratio_ids, "aspect_ratio_mask": aspect_ratio_mask}
         if not native:
             if not self.backbone.interpolates:
                 raise ValueError(

@@ -17,16 +17,12 @@ Mllama cannot emit at all) get logit 0. Mask them when sampling if that matters;
 logits are far above 0, so greedy decoding is not affected in practice.
 
 Vision side. `MllamaVisionModel` takes tiled images ([B, images, tiles, 3, H, W] plus aspect-ratio ids and
-masks). `MllamaSingleTileVisionModel` below adapts it to the `VisionTower` interface ([images, 3, H, W] ->
-[images, tokens, vision_output_dim]): every image is one tile (aspect ratio 1x1, id = index of [1, 1]
-in `supported_aspect_ratios` + 1, aspect-ratio mask [1, 0, ...]). It still runs all `max_num_tiles` tiles
-with the unused ones zero, exactly as HF's processor pads them: Mllama's encoder lets real patches attend to
-padding patches (its mask only hides padding from padding), so only that reproduces HF's features exactly
-(at max_num_tiles times the compute of one tile). The image states are tile 0's: (image_size /
-patch_size)^2 patches + CLS, `vision_output_dim` wide (last layer and the intermediate layers, as Mllama
-concatenates them), so `feature_layer` must stay -1. Köprü's image preprocessing squashes a picture to one
-`image_size` tile; HF's processor would instead split a large picture into up to `max_num_tiles` tiles, which
-this conversion does not do (limitation: single-tile images only; multi-tile inputs are not supported).
+masks). A converted model uses resolution mode "tiled": Köprü's processor tiles each image exactly as HF's
+`MllamaImageProcessor` (`kopru.tiling`: best canvas of up to `max_num_tiles` tiles, aspect-preserving resize,
+zero padding, split), `MllamaTiledVisionModel` below runs the encoder on all `max_num_tiles` tiles of each
+image and the model keeps each image's own tiles: tiles x ((image_size / patch_size)^2 + 1) cross-attention
+key/value positions per image (1601 per tile at 560 px / patch 14), `vision_output_dim` wide (last layer and
+the intermediate layers, as Mllama concatenates them), so `feature_layer` must stay -1.
 
 Semantics. Mllama text rows that see no image still get cross-attention output (uniform attention over all
 image positions; only the MLP is zeroed by `full_text_row_masked_out_mask`); Köprü zeroes both, so text before
@@ -44,11 +40,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MllamaForConditionalGeneration, MllamaVisionModel
 from transformers.modeling_outputs import BaseModelOutput
 
-from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CrossAttentionConfig, CrossAttentionConnector
 from kopru.convert.common import image_preprocessor, load_tokenizer
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
+from kopru.tiling import aspect_ratio_inputs, supported_aspect_ratios, tile_layout
 from kopru.vision import VisionTower
 
 EXTRA_EMBEDDINGS = 8  # MllamaTextModel.embed_tokens has vocab_size + 8 rows
@@ -79,20 +76,60 @@ def single_tile_inputs(pixel_values: torch.Tensor, config) -> dict[str, torch.Te
             "aspect_ratio_mask": aspect_ratio_mask}
 
 
-class MllamaSingleTileVisionModel(MllamaVisionModel):
-    """`MllamaVisionModel` on plain [images, 3, H, W] pixels, each image one tile; the weights (and their
-    names) are MllamaVisionModel's, so `vision/` of a converted model is an ordinary Mllama vision checkpoint.
+class MllamaTiledVisionModel(MllamaVisionModel):
+    """`MllamaVisionModel` behind the `VisionTower` interface; the weights (and their names) are
+    MllamaVisionModel's, so `vision/` of a converted model is an ordinary Mllama vision checkpoint.
 
-    Output: `last_hidden_state` and `hidden_states[-1]` = tile 0's features [images, patches + 1,
-    vision_output_dim] (what Mllama's multi-modal projector consumes). There is one entry in `hidden_states`.
+    * tiled (resolution mode "tiled", as HF): pixel_values [images, max_num_tiles, 3, S, S] with
+      `aspect_ratio_ids` [images] and `aspect_ratio_mask` [images, max_num_tiles]. Every image runs all
+      max_num_tiles tiles, padding ones zero, exactly as HF's processor pads them: Mllama's encoder lets real
+      patches attend to padding patches (its mask only hides padding from padding), so only that reproduces HF's
+      features. Output: one row per tile, [images * max_num_tiles, patches + 1, vision_output_dim]; the model
+      keeps an image's own tiles (HF masks the others out of cross-attention, which is the same).
+    * single tile (resolution mode "fixed"): pixel_values [images, 3, S, S], each image one 1x1 tile.
+
+    `hidden_states` has one entry, equal to `last_hidden_state` (last layer and the intermediate layers
+    concatenated, as Mllama's projector consumes them), so `feature_layer` must stay -1.
     """
 
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None, output_hidden_states: bool | None = None, **kwargs
     ) -> BaseModelOutput:
-        tiled = super().forward(**single_tile_inputs(pixel_values, self.config), **kwargs).last_hidden_state
-        features = tiled[:, 0, 0]  # [images, 1 image, tiles, patches, dim] -> tile 0
+        if aspect_ratio_ids is None:
+            inputs = single_tile_inputs(pixel_values, self.config)
+        else:
+            inputs = tiled_inputs(pixel_values, aspect_ratio_ids, aspect_ratio_mask, self.config)
+        tiled = super().forward(**inputs, **kwargs).last_hidden_state  # [images, 1, tiles, patches, dim]
+        if aspect_ratio_ids is None:
+            features = tiled[:, 0, 0]  # tile 0 of each image
+        else:
+            features = tiled.flatten(0, 2)
         return BaseModelOutput(last_hidden_state=features, hidden_states=(features,))
+
+
+MllamaSingleTileVisionModel = MllamaTiledVisionModel  # the name earlier releases used
+
+
+def tiled_inputs(pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor | None,
+                 config) -> dict[str, torch.Tensor]:
+    """[images, tiles, 3, H, W] + per-image ids / masks -> MllamaVisionModel inputs, one image per sample."""
+    tiles = config.max_num_tiles
+    if pixel_values.dim() != 5 or pixel_values.shape[1] != tiles:
+        raise ValueError(f"expected tiled pixel_values [images, {tiles} tiles (the encoder's max_num_tiles), 3, H, W], "
+                         f"found shape {tuple(pixel_values.shape)}")
+    images = pixel_values.shape[0]
+    if aspect_ratio_mask is None or tuple(aspect_ratio_ids.shape) != (images,) or \
+            tuple(aspect_ratio_mask.shape) != (images, tiles):
+        found = None if aspect_ratio_mask is None else tuple(aspect_ratio_mask.shape)
+        raise ValueError(f"expected aspect_ratio_ids [{images}] and aspect_ratio_mask [{images}, {tiles}], found "
+                         f"{tuple(aspect_ratio_ids.shape)} and {found}")
+    bad = aspect_ratio_ids[(aspect_ratio_ids < 1) | (aspect_ratio_ids > config.max_aspect_ratio_id)]
+    if bad.numel():
+        raise ValueError(f"expected aspect_ratio_ids in 1..{config.max_aspect_ratio_id} (the encoder's "
+                         f"supported_aspect_ratios), found {bad.tolist()}")
+    return {"pixel_values": pixel_values.unsqueeze(1), "aspect_ratio_ids": aspect_ratio_ids.view(images, 1),
+            "aspect_ratio_mask": aspect_ratio_mask.view(images, 1, tiles)}
 
 
 # ---------------------------------------------------------------------------------------------- language
@@ -209,10 +246,10 @@ def build_llm(reference: MllamaForConditionalGeneration) -> LlamaForCausalLM:
     return llm.eval()
 
 
-def build_vision(reference: MllamaForConditionalGeneration) -> MllamaSingleTileVisionModel:
+def build_vision(reference: MllamaForConditionalGeneration) -> MllamaTiledVisionModel:
     source = reference.model.vision_model
     device = source.patch_embedding.weight.device
-    vision = _build(lambda: MllamaSingleTileVisionModel(source.config), source.state_dict(), device)
+    vision = _build(lambda: MllamaTiledVisionModel(source.config), source.state_dict(), device)
     vision.config.dtype = source.patch_embedding.weight.dtype
     return vision.eval()
 
@@ -240,6 +277,8 @@ def kopru_config(reference: MllamaForConditionalGeneration, src: str) -> KopruCo
         image_start_token=None,
         image_end_token=None,
         image_token_id=reference.config.image_token_id,
+        # HF's processor tiles every image (up to max_num_tiles, tile position embeddings by aspect ratio).
+        resolution=ResolutionConfig(mode="tiled"),
     )
 
 
@@ -259,36 +298,45 @@ def to_kopru(
     )
     model = KopruForConditionalGeneration(config, vision, llm, connector)
     tokenizer = load_tokenizer(src, config)
-    processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), config, model.image_count)
+    processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), config, model.image_count,
+                               encoder_config=vision.encoder.config)
     return model, processor
 
 
 def random_inputs(reference: MllamaForConditionalGeneration, model: KopruForConditionalGeneration,
                   images_per_sample: int = 1, batch: int = 2, text_length: int = 10):
-    """`images_per_sample` single-tile images at the start of each prompt, then random text.
+    """`images_per_sample` random tiled images at the start of each prompt, then random text.
 
-    HF side: the same pixels as tile 0 of `max_num_tiles` (the rest zero, as HF's processor pads), and a
-    cross-attention mask in which each row sees the images up to its position (all rows see one).
+    The images cycle through every tile arrangement the encoder supports (image sizes that are exact multiples
+    of the tile size, so image k has arrangement k), so a batch mixes tile counts. HF side: the same tiles padded
+    to `max_num_tiles` with zeros, aspect-ratio ids and masks, and a cross-attention mask in which each row sees
+    the real tiles of the images up to its position (all rows see one). Köprü side: the tiles and image sizes.
     """
     config = reference.config
     vision = config.vision_config
-    image_id = config.image_token_id
+    image_id, size, tiles = config.image_token_id, vision.image_size, vision.max_num_tiles
+    arrangements = supported_aspect_ratios(tiles)
     text_ids = torch.randint(0, min(image_id, config.text_config.vocab_size), (batch, text_length))
     input_ids = torch.cat([torch.full((batch, images_per_sample), image_id), text_ids], dim=1)
-    pixels = torch.randn(batch * images_per_sample, 3, vision.image_size, vision.image_size)
-    tiled = single_tile_inputs(pixels, vision)
+    count = batch * images_per_sample
+    layouts = [tile_layout(rows * size, columns * size, size, tiles)
+               for rows, columns in (arrangements[k % len(arrangements)] for k in range(count))]
+    pixels = torch.randn(count, tiles, 3, size, size)
+    ids, mask = aspect_ratio_inputs(layouts, tiles)
+    pixels = pixels * mask.view(count, tiles, 1, 1, 1)  # padding tiles are zero, as HF's processor pads
     images_seen = torch.cumsum(input_ids == image_id, dim=1)  # [B, T]
     sees = images_seen.unsqueeze(-1) > torch.arange(images_per_sample)  # [B, T, images]
-    cross_attention_mask = torch.zeros(*sees.shape, vision.max_num_tiles, dtype=torch.long)
-    cross_attention_mask[..., 0] = sees.long()
+    cross_attention_mask = sees.unsqueeze(-1).long() * mask.view(batch, 1, images_per_sample, tiles)
     attention_mask = torch.ones_like(input_ids)
     reference_inputs = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "pixel_values": tiled["pixel_values"].unflatten(0, (batch, images_per_sample)).squeeze(2),
-        "aspect_ratio_ids": tiled["aspect_ratio_ids"].view(batch, images_per_sample),
-        "aspect_ratio_mask": tiled["aspect_ratio_mask"].view(batch, images_per_sample, -1),
+        "pixel_values": pixels.view(batch, images_per_sample, tiles, 3, size, size),
+        "aspect_ratio_ids": ids.view(batch, images_per_sample),
+        "aspect_ratio_mask": mask.view(batch, images_per_sample, tiles),
         "cross_attention_mask": cross_attention_mask,
     }
-    kopru_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
+    sizes = torch.tensor([[layout.canvas[0], layout.canvas[1]] for layout in layouts])
+    kopru_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels,
+                    "image_sizes": sizes}
     return reference_inputs, kopru_inputs
