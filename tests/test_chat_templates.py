@@ -192,3 +192,32 @@ def test_one_validator_names_the_bad_field() -> None:
     canonical = validate_messages([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "u"}}, {"type": "text", "text": "hi"}]}])
     assert canonical == [{"role": "user", "content": [{"type": "image", "image": "u"}, {"type": "text", "text": "hi"}]}]
+
+
+def test_second_turn_renders_as_hf(checkpoints) -> None:
+    """The history (an answer as a text part) goes through the template as HF's processor renders it."""
+    src, dst = checkpoints["llava15"]
+    engine = load_engine(str(dst), device="cpu")
+    session = ChatSession(engine, SamplingParams(max_new_tokens=3, temperature=0.0))
+    first = session.ask(QUESTION, [picture()], io.StringIO())
+    history = [*session.messages, user_message("And the colour?", [])]
+    prompt, images = format_chat(engine.processor, history)
+    hf = LlavaProcessor.from_pretrained(src).apply_chat_template(
+        [*hf_messages("llava15"), {"role": "assistant", "content": [{"type": "text", "text": first}]},
+         {"role": "user", "content": [{"type": "text", "text": "And the colour?"}]}], add_generation_prompt=True)
+    assert prompt == engine.processor.tokenizer.bos_token + hf
+    assert len(images) == 1
+
+
+def test_a_template_with_nothing_after_an_answer_serves_but_does_not_train(checkpoints) -> None:
+    """Ending no turn is a training problem (the model never learns to stop), not an inference one."""
+    from kopru.data.encoding import SampleEncoder
+
+    engine = load_engine(str(checkpoints["text"][1]), device="cpu")
+    engine.processor.tokenizer.chat_template = TEXT_TEMPLATE.replace("'</s>'", "''")
+    prompt, _ = format_chat(engine.processor, [{"role": "user", "content": "<image>\nhi"}])
+    assert prompt.endswith("USER: <image>\nhi ASSISTANT:")
+    answer = engine.complete([prompt], [[picture()]], SamplingParams(max_new_tokens=2, temperature=0.0))[0]
+    assert answer.completion_tokens >= 1
+    with pytest.raises(ValueError, match="puts nothing after an assistant message"):
+        SampleEncoder(engine.processor)
