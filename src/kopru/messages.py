@@ -110,6 +110,10 @@ def _check_text(text: str, placeholders: bool, at: str) -> None:
 def _image_source(part: dict, at: str) -> Any:
     if part["type"] == "image_url":
         spec = part.get("image_url")
+        if spec is None and part.get("image") is not None:  # already decoded by the caller
+            return part["image"]
+        if spec is not None and not isinstance(spec, dict | str):  # an image object in place of the URL
+            return spec
         url = spec.get("url") if isinstance(spec, dict) else spec
         if not isinstance(url, str):
             raise MessageError(f"{at}.image_url: expected {{'url': <string>}}, found {_show(spec)}", f"{at}.image_url")
