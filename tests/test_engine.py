@@ -397,7 +397,7 @@ def test_format_chat_renders_as_training_does(build, make_image) -> None:
         {"role": "user", "content": "Ya bu?\n<image>"}])
     assert prompt == expected
     assert prompt == "<s>User: <image>\nNe renk?\nAssistant: Kırmızı.</s>\nUser: Ya bu?\n<image>\nAssistant:"
-    with pytest.raises(ValueError, match="content parts of type"):
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[0\]: expected \{'type': 'text'"):
         format_chat(processor, [{"role": "user", "content": [{"type": "audio"}]}])
 
 

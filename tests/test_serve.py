@@ -405,7 +405,7 @@ def _bad_requests(local_dir: Path) -> dict[str, tuple[bytes | dict, int, str | N
         "prompt beyond the context window": ({**ok, "messages": user_message("red circle " * 1200, image)}, 400,
                                              "context_length_exceeded", "messages"),
         "image placeholder typed as text": ({**ok, "messages": user_message("what is <image> here?")}, 400,
-                                            "invalid_value", "messages"),
+                                            "invalid_value", "messages[0].content[0].text"),
         "max_tokens above the limit": ({**ok, "max_tokens": LIMITS.max_new_tokens + 1,
                                         "messages": user_message("hi")}, 400, "invalid_value", "max_tokens"),
         "temperature not a number": ({**ok, "temperature": "hot", "messages": user_message("hi")}, 400,

@@ -2,7 +2,8 @@
 
 One-shot: `kopru chat --model DIR --image PATH "prompt"`. Interactive (no prompt): one user turn per line;
 `/image PATH` attaches an image to the next turn (repeatable), `/reset` forgets the conversation, `/quit` ends.
-Turns are rendered with the tokenizer's chat template, or the template used in training (`format_chat`).
+Turns are messages in Köprü's one chat format (`kopru.messages`), rendered by `format_chat`: the model's chat
+template (a converted checkpoint carries its source's) in the content form it expects, or Köprü's fallback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from PIL import Image
 from kopru.data.formats import IMAGE_PLACEHOLDER
 from kopru.generation import GenerationEngine, SamplingParams, format_chat
 from kopru.image_processing import load_image, scrub_object_reprs
+from kopru.messages import Message
 
 HELP = "commands: /image PATH (attach to the next message), /reset (new conversation), /quit"
 
@@ -31,15 +33,22 @@ def read_image(path: str) -> Image.Image:
                          f"{scrub_object_reprs(str(error), path)}") from None
 
 
-def user_message(text: str, images: list[Image.Image]) -> dict:
-    """A user turn: images in front of the text unless the text places them itself with `<image>`."""
+def user_message(text: str, images: list[Image.Image]) -> Message:
+    """A user turn as text and image parts: images in front of the text, or where the text places them with
+    `<image>` (each placeholder becomes the next image's part, so the images travel inside the message)."""
     placed = text.count(IMAGE_PLACEHOLDER)
-    if placed:
-        if placed != len(images):
-            raise ValueError(f"the message holds {placed} {IMAGE_PLACEHOLDER!r} placeholder(s) but {len(images)} "
-                             "image(s) are attached; expected one image per placeholder")
-        return {"role": "user", "content": text, "images": images}
-    parts = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+    if not placed:
+        parts = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+        return {"role": "user", "content": parts}
+    if placed != len(images):
+        raise ValueError(f"the message holds {placed} {IMAGE_PLACEHOLDER!r} placeholder(s) but {len(images)} "
+                         "image(s) are attached; expected one image per placeholder")
+    parts = []
+    for number, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if number:
+            parts.append({"type": "image", "image": images[number - 1]})
+        if piece:
+            parts.append({"type": "text", "text": piece})
     return {"role": "user", "content": parts}
 
 
@@ -52,7 +61,7 @@ class ChatSession:
         self.params = params
         self.template = template
         self.system = system
-        self.messages: list[dict] = []
+        self.messages: list[Message] = []
 
     def reset(self) -> None:
         self.messages = []
@@ -61,31 +70,16 @@ class ChatSession:
         """Stream the answer to `out`; the turn joins the history only when it succeeds."""
         message = user_message(text, images)
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages + [message]
-        prompt, _ = format_chat(self.engine.processor, [_without_images(m) for m in history], self.template)
+        prompt, ordered = format_chat(self.engine.processor, history, self.template)
         pieces = []
-        for event in self.engine.stream([prompt], [_images_in_order(history)], self.params):
+        for event in self.engine.stream([prompt], [ordered], self.params):
             pieces.append(event.text)
             out.write(event.text)
             out.flush()
         out.write("\n")
         answer = "".join(pieces)
-        self.messages += [message, {"role": "assistant", "content": answer}]
+        self.messages += [message, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         return answer
-
-
-def _without_images(message: dict) -> dict:
-    return {key: value for key, value in message.items() if key != "images"}
-
-
-def _images_in_order(history: list[dict]) -> list[Image.Image]:
-    """Every image of the conversation in the order its placeholder appears in the rendered prompt: parts in
-    order, or the images of a text that places them with `<image>`."""
-    images = []
-    for message in history:
-        if isinstance(message["content"], list):
-            images += [part["image"] for part in message["content"] if part.get("type") == "image"]
-        images += message.get("images", [])
-    return images
 
 
 def run_chat(engine: GenerationEngine, params: SamplingParams, prompt: str | None, images: list[Image.Image],

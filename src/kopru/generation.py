@@ -405,7 +405,9 @@ class GenerationEngine:
         self.device = next(self.llm.parameters()).device
         eos = [*_as_ids(getattr(self.llm.generation_config, "eos_token_id", None)),
                *_as_ids(self.llm.config.eos_token_id), *_as_ids(self.tokenizer.eos_token_id)]
-        self.eos_ids = sorted(set(eos))
+        # A chat model ends its turn with the template's end-of-turn token (Llama 3's <|eot_id|>, ChatML's
+        # <|im_end|>), which need not be eos: without it, generation runs on into an invented next turn.
+        self.eos_ids = sorted(set(eos) | set(_end_of_turn_ids(processor)))
         self._eos_set = set(self.eos_ids)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or [0])[0]
         self._cache_argument = model._cache_argument
@@ -659,6 +661,13 @@ class GenerationEngine:
         return StreamEvent(row.index, piece, None) if piece else None
 
 
+def _end_of_turn_ids(processor) -> list[int]:
+    from kopru.messages import end_of_turn_ids
+
+    config = getattr(processor, "config", None)
+    return end_of_turn_ids(processor) if config is not None and hasattr(processor, "tokenizer") else []
+
+
 def _as_ids(value) -> list[int]:
     return [] if value is None else [value] if isinstance(value, int) else list(value)
 
@@ -669,47 +678,14 @@ def _next_power_of_two(value: int) -> int:
 
 # ============================================================================================ chat format
 def format_chat(processor, messages: list[dict], template: str = "chat") -> tuple[str, list[Image.Image]]:
-    """OpenAI-style messages -> (prompt text with one image placeholder per image, the images in order).
+    """Chat messages (`kopru.messages`: OpenAI-style, content a string or text / image parts) -> (the prompt
+    with one image token per image, the images the parts carry, in order).
 
-    A message is {"role": "system" | "user" | "assistant", "content": str | list of parts}; a part is
-    {"type": "text", "text": str} or an image part {"type": "image_url" | "image", ...} whose image, when given,
-    is a PIL image under "image" (or "image_url" itself): images are decoded by the caller. An image part
-    without one is a placeholder only (its image is passed separately). Images go where their parts are,
-    parts joined by newlines ("<image>\\nWhat is this?").
-
-    The prompt is rendered exactly as in training (`SampleEncoder.prompt`): the tokenizer's chat template when
-    it has one, else Köprü's fallback template, with the generation prompt added.
+    "<image>" typed in string content is a placeholder whose image the caller passes itself. The prompt is
+    rendered by `kopru.messages.render_prompt`: the tokenizer's chat template in the content form it expects,
+    else Köprü's fallback template, with the generation prompt added; no training-only checks are run.
     """
-    from kopru.data.encoding import SampleEncoder
-    from kopru.data.formats import IMAGE_PLACEHOLDER
+    from kopru.messages import images_of, render_prompt, validate_messages
 
-    rendered, found = [], []
-    for number, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"message {number}: expected {{'role': system|user|assistant, 'content': ...}}, "
-                             f"found {message!r:.80}")
-        content = message.get("content")
-        if content is None:
-            content = ""
-        if isinstance(content, str):
-            pieces = [content]
-        elif isinstance(content, list):
-            pieces = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    pieces.append(str(part.get("text", "")))
-                elif kind in ("image_url", "image"):
-                    pieces.append(IMAGE_PLACEHOLDER)
-                    image = part.get("image", part.get("image_url"))
-                    if isinstance(image, Image.Image):
-                        found.append(image)
-                else:
-                    raise ValueError(f"message {number}: expected content parts of type 'text', 'image_url' or "
-                                     f"'image', found {part!r:.80}")
-        else:
-            raise ValueError(f"message {number}: expected content as a string or a list of parts, found "
-                             f"{type(content).__name__}")
-        rendered.append({"role": message["role"], "content": "\n".join(pieces)})
-    encoder = SampleEncoder(processor, template=template)
-    return encoder.prompt(rendered), found
+    canonical = validate_messages(messages)
+    return render_prompt(processor, canonical, template), images_of(canonical)

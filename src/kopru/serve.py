@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from kopru.generation import GenerationEngine, SamplingParams, StreamEvent, format_chat
 from kopru.image_processing import ImageTooLargeError, load_image, scrub_object_reprs
+from kopru.messages import MessageError, validate_messages
 
 DEMO_PAGE = "index.html"
 DISCONNECT_CHECK_S = 0.1  # how often a non-streamed request checks that its client is still there
@@ -248,52 +249,26 @@ def parse_chat_request(body: Any, model_name: str, limits: ServerLimits,
         raise APIError(400, "'stream' must be true or false and 'stream_options' an object", code="invalid_type",
                        param="stream")
     messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {'role', 'content'} objects",
-                       code="invalid_value", param="messages")
-    images = sum(isinstance(part, dict) and part.get("type") == "image_url"
-                 for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+    images = sum(isinstance(part, dict) and part.get("type") in ("image_url", "image")
+                 for message in (messages if isinstance(messages, list) else [])
+                 if isinstance(message, dict) and isinstance(message.get("content"), list)
                  for part in message["content"])
     if images > limits.max_images_per_request:  # before any is decoded
-        raise APIError(400, f"too many images: {images} image_url parts; the limit is "
+        raise APIError(400, f"too many images: {images} image parts; the limit is "
                        f"{limits.max_images_per_request} per request", code="too_many_images", param="messages")
-    decoded = []
-    image_number = 0  # 1-based across the request's messages: how a client (or the web page) can tell images apart
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise APIError(400, f"messages[{index}] must be an object with 'role' and 'content', found "
-                           f"{json.dumps(message)[:80]}", code="invalid_value", param=f"messages[{index}]")
-        if message["role"] not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{index}].role must be 'system', 'user' or 'assistant', found "
-                           f"{message['role']!r}", code="invalid_value", param=f"messages[{index}].role")
-        content = message["content"]
-        if isinstance(content, str):
-            decoded.append({"role": message["role"], "content": content})
-            continue
-        if not isinstance(content, list):
-            raise APIError(400, f"messages[{index}].content must be a string or a list of parts",
-                           code="invalid_type", param=f"messages[{index}].content")
-        parts = []
-        for number, part in enumerate(content):
-            where = f"messages[{index}].content[{number}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                image_number += 1
-                spec = part.get("image_url")
-                url = spec.get("url") if isinstance(spec, dict) else spec
-                if not isinstance(url, str):
-                    raise APIError(400, f"{where}.image_url must be {{'url': <string>}}", code="invalid_value",
-                                   param=f"{where}.image_url")
-                image = read_image_url(url, limits, allow_local_dir, f"image {image_number} of the request ({where})")
-                parts.append({"type": "image", "image": image})
-            else:
-                raise APIError(400, f"{where}: expected {{'type': 'text', 'text': ...}} or {{'type': 'image_url', "
-                               f"'image_url': {{'url': ...}}}}, found {json.dumps(part)[:80]}",
-                               code="invalid_value", param=where)
-        decoded.append({"role": message["role"], "content": parts})
 
+    def resolve(url: Any, number: int, where: str) -> Image.Image:
+        # `number` is 1-based across the request: how a client (or the web page) can tell images apart.
+        if not isinstance(url, str):  # {"type": "image"} parts carry no URL a client could send
+            raise APIError(400, f"{where}: expected an image_url part with {{'url': <string>}}, found an image "
+                           "part without one", code="invalid_value", param=where)
+        return read_image_url(url, limits, allow_local_dir, f"image {number} of the request ({where})")
+
+    try:
+        # The one chat-message validator (`kopru.messages`); a typed "<image>" is refused: no image comes with it.
+        decoded = validate_messages(messages, text_placeholders=False, resolve_image=resolve)
+    except MessageError as error:
+        raise APIError(400, str(error), code="invalid_value", param=error.param) from None
     return ChatRequest(decoded, params, max_tokens is not None, stream, bool(options.get("include_usage")))
 
 

@@ -33,6 +33,7 @@ def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = F
     check_exists(str(src), "source checkpoint")
     reference = load_reference(kind, str(src))
     model, processor = module.to_kopru(reference, str(src))
+    copy_stop_ids(reference, model)
     report: dict[str, Any] = {"from": kind, "src": str(src), "strategy": model.config.strategy,
                               "image_positions": model.image_count.llm_positions}
     if dst is not None:
@@ -43,6 +44,14 @@ def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = F
     if verify:
         report["max_abs_diff"] = max_abs_logit_diff(module, reference, model, seed)
     return report
+
+
+def copy_stop_ids(reference, model: KopruForConditionalGeneration) -> None:
+    """The source's generation_config eos ids (Llama 3.2 Vision stops on <|eot_id|> and <|eom_id|> as well as
+    <|end_of_text|>) onto the converted LLM, whose config was rebuilt from the text config and knows only one."""
+    eos = getattr(reference.generation_config, "eos_token_id", None)
+    if eos is not None:
+        model.llm.generation_config.eos_token_id = eos
 
 
 def load_reference(kind: str, src: str):

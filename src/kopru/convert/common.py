@@ -7,6 +7,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kopru.config import KopruConfig
 from kopru.image_processing import ImagePreprocessor
+from kopru.messages import source_chat_template
 from kopru.vision import VisionTower
 
 
@@ -29,6 +30,12 @@ def load_tokenizer(src: str, config: KopruConfig) -> PreTrainedTokenizerBase:
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The processor's chat template (chat_template.jinja / legacy chat_template.json) is the one HF renders
+    # prompts with, ahead of the tokenizer's own; it becomes the converted tokenizer's, saved beside it as
+    # llm/chat_template.jinja, so chat, serve and training all render the conversation as HF does.
+    shipped = source_chat_template(src)
+    if shipped is not None:
+        tokenizer.chat_template = shipped[0]
     return tokenizer
 
 

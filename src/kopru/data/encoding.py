@@ -56,6 +56,14 @@ from kopru.data.formats import (
     open_image,
 )
 from kopru.data.sample import Sample
+from kopru.messages import (
+    ChatTemplate,
+    MessageError,
+    as_string_content,
+    count_images,
+    render_prompt,
+    validate_messages,
+)
 from kopru.processing import KopruProcessor
 
 IGNORE_INDEX = -100
@@ -124,12 +132,14 @@ class SampleEncoder:
         self.image_ids = None if processor.high_resolution is not None else torch.tensor(
             self.tokenizer(processor.expand(self.image_token), add_special_tokens=False)["input_ids"]
         )
-        self.uses_chat_template = template == "chat" and bool(getattr(self.tokenizer, "chat_template", None))
+        self.chat_template = ChatTemplate.of(self.tokenizer, self.image_token) if template == "chat" else None
+        self.uses_chat_template = self.chat_template is not None
         self._bos = self.tokenizer.bos_token or ""
         self._eos = self.tokenizer.eos_token or ""
         if not self.uses_chat_template and not self._eos:
             raise ValueError(f"the {template!r} template ends each answer with eos, but the tokenizer has no eos token")
         if self.uses_chat_template:
+            # Training only: inference (`kopru.messages.render_prompt`) serves any template as it is.
             self._check_template_ends_turns()
 
     # ------------------------------------------------------------------------------------------------- public
@@ -151,17 +161,11 @@ class SampleEncoder:
             return self._render_plain(messages, len(sample.images), _name(sample))
         if self.uses_chat_template:
             return self._render_chat(messages, _name(sample))
-        return _render_fallback(messages, self._bos, self._eos)
+        return render_fallback(as_string_content(messages, self.image_token), self._bos, self._eos)
 
-    def prompt(self, messages: list[dict[str, str]]) -> str:
-        """The text to generate an answer from at inference, rendered as in training."""
-        messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)} for m in messages]
-        if self.template == "plain":
-            images = sum(m["content"].count(self.image_token) for m in messages)
-            return self._bos + self.image_token * images
-        if self.uses_chat_template:
-            return self._apply_template(messages, generation_prompt=True)
-        return _render_fallback(messages, self._bos, self._eos)[0] + FALLBACK_HEADS["assistant"]
+    def prompt(self, messages: list[dict]) -> str:
+        """The text to generate an answer from at inference, rendered as in training (`render_prompt`)."""
+        return render_prompt(self.processor, validate_messages(messages), self.template)
 
     # ------------------------------------------------------------------------------------------------ encode
     def _encode(self, sample: Sample) -> EncodedSample:
@@ -201,24 +205,21 @@ class SampleEncoder:
         text = self.processor.expand(self.image_token, [self.processor.count(image)])
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _messages(self, sample: Sample) -> list[dict[str, str]]:
+    def _messages(self, sample: Sample) -> list[dict]:
+        """The sample's messages in the one chat format (`kopru.messages`); its images are `sample.images`, one
+        per "<image>" typed in text or image part, in order."""
         name = _name(sample)
-        for message in sample.messages:
-            if not isinstance(message, dict) or message.get("role") not in FALLBACK_HEADS \
-                    or not isinstance(message.get("content"), str):
-                raise SampleError(
-                    MALFORMED, f"{name}: expected messages {{'role': system|user|assistant, 'content': str}}, "
-                    f"found {message!r:.80}"
-                )
-        found = sum(message["content"].count(IMAGE_PLACEHOLDER) for message in sample.messages)
+        try:
+            messages = validate_messages(sample.messages)
+        except MessageError as error:
+            raise SampleError(MALFORMED, f"{name}: {error}") from None
+        found = count_images(messages)
         if found != len(sample.images):
             raise SampleError(
-                PLACEHOLDER_MISMATCH, f"{name}: expected one {IMAGE_PLACEHOLDER!r} per image ({len(sample.images)} "
-                f"image(s)), found {found} placeholder(s)"
+                PLACEHOLDER_MISMATCH, f"{name}: expected one {IMAGE_PLACEHOLDER!r} or image part per image "
+                f"({len(sample.images)} image(s)), found {found}"
             )
-        if self.image_token == IMAGE_PLACEHOLDER:
-            return [dict(message) for message in sample.messages]
-        return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)} for m in sample.messages]
+        return messages
 
     def _tokenize(self, text: str, spans: list[Span]) -> tuple[torch.Tensor, torch.Tensor]:
         # The rendered text spells out bos / end-of-turn tokens itself, as apply_chat_template(tokenize=True) assumes.
@@ -255,8 +256,9 @@ class SampleEncoder:
             ) from None
 
     # ---------------------------------------------------------------------------------------------- templates
-    def _render_plain(self, messages: list[dict[str, str]], num_images: int, name: str) -> tuple[str, list[Span]]:
-        answers = [message["content"] for message in messages if message["role"] == "assistant"]
+    def _render_plain(self, messages: list[dict], num_images: int, name: str) -> tuple[str, list[Span]]:
+        answers = [message["content"] for message in as_string_content(messages, self.image_token)
+                   if message["role"] == "assistant"]
         if len(answers) != 1:
             raise SampleError(
                 MALFORMED, f"{name}: the plain template expects one assistant message (the caption), found "
@@ -266,12 +268,10 @@ class SampleEncoder:
         body = answers[0] + self._eos
         return head + body, [(len(head), len(head) + len(body))]
 
-    def _apply_template(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+    def _apply_template(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=generation_prompt)
 
-    def _render_chat(self, messages: list[dict[str, str]], name: str) -> tuple[str, list[Span]]:
+    def _render_chat(self, messages: list[dict], name: str) -> tuple[str, list[Span]]:
         from jinja2 import TemplateError  # a transformers chat template is Jinja; only needed on this path
 
         try:
@@ -285,7 +285,9 @@ class SampleEncoder:
                 _check_prefix(before, full, f"the {index} message(s) before assistant message {index}", name)
                 _check_prefix(through, full, f"the messages through assistant message {index}", name)
                 spans.append((len(before), max(len(before), len(through.rstrip()))))
-        except TemplateError as error:
+        except (TemplateError, ValueError) as error:  # ValueError: a template that renders no image
+            if isinstance(error, TemplateMismatchError):
+                raise
             raise SampleError(TEMPLATE_ERROR, f"{name}: the chat template refused this conversation: {error}") from None
         return full, spans
 
@@ -306,7 +308,8 @@ class SampleEncoder:
             )
 
 
-def _render_fallback(messages: list[dict[str, str]], bos: str, eos: str) -> tuple[str, list[Span]]:
+def render_fallback(messages: list[dict[str, str]], bos: str, eos: str) -> tuple[str, list[Span]]:
+    """Köprü's fallback chat template (module docstring) on string content; the labelled spans."""
     text, spans = bos, []
     for message in messages:
         text += FALLBACK_HEADS[message["role"]]
@@ -335,4 +338,5 @@ def _name(sample: Sample) -> str:
     return f"sample {sample.id!r}" if sample.id is not None else "sample (no id)"
 
 
-__all__ = ["IGNORE_INDEX", "EncodedSample", "SampleEncoder", "TemplateMismatchError"]
+__all__ = ["FALLBACK_HEADS", "IGNORE_INDEX", "EncodedSample", "SampleEncoder", "TemplateMismatchError",
+           "render_fallback"]
