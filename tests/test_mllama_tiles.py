@@ -289,6 +289,9 @@ def test_kopru_cross_attention_model_on_an_mllama_encoder(tmp_path: Path, llm_di
         if "gate" in name:
             param.data.uniform_(0.5, 1.5)
     encoder.save_pretrained(tmp_path / "vision")
+    # The encoder's own image-processor settings beside it, as a user saves them (Köprü reads them, no fallback).
+    MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=MAX_TILES
+                            ).save_pretrained(tmp_path / "vision")
     config = KopruConfig(vision=VisionTowerConfig(str(tmp_path / "vision"), feature_layer=-1),
                          llm=str(llm_dirs["llama"]), strategy="cross_attention",
                          resolution=ResolutionConfig(mode="tiled"))
@@ -304,9 +307,7 @@ def test_kopru_cross_attention_model_on_an_mllama_encoder(tmp_path: Path, llm_di
                        images=[images[:2], images[2:]], padding_side="left")
     features = model.encode_image_list(inputs["pixel_values"], inputs["image_sizes"])
     assert [f.shape[0] for f in features] == counts
-    hf = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=MAX_TILES,
-                                 image_mean=list(processor.image_processor.image_mean),
-                                 image_std=list(processor.image_processor.image_std), resample=3)
+    hf = MllamaImageProcessorPil.from_pretrained(tmp_path / "vision")
     hf_inputs = hf([images], return_tensors="pt")
     hf_inputs.pop("num_tiles")
     states = encoder(**hf_inputs).last_hidden_state[0]  # [images, tiles, patches + 1, dim]
