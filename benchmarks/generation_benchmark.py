@@ -39,6 +39,8 @@ import torch
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
+    BlipImageProcessor,
+    CLIPImageProcessor,
     CLIPVisionConfig,
     CompileConfig,
     LlamaConfig,
@@ -126,6 +128,24 @@ REFERENCE_CLASSES = {"llava": LlavaForConditionalGeneration, "blip2": Blip2ForCo
 STRATEGY = {"llava": "projection", "blip2": "qformer", "mllama": "cross_attention"}
 
 
+def save_image_processor(family: str, vision_config, directory: str) -> None:
+    """The family's HF image processor beside the reference, as a checkpoint has it (the converters read it)."""
+    size = vision_config.image_size
+    if family == "llava":
+        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    elif family == "blip2":
+        processor = BlipImageProcessor(size={"height": size, "width": size})
+    else:
+        try:  # the PIL class needs no torchvision; older transformers have only MllamaImageProcessor
+            from transformers.models.mllama.image_processing_pil_mllama import (
+                MllamaImageProcessorPil as Mllama,
+            )
+        except ImportError:
+            from transformers import MllamaImageProcessor as Mllama
+        processor = Mllama(size={"height": size, "width": size}, max_image_tiles=vision_config.max_num_tiles)
+    processor.save_pretrained(directory)
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
@@ -147,6 +167,7 @@ def build(preset: Preset, workdir: str):
     torch.manual_seed(0)
     with torch.device(device), default_dtype(preset.dtype):
         reference = REFERENCE_CLASSES[preset.family](preset.config(image_id)).eval()
+        save_image_processor(preset.family, reference.config.vision_config, workdir)
         if preset.family == "mllama":  # HF initialises the tanh gates at 0: open them so the images count
             with torch.no_grad():
                 for name, param in reference.named_parameters():
