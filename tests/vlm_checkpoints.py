@@ -53,7 +53,13 @@ def build(kind: str, path: Path) -> Path:
         path = build_llava_next(path)
         processor_class = "LlavaNextProcessor"
     elif kind == "mllama":
-        from test_convert_mllama import IMAGE_SIZE, MAX_TILES, save_reference, tiny_mllama, tokenizer_with_image_token
+        from test_convert_mllama import (
+            IMAGE_SIZE,
+            MAX_TILES,
+            save_reference,
+            tiny_mllama,
+            tokenizer_with_image_token,
+        )
         from transformers import MllamaProcessor
         from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
