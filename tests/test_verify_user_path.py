@@ -142,3 +142,18 @@ def test_blip2_without_a_chat_template_is_reported_not_compared(tmp_path: Path) 
     assert report["max_abs_diff"] <= 1e-4
     assert report["user_path"]["passed"] is None
     assert report["user_path"]["skipped"].startswith(f"expected a chat template in {src}")
+
+
+def test_a_template_that_renders_no_image_is_named_by_convert_verify(converted, tmp_path: Path, capsys) -> None:
+    """A source template that prints no image token: `kopru convert --verify` names the source and what was found."""
+    src, _, _, _ = converted("llava", "transformers5")
+    blind = tmp_path / "blind"
+    shutil.copytree(src, blind)
+    (blind / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ c['text'] }}{% endfor %}\n{% endfor %}")
+    code = main(["convert", "--from", "llava", str(blind), str(tmp_path / "kopru"), "--verify"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"HF's processor (AutoProcessor from {blind}) refuses the prompt the processor's chat template" in err
+    assert "Found total 0 <image> tokens and 1 images" in err

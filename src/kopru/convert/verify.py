@@ -132,7 +132,11 @@ def verify_user_path(reference, src: str, dst: str | Path, image: Image.Image | 
     image = verification_picture() if image is None else image
     processor = AutoProcessor.from_pretrained(src)
     prompt, template = hf_prompt(processor, src)
-    hf_inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    try:
+        hf_inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    except ValueError as error:  # e.g. a template that prints no image token for the image part
+        raise ValueError(f"HF's processor (AutoProcessor from {src}) refuses the prompt {template} rendered for "
+                         f"one image part, {prompt!r}: {error}") from None
     reference.eval()
 
     dtype = next(reference.parameters()).dtype
