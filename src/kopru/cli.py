@@ -29,8 +29,28 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"converted {args.source_format} checkpoint {args.src} -> {args.dst} ({report['strategy']} strategy, "
               f"{report['image_positions']} LLM positions per image)")
         if args.verify:
-            print(f"max |logit difference| against the source model: {report['max_abs_diff']:.3e}")
+            print(f"max |logit difference| against the source model on random inputs: {report['max_abs_diff']:.3e}")
+            _print_user_path(report.get("user_path"))
+    user_path = report.get("user_path") or {}
+    if user_path.get("passed") is False:
+        print(f"verify failed: {user_path['failure']}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _print_user_path(user_path: dict | None) -> None:
+    if user_path is None:
+        return
+    if user_path.get("skipped"):
+        print(f"user's path not compared: {user_path['skipped']}")
+        return
+    for check in user_path["checks"]:
+        width, height = check["image_size"]
+        print(f"user's path, {width}x{height} picture, '{check['template']}': input ids "
+              f"{'equal' if check['input_ids_equal'] else 'DIFFER'}; max |pixel diff| {check['max_pixel_diff']:.3e} "
+              f"over {check['pixels_compared']}; max |logit diff| {check['max_logit_diff']:.3e} "
+              f"({check['logits_compared']}); {check['new_tokens']} greedy tokens "
+              f"{'identical' if check['tokens_equal'] else 'DIFFER'}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -279,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="HF checkpoint directory (or hub id when online)")
     convert.add_argument("dst", help="output directory for the Köprü model")
     convert.add_argument("--verify", action="store_true",
-                         help="run source and converted model on the same random inputs; print the max |logit diff|")
+                         help="compare HF's processor + chat template + model with the reloaded conversion on a drawn picture "
+                              "and a chat question (input ids, pixels, logits, greedy tokens); exit 1 on a difference")
     convert.add_argument("--json", action="store_true", help="print one JSON object")
     convert.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     convert.set_defaults(run=_convert)

@@ -43,7 +43,31 @@ def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = F
         model, _ = KopruForConditionalGeneration.from_pretrained(dst, dtype=next(model.llm.parameters()).dtype)
     if verify:
         report["max_abs_diff"] = max_abs_logit_diff(module, reference, model, seed)
+        if dst is not None:
+            report["user_path"] = user_path_report(reference, str(src), dst)
     return report
+
+
+# The user's path is checked on a wide and a tall picture: resize, crop, tiling and unpadding act on both axes.
+VERIFY_SIZES = ((200, 120), (96, 160))
+
+
+def user_path_report(reference, src: str, dst: str | Path, sizes=VERIFY_SIZES) -> dict[str, Any]:
+    """`kopru.convert.verify` on each size: {"passed", "failure" (the first divergence), "checks": [...]}; a
+    source without a chat template has no HF chat prompt to compare with and is reported as skipped."""
+    from kopru.convert.verify import NoChatTemplate, verification_picture, verify_user_path
+
+    checks = []
+    for width, height in sizes:
+        try:
+            checks.append(verify_user_path(reference, src, dst, verification_picture(width, height)).as_dict())
+        except NoChatTemplate as error:
+            return {"passed": None, "skipped": str(error), "checks": []}
+    failure = next((c["failure"] for c in checks if c["failure"] is not None), None)
+    if failure is not None:
+        failed = next(c for c in checks if c["failure"] is not None)
+        failure = f"{failed['image_size'][0]}x{failed['image_size'][1]} image: {failure}"
+    return {"passed": failure is None, "failure": failure, "checks": checks}
 
 
 def copy_stop_ids(reference, model: KopruForConditionalGeneration) -> None:

@@ -1,0 +1,159 @@
+"""`kopru convert --verify` on the user's path, per family and checkpoint layout (tests/vlm_checkpoints.py).
+
+HF side: AutoProcessor + its chat template + the HF model's greedy generate. Köprü side: the conversion reloaded
+from disk, format_chat + Köprü's processor + GenerationEngine. Pictures are drawn, wide and tall.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from vlm_checkpoints import LAYOUTS, checkpoint
+
+from kopru.chat import ChatSession, load_engine
+from kopru.cli import main
+from kopru.convert.verify import QUESTION, verification_picture
+from kopru.generation import SamplingParams
+
+# Llama-3.2-Vision's template puts <|image|> after the bos and the user header: HF gives those rows (which see
+# no image) cross-attention output, Köprü none (see kopru.convert.mllama), and verify finds it in the logits.
+MLLAMA_DIVERGES = pytest.mark.xfail(strict=True, reason="Mllama rows before the image: HF attends uniformly, Köprü "
+                                                         "not; verify reports last-position logits ~1 apart")
+KINDS = ["llava", "llava_next", pytest.param("mllama", marks=MLLAMA_DIVERGES)]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(kind, layout) -> (HF dir, Köprü dir, the CLI's JSON report, its exit code); built once per pair."""
+    cache: dict[tuple[str, str], tuple[Path, Path, dict, int]] = {}
+
+    def get(kind: str, layout: str):
+        if (kind, layout) not in cache:
+            root = tmp_path_factory.mktemp(f"{kind}-{layout}")
+            src = checkpoint(kind, layout, root / "hf")
+            out = io.StringIO()
+            from contextlib import redirect_stdout
+
+            with redirect_stdout(out):
+                code = main(["convert", "--from", kind, str(src), str(root / "kopru"), "--verify", "--json"])
+            cache[kind, layout] = (src, root / "kopru", json.loads(out.getvalue()), code)
+        return cache[kind, layout]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_passes_on_the_users_path(converted, kind: str, layout: str) -> None:
+    _, _, report, code = converted(kind, layout)
+    user = report["user_path"]
+    assert user["failure"] is None, user["failure"]
+    assert code == 0 and user["passed"] is True
+    assert [check["image_size"] for check in user["checks"]] == [[200, 120], [96, 160]]
+    for check in user["checks"]:
+        assert check["input_ids_equal"] and check["tokens_equal"] and len(check["hf_tokens"]) == 8
+        assert check["max_pixel_diff"] <= 1e-4 and check["max_logit_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "mllama"])
+def test_kopru_chat_prints_hfs_greedy_answer(converted, kind: str, layout: str) -> None:
+    """ChatSession (kopru chat's code path) on a third aspect ratio answers what HF's processor + generate do."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    src, dst, _, _ = converted(kind, layout)
+    image = verification_picture(240, 100)
+    processor = AutoProcessor.from_pretrained(src)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    template = processor.chat_template or processor.tokenizer.chat_template
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(src).eval()
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected = processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = io.StringIO()
+    session = ChatSession(load_engine(str(dst), device="cpu"), SamplingParams(max_new_tokens=8, temperature=0.0))
+    answer = session.ask(QUESTION, [image], out)
+    assert answer.strip() == expected.strip()
+    assert out.getvalue().strip() == expected.strip()
+
+
+def test_verify_fails_naming_a_different_resample(converted, tmp_path: Path, capsys) -> None:
+    """Tampering the converted model's image-processor settings: the reloaded conversion resizes differently."""
+    from kopru.convert import load_reference
+    from kopru.convert.verify import verify_user_path
+
+    src, dst, _, _ = converted("llava", "transformers5")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(dst, tampered)
+    settings_file = tampered / "vision" / "preprocessor_config.json"
+    settings = json.loads(settings_file.read_text())
+    settings["resample"] = 0  # nearest instead of bicubic
+    settings_file.write_text(json.dumps(settings))
+    result = verify_user_path(load_reference("llava", str(src)), str(src), tampered, verification_picture())
+    assert result.input_ids_equal and result.max_pixel_diff > 1e-2
+    assert result.failure.startswith("pixel values differ by up to ")
+
+
+def test_verify_fails_naming_a_different_template(converted, tmp_path: Path) -> None:
+    from kopru.convert import load_reference
+    from kopru.convert.verify import verify_user_path
+
+    src, dst, _, _ = converted("llava", "transformers5")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(dst, tampered)
+    template_file = tampered / "llm" / "chat_template.jinja"
+    template_file.write_text(template_file.read_text().replace("'ASSISTANT:'", "'ASSISTANT: '"))
+    result = verify_user_path(load_reference("llava", str(src)), str(src), tampered, verification_picture())
+    assert not result.input_ids_equal
+    assert result.failure.startswith("input ids differ at position ")
+
+
+def test_cli_exits_1_and_names_the_divergence(converted, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The CLI's exit code and stderr line, on a conversion whose saved template differs from the source's."""
+    import kopru.convert.common as common
+
+    src, _, _, _ = converted("llava", "transformers5")
+    original = common.source_chat_template
+    monkeypatch.setattr(common, "source_chat_template",
+                        lambda path: (original(path)[0].replace("'ASSISTANT:'", "'ASSISTANT: '"), "x"))
+    code = main(["convert", "--from", "llava", str(src), str(tmp_path / "kopru"), "--verify"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "verify failed: 200x120 image: input ids differ at position " in captured.err
+    assert "input ids DIFFER" in captured.out
+
+
+def test_blip2_without_a_chat_template_is_reported_not_compared(tmp_path: Path) -> None:
+    """BLIP-2 ships no chat template: HF has no chat prompt, so the user's path is reported as not compared
+    (with why) and only the random-input check runs; `kopru chat` would use Köprü's fallback template."""
+    from test_convert import build_blip2
+
+    from kopru.convert import convert
+
+    _, src = build_blip2(tmp_path / "hf")
+    report = convert("blip2", src, tmp_path / "kopru", verify=True)
+    assert report["max_abs_diff"] <= 1e-4
+    assert report["user_path"]["passed"] is None
+    assert report["user_path"]["skipped"].startswith(f"expected a chat template in {src}")
+
+
+def test_a_template_that_renders_no_image_is_named_by_convert_verify(converted, tmp_path: Path, capsys) -> None:
+    """A source template that prints no image token: `kopru convert --verify` names the source and what was found."""
+    src, _, _, _ = converted("llava", "transformers5")
+    blind = tmp_path / "blind"
+    shutil.copytree(src, blind)
+    (blind / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ c['text'] }}{% endfor %}\n{% endfor %}")
+    code = main(["convert", "--from", "llava", str(blind), str(tmp_path / "kopru"), "--verify"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"HF's processor (AutoProcessor from {blind}) refuses the prompt the processor's chat template" in err
+    assert "Found total 0 <image> tokens and 1 images" in err
