@@ -1,0 +1,133 @@
+"""`kopru serve` on converted HF checkpoints answers what HF does (issue 12's last acceptance line).
+
+For tiny LLaVA, LLaVA-NeXT and Mllama checkpoints in both layouts (tests/vlm_checkpoints.py): convert, serve the
+conversion on localhost, ask "What is shown?" about non-square pictures through the official `openai` client (PNG
+data URLs, temperature 0, max_tokens N), and compare with HF's AutoProcessor + chat template + greedy generate
+with the same max_new_tokens and the same stop ids, decoded with skip_special_tokens. Streamed answers must join
+to the whole answer.
+
+BLIP-2's HF checkpoint has no chat template, so HF has no chat prompt to compare with: a user of `kopru serve` gets
+Köprü's fallback template, and the server must answer what `kopru chat`'s code path (ChatSession) answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from vlm_checkpoints import LAYOUTS, checkpoint
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from test_serve import RunningServer  # noqa: E402
+
+from kopru.chat import ChatSession, load_engine  # noqa: E402
+from kopru.convert import convert  # noqa: E402
+from kopru.convert.verify import QUESTION, verification_picture  # noqa: E402
+from kopru.generation import SamplingParams  # noqa: E402
+from kopru.serve import load_server  # noqa: E402
+
+NEW_TOKENS = 8
+SIZES = [(200, 120), (96, 160)]  # (width, height): wide and tall, neither a multiple of a tile size in use
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def ask(client, model: str, image: Image.Image, stream: bool) -> str:
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                             {"type": "text", "text": QUESTION}]}]
+    reply = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=NEW_TOKENS,
+                                           stream=stream)
+    if not stream:
+        return reply.choices[0].message.content
+    pieces = []
+    for chunk in reply:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    return "".join(pieces)
+
+
+def hf_greedy_answer(src: Path, image: Image.Image, eos_ids: list[int]) -> tuple[str, list[int]]:
+    """HF's answer: AutoProcessor, its chat template, greedy generate stopping on `eos_ids`; (text, new ids)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(src)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    template = processor.chat_template or processor.tokenizer.chat_template
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(src).eval()
+    own = model.generation_config.eos_token_id
+    own = [] if own is None else [own] if isinstance(own, int) else list(own)
+    assert set(own) <= set(eos_ids), f"Köprü stops on {eos_ids}, HF on {own}"
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos_ids,
+                                   pad_token_id=eos_ids[0])
+    new = generated[0, inputs["input_ids"].shape[1]:].tolist()
+    return processor.decode(new, skip_special_tokens=True), new
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(kind, layout) -> (HF dir, Köprü dir, running server, the engine's stop ids); one server per model."""
+    cache: dict[tuple[str, str], tuple[Path, Path, RunningServer, list[int]]] = {}
+
+    def get(kind: str, layout: str):
+        if (kind, layout) not in cache:
+            root = tmp_path_factory.mktemp(f"{kind}-{layout}")
+            if kind == "blip2":
+                from test_convert import build_blip2
+
+                _, src = build_blip2(root / "hf")
+            else:
+                src = checkpoint(kind, layout, root / "hf")
+            convert(kind, src, root / "kopru")
+            server = RunningServer(load_server(root / "kopru", model_name=kind, device="cpu"))
+            eos_ids = list(server.app.state.kopru.worker.engine.eos_ids)
+            cache[kind, layout] = (src, root / "kopru", server, eos_ids)
+        return cache[kind, layout]
+
+    yield get
+    for _, _, server, _ in cache.values():
+        server.stop()
+
+
+def client_for(server: RunningServer):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "mllama"])
+def test_serve_answers_hfs_greedy_answer(served, kind: str, layout: str) -> None:
+    src, _, server, eos_ids = served(kind, layout)
+    client = client_for(server)
+    for width, height in SIZES:
+        image = verification_picture(width, height)
+        expected, ids = hf_greedy_answer(src, image, eos_ids)
+        whole = ask(client, kind, image, stream=False)
+        assert whole == expected, f"{width}x{height}: HF generated {ids}"
+        assert ask(client, kind, image, stream=True) == whole, f"{width}x{height}: streamed"
+
+
+def test_blip2_serves_what_kopru_chat_answers(served) -> None:
+    """BLIP-2 ships no chat template (HF has no chat prompt for it): the converted model renders Köprü's fallback
+    template, and the server answers what ChatSession (`kopru chat`) answers for the same question and picture."""
+    _, dst, server, _ = served("blip2", "transformers5")
+    client = client_for(server)
+    session_engine = load_engine(str(dst), device="cpu")
+    for width, height in SIZES:
+        image = verification_picture(width, height)
+        session = ChatSession(session_engine, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
+        expected = session.ask(QUESTION, [image], io.StringIO())
+        whole = ask(client, "blip2", image, stream=False)
+        assert whole == expected, f"{width}x{height}"
+        assert ask(client, "blip2", image, stream=True) == whole, f"{width}x{height}: streamed"
