@@ -3,8 +3,10 @@
 For tiny LLaVA, LLaVA-NeXT and Mllama checkpoints in both layouts (tests/vlm_checkpoints.py): convert, serve the
 conversion on localhost, ask "What is shown?" about non-square pictures through the official `openai` client (PNG
 data URLs, temperature 0, max_tokens N), and compare with HF's AutoProcessor + chat template + greedy generate
-with the same max_new_tokens and the same stop ids, decoded with skip_special_tokens. Streamed answers must join
-to the whole answer.
+with the same max_new_tokens and the same stop ids (the engine's: the source's eos ids and the template's
+end-of-turn token), decoded with skip_special_tokens; the finish_reason must say whether HF stopped on a stop id.
+Streamed answers must join to the whole answer. The random tiny models never pick a stop id within N tokens, so
+one more test gives a source an extra eos id (a token greedy decoding picks) and checks that the server stops there.
 
 BLIP-2's HF checkpoint has no chat template, so HF has no chat prompt to compare with: a user of `kopru serve` gets
 Köprü's fallback template, and the server must answer what `kopru chat`'s code path (ChatSession) answers.
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 from vlm_checkpoints import LAYOUTS, checkpoint
 
 openai = pytest.importorskip("openai")
@@ -42,23 +47,26 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def ask(client, model: str, image: Image.Image, stream: bool) -> str:
+def ask(client, model: str, image: Image.Image, stream: bool) -> tuple[str, str]:
+    """(the answer's text, its finish_reason)."""
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                              {"type": "text", "text": QUESTION}]}]
     reply = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=NEW_TOKENS,
                                            stream=stream)
     if not stream:
-        return reply.choices[0].message.content
-    pieces = []
+        return reply.choices[0].message.content, reply.choices[0].finish_reason
+    pieces, finish_reason = [], None
     for chunk in reply:
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
-    return "".join(pieces)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish_reason = chunk.choices[0].finish_reason
+    return "".join(pieces), finish_reason
 
 
 def hf_greedy_answer(src: Path, image: Image.Image, eos_ids: list[int]) -> tuple[str, list[int]]:
     """HF's answer: AutoProcessor, its chat template, greedy generate stopping on `eos_ids`; (text, new ids)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     processor = AutoProcessor.from_pretrained(src)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
@@ -114,7 +122,9 @@ def test_serve_answers_hfs_greedy_answer(served, kind: str, layout: str) -> None
         image = verification_picture(width, height)
         expected, ids = hf_greedy_answer(src, image, eos_ids)
         whole = ask(client, kind, image, stream=False)
-        assert whole == expected, f"{width}x{height}: HF generated {ids}"
+        # HF stopped early only on a stop id: the server says "stop" then, "length" when max_tokens ran out.
+        finish_reason = "stop" if len(ids) < NEW_TOKENS or ids[-1] in eos_ids else "length"
+        assert whole == (expected, finish_reason), f"{width}x{height}: HF generated {ids}"
         assert ask(client, kind, image, stream=True) == whole, f"{width}x{height}: streamed"
 
 
@@ -128,6 +138,40 @@ def test_blip2_serves_what_kopru_chat_answers(served) -> None:
         image = verification_picture(width, height)
         session = ChatSession(session_engine, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
         expected = session.ask(QUESTION, [image], io.StringIO())
-        whole = ask(client, "blip2", image, stream=False)
+        whole, _ = ask(client, "blip2", image, stream=False)
         assert whole == expected, f"{width}x{height}"
-        assert ask(client, "blip2", image, stream=True) == whole, f"{width}x{height}: streamed"
+        assert ask(client, "blip2", image, stream=True)[0] == whole, f"{width}x{height}: streamed"
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_serve_stops_where_hf_stops(served, tmp_path: Path, kind: str) -> None:
+    """A source whose generation_config also ends on the third token greedy decoding picks: the conversion
+    carries that eos id, and the server stops where HF's generate stops ("stop", the eos itself not shown).
+
+    The tiny tokenizer's only special tokens are ones a random model never picks, so the stop id is an ordinary
+    token here: HF's text is its tokens before the stop id (what skip_special_tokens leaves of a real eos)."""
+    src, _, _, eos_ids = served(kind, "transformers5")
+    image = verification_picture(*SIZES[0])
+    _, ids = hf_greedy_answer(src, image, eos_ids)
+    stop_id = ids[2]
+    assert stop_id not in ids[:2] and stop_id not in eos_ids, "pick another position"
+    source = tmp_path / "hf"
+    shutil.copytree(src, source)
+    config_file = source / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    own = config.get("eos_token_id")
+    config["eos_token_id"] = [*([] if own is None else [own] if isinstance(own, int) else own), stop_id]
+    config_file.write_text(json.dumps(config))
+    convert(kind, source, tmp_path / "kopru")
+    server = RunningServer(load_server(tmp_path / "kopru", model_name=kind, device="cpu"))
+    try:
+        engine_eos = list(server.app.state.kopru.worker.engine.eos_ids)
+        assert stop_id in engine_eos
+        _, stopped = hf_greedy_answer(source, image, engine_eos)
+        assert stopped == ids[:3]  # HF's generate ended on the stop id
+        expected = AutoProcessor.from_pretrained(source).decode(stopped[:-1], skip_special_tokens=True)
+        client = client_for(server)
+        assert ask(client, kind, image, stream=False) == (expected, "stop")
+        assert ask(client, kind, image, stream=True) == (expected, "stop")
+    finally:
+        server.stop()
