@@ -178,3 +178,85 @@ def test_processor_prompt_runs(reference_dir):
     assert inputs["image_sizes"].tolist() == [[30, 40]]
     new = model.eval().generate(**inputs, max_new_tokens=3)
     assert new.shape == (1, 3)
+
+
+def text_first_inputs(reference: MllamaForConditionalGeneration, arrangements: list[tuple[int, int]], seed: int):
+    """One sample whose prompt starts with text (as Llama-3.2-Vision's template: bos + header before <|image|>),
+    its images (`arrangements`: tile rows x columns each) separated by text. HF's inputs (padding tiles zero,
+    a cross-attention mask in which each row sees the real tiles of every image before it, the first rows none)
+    and Köprü's."""
+    from kopru.tiling import aspect_ratio_inputs, tile_layout
+
+    config = reference.config
+    image_id, size, tiles = config.image_token_id, IMAGE_SIZE, MAX_TILES
+    generator = torch.Generator().manual_seed(seed)
+    pieces = [torch.randint(0, image_id, (4,), generator=generator)]
+    for _ in arrangements:
+        pieces += [torch.tensor([image_id]), torch.randint(0, image_id, (3,), generator=generator)]
+    input_ids = torch.cat(pieces).unsqueeze(0)
+    layouts = [tile_layout(rows * size, columns * size, size, tiles) for rows, columns in arrangements]
+    ids, mask = aspect_ratio_inputs(layouts, tiles)
+    count = len(arrangements)
+    pixels = torch.randn(count, tiles, 3, size, size, generator=generator) * mask.view(count, tiles, 1, 1, 1)
+    sees = torch.cumsum(input_ids == image_id, dim=1).unsqueeze(-1) > torch.arange(count)
+    reference_inputs = {
+        "input_ids": input_ids, "pixel_values": pixels.unsqueeze(0), "aspect_ratio_ids": ids.unsqueeze(0),
+        "aspect_ratio_mask": mask.unsqueeze(0), "cross_attention_mask": sees.unsqueeze(-1).long() * mask.unsqueeze(0),
+    }
+    sizes = torch.tensor([list(layout.canvas) for layout in layouts])
+    return reference_inputs, {"input_ids": input_ids, "pixel_values": pixels, "image_sizes": sizes}
+
+
+@pytest.mark.parametrize("arrangements", [[(1, 2)], [(2, 2), (1, 1)], [(1, 3), (2, 1)]])
+@torch.no_grad()
+def test_rows_before_the_image_match_hf(reference_dir, arrangements):
+    """Text before the first image: every row's logits equal HF's (rows_without_image "attend_all", the conversion's
+    default), with 1 and 2 images of different tile counts; Meta's "zero" differs from HF there."""
+    reference = load_reference("mllama", str(reference_dir)).eval()
+    model, _ = converter.to_kopru(reference, str(reference_dir))
+    model.eval()
+    assert model.connector.config.rows_without_image == "attend_all"
+    reference_inputs, kopru_inputs = text_first_inputs(reference, arrangements, seed=len(arrangements))
+    expected = reference(**reference_inputs).logits
+    assert max_diff(expected, model(**kopru_inputs).logits) <= ATOL  # all rows, the first 4 see no image
+
+    model.connector.config.rows_without_image = "zero"  # Meta's reference: the first rows get no image signal
+    zeroed = model(**kopru_inputs).logits
+    assert max_diff(expected[:, :4], zeroed[:, :4]) > 1e-2
+
+
+@torch.no_grad()
+def test_engine_equals_the_reference_loop_with_text_before_the_image(reference_dir):
+    """rows_without_image "attend_all" through the engine (image K/V once at prefill into static buffers) and through
+    model.generate: the same logits at every step, on a batch whose prompts start with text."""
+    from PIL import Image
+
+    from kopru.generation import GenerationEngine, SamplingParams
+
+    reference = load_reference("mllama", str(reference_dir))
+    model, processor = converter.to_kopru(reference, str(reference_dir))
+    model.eval()
+    image = converter.IMAGE_TOKEN
+    prompts = [f"describe {image} the shape", f"how many {image} and {image} colours?"]
+    images = [[Image.new("RGB", (40, 30), (200, 30, 30))],
+              [Image.new("RGB", (20, 50), (30, 200, 30)), Image.new("RGB", (16, 16), (30, 30, 200))]]
+    batch = processor(prompts, images, padding_side="left", add_special_tokens=False)
+    seen = []
+    handle = model.llm.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].float().clone()))
+    try:
+        expected = model.generate(**batch, max_new_tokens=5, eos_token_id=[])
+        steps = len(seen)
+        engine = GenerationEngine(model, processor)
+        completions = engine.complete(prompts, images, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    finally:
+        handle.remove()
+    assert [c.token_ids for c in completions] == expected.tolist()
+    torch.testing.assert_close(torch.stack(seen[steps:2 * steps]), torch.stack(seen[:steps]), rtol=0, atol=1e-5)
+
+
+def test_rows_without_image_setting_is_checked():
+    from kopru.connectors.cross_attention import CrossAttentionConfig
+
+    assert CrossAttentionConfig().rows_without_image == "zero"  # Meta's behaviour unless a model opts in
+    with pytest.raises(ValueError, match="rows_without_image must be 'zero' or 'attend_all', found 'mean'"):
+        CrossAttentionConfig(rows_without_image="mean")

@@ -20,11 +20,9 @@ from kopru.cli import main
 from kopru.convert.verify import QUESTION, verification_picture
 from kopru.generation import SamplingParams
 
-# Llama-3.2-Vision's template puts <|image|> after the bos and the user header: HF gives those rows (which see
-# no image) cross-attention output, Köprü none (see kopru.convert.mllama), and verify finds it in the logits.
-MLLAMA_DIVERGES = pytest.mark.xfail(strict=True, reason="Mllama rows before the image: HF attends uniformly, Köprü "
-                                                         "not; verify reports last-position logits ~1 apart")
-KINDS = ["llava", "llava_next", pytest.param("mllama", marks=MLLAMA_DIVERGES)]
+# Llama-3.2-Vision's template puts <|image|> after the bos and the user header: those rows see no image, and a
+# conversion reproduces what HF gives them (rows_without_image "attend_all", see kopru.convert.mllama).
+KINDS = ["llava", "llava_next", "mllama"]
 
 
 @pytest.fixture(scope="module")

@@ -603,11 +603,14 @@ class GenerationEngine:
                 static_values.zero_()
                 static_keys[:, :, :keys.shape[2]] = keys
                 static_values[:, :, :values.shape[2]] = values
-            image_of_position = context.image_of_position
+            image_of_position, unseen_visible = context.image_of_position, context.unseen_visible
             if image_of_position is not None:  # images of different sizes: the buffer's extra positions are padding
                 extra_positions = slot.cross_kv[0][0].shape[2] - image_of_position.shape[1]
                 image_of_position = F.pad(image_of_position, (0, extra_positions), value=-1)
-            padded = dataclasses.replace(context, keys_values=slot.cross_kv, image_of_position=image_of_position)
+                if unseen_visible is not None:  # rows_without_image "attend_all": nor do rows without an image
+                    unseen_visible = F.pad(unseen_visible, (0, extra_positions), value=False)
+            padded = dataclasses.replace(context, keys_values=slot.cross_kv, image_of_position=image_of_position,
+                                         unseen_visible=unseen_visible)
             step_extra[CONTEXT_KWARG] = padded.for_positions(context.images_per_sample.unsqueeze(1))
         tokens = sampling.next_tokens(out.logits[:, -1].float())
         del out, embeds, extra, context

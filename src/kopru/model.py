@@ -139,27 +139,40 @@ class KopruForConditionalGeneration(nn.Module):
                              f"image), found {list(image_sizes.shape)}")
         return [self.plan(int(h), int(w)) for h, w in image_sizes.tolist()]
 
-    def _encode_planned(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
+    def _encode_planned(self, pixel_values: torch.Tensor, plans: list[ImagePlan],
+                        all_tiles: list | None = None) -> list[torch.Tensor]:
         if self.config.resolution.mode == "anyres":
             return self._encode_anyres(pixel_values, plans)
         if self.config.resolution.mode == "tiled":
-            return self._encode_tiled(pixel_values, plans)
+            return self._encode_tiled(pixel_values, plans, all_tiles)
         return self._encode_dynamic(pixel_values, plans)
 
-    def _encode_tiled(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
+    def _encode_tiled(self, pixel_values: torch.Tensor, plans: list[ImagePlan],
+                      all_tiles: list | None = None) -> list[torch.Tensor]:
         """Llama-3.2-Vision: all `max_tiles` tiles of every image through the encoder together (its tile position
         embeddings and global layers see the whole canvas), then only each image's own tiles to the connector:
-        HF masks the padding tiles out of cross-attention, so leaving them out gives the same attention."""
+        HF masks the padding tiles out of cross-attention, so leaving them out gives the same attention.
+
+        `all_tiles`, when a list, receives per image (states of all `max_tiles` tiles [max_tiles * tokens, dim],
+        [max_tiles * tokens] bool: True on its own tiles): HF's rows without an image attend to the padding tiles
+        too (rows_without_image "attend_all")."""
         size, max_tiles = self.vision.image_size, plans[0].tiling.max_tiles
         if pixel_values.dim() != 5 or pixel_values.shape[1:] != (max_tiles, 3, size, size):
             raise ValueError(f"tiled resolution expects pixel_values [images, {max_tiles} tiles, 3, {size}, {size}], "
                              f"found {list(pixel_values.shape)}")
         ids, mask = aspect_ratio_inputs([plan.tiling for plan in plans], max_tiles, device=pixel_values.device)
         features = self.vision(pixel_values, aspect_ratio_ids=ids, aspect_ratio_mask=mask)
-        features = features.unflatten(0, (len(plans), max_tiles))[mask.bool()]  # [real tiles, tokens, dim]
         rows, columns = plans[0].grid
         factor = self.reduction.factor
-        states = self.connector(self.reduction(features, rows * factor, columns * factor))
+        if all_tiles is not None:  # the connector on every tile (it works tile by tile), then the real ones kept
+            states = self.connector(self.reduction(features, rows * factor, columns * factor))
+            states = states.unflatten(0, (len(plans), max_tiles))  # [images, max_tiles, tokens, dim]
+            real = mask.bool().unsqueeze(-1).expand(-1, -1, states.shape[2])
+            all_tiles.extend(zip(states.flatten(1, 2).unbind(0), real.flatten(1).unbind(0), strict=True))
+            states = states[mask.bool()]
+        else:
+            features = features.unflatten(0, (len(plans), max_tiles))[mask.bool()]  # [real tiles, tokens, dim]
+            states = self.connector(self.reduction(features, rows * factor, columns * factor))
         return [out.flatten(0, 1) for out in states.split([plan.passes for plan in plans])]
 
     def _encode_anyres(self, pixel_values: torch.Tensor, plans: list[ImagePlan]) -> list[torch.Tensor]:
@@ -216,9 +229,17 @@ class KopruForConditionalGeneration(nn.Module):
             self._check_image_count(int(images_per_sample.sum()), pixel_values.shape[0], per_image=1)
             if fixed:
                 states = self.encode_images(pixel_values).to(embeds.dtype)
-            else:
-                states = [f.to(embeds.dtype) for f in self._checked_features(pixel_values, image_sizes)]
-            image_context = self.connector.build_context(states, images_per_sample)
+            real_positions = None
+            if not fixed:
+                # rows_without_image "attend_all" on Mllama tiles: HF's rows without an image attend to every
+                # tile, padding tiles included, so the K/V hold all of them (the real ones marked).
+                attend_all = getattr(self.connector.config, "rows_without_image", "zero") == "attend_all"
+                all_tiles = [] if attend_all and self.config.resolution.mode == "tiled" else None
+                states = [f.to(embeds.dtype) for f in self._checked_features(pixel_values, image_sizes, all_tiles)]
+                if all_tiles is not None:
+                    states = [tiles.to(embeds.dtype) for tiles, _ in all_tiles]
+                    real_positions = [real for _, real in all_tiles]
+            image_context = self.connector.build_context(states, images_per_sample, real_positions)
             images_seen = torch.cumsum(is_placeholder, dim=1)
             return embeds, {CONTEXT_KWARG: image_context.for_positions(images_seen)}
         if fixed:
@@ -231,10 +252,12 @@ class KopruForConditionalGeneration(nn.Module):
         embeds = embeds.masked_scatter(is_placeholder.unsqueeze(-1), features)
         return embeds, {}
 
-    def _checked_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
-        """Per-image features, each checked against the count the processor expanded the text to."""
+    def _checked_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None,
+                          all_tiles: list | None = None) -> list[torch.Tensor]:
+        """Per-image features, each checked against the count the processor expanded the text to (`all_tiles`:
+        see `_encode_tiled`)."""
         plans = self._plans(pixel_values, image_sizes)
-        features = self._encode_planned(pixel_values, plans)
+        features = self._encode_planned(pixel_values, plans, all_tiles)
         for index, ((height, width), plan, image_features) in enumerate(
                 zip(image_sizes.tolist(), plans, features, strict=True)):
             counted = connector_tokens(self.config, plan)

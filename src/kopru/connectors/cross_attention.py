@@ -43,6 +43,13 @@ class CrossAttentionConfig:
     qk_norm: bool = True  # per-head RMSNorm on queries and keys, as Llama-3.2-Vision
     # "previous": a token sees every image before it (Llama-3.2-Vision); "most_recent": only the last (Flamingo).
     attend_to: Literal["previous", "most_recent"] = "previous"
+    # What a text row that sees no image (e.g. the bos and user header before Llama-3.2-Vision's <|image|>) gets
+    # from a block. "zero": nothing, from the attention or the MLP (Meta's reference Llama 3.2 Vision).
+    # "attend_all": what transformers' Mllama gives it. Its cross-attention mask row is fully masked, which
+    # `_prepare_cross_attention_mask` turns into no mask at all: the row attends (ordinary softmax) to every
+    # image position of its sample -- Mllama's padding tiles included, see `build_context` -- through the
+    # attention gate, and only the MLP is zeroed. Converted Mllama checkpoints use it so their logits equal HF's.
+    rows_without_image: Literal["zero", "attend_all"] = "zero"
     resampler: ResamplerConfig | None = None
 
     __nested__ = {"resampler": ResamplerConfig}
@@ -52,6 +59,8 @@ class CrossAttentionConfig:
             raise ValueError(f"every_n_layers must be >= 1 when layers is not given, found {self.every_n_layers}")
         if self.attend_to not in ("previous", "most_recent"):
             raise ValueError(f"attend_to must be 'previous' or 'most_recent', found {self.attend_to!r}")
+        if self.rows_without_image not in ("zero", "attend_all"):
+            raise ValueError(f"rows_without_image must be 'zero' or 'attend_all', found {self.rows_without_image!r}")
         if isinstance(self.resampler, dict):
             self.resampler = ResamplerConfig(**self.resampler)
 
@@ -115,15 +124,17 @@ class GatedCrossAttentionBlock(nn.Module):
         return self.k_norm(keys), values
 
     def forward(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                sees_image: torch.Tensor) -> torch.Tensor:
+                sees_image: torch.Tensor, attends: torch.Tensor | None = None) -> torch.Tensor:
+        """`sees_image` [B, T, 1] of 0/1 gates the MLP; `attends` (default: `sees_image`) the attention output,
+        1 also on rows without an image under rows_without_image "attend_all"."""
         batch, length, _ = hidden.shape
         query = self.q_proj(self.input_norm(hidden)).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         attended = F.scaled_dot_product_attention(
             self.q_norm(query), keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
         )
         attended = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-        # Rows that see no image get no image signal at all (their attention row was unmasked only to avoid NaN).
-        hidden = hidden + self.attn_gate.tanh() * attended * sees_image
+        # Rows that do not attend get no image signal at all (their attention row was unmasked only to avoid NaN).
+        hidden = hidden + self.attn_gate.tanh() * attended * (sees_image if attends is None else attends)
         return hidden + self.mlp_gate.tanh() * self.mlp(self.post_attention_norm(hidden)) * sees_image
 
 
@@ -148,6 +159,12 @@ class ImageContext:
     # [B, N]: which of its sample's images each key/value position belongs to, -1 on padding. None: every image
     # has `tokens_per_image` positions (images of different sizes, anyres or dynamic, set it).
     image_of_position: torch.Tensor | None = None
+    # rows_without_image "attend_all": rows that see no image attend to every position of their sample's images
+    # ([B, N] `unseen_visible` when given -- Mllama's padding tiles, whose `image_of_position` is -1, included --
+    # else every position of an image of the sample); `attends` [B, T, 1] per call: rows whose attention counts.
+    attend_all_unseen: bool = False
+    unseen_visible: torch.Tensor | None = None
+    attends: torch.Tensor | None = None
 
     def for_positions(self, images_seen: torch.Tensor) -> ImageContext:
         """The same keys/values with the mask for text positions that have `images_seen` [B, T] images before them
@@ -163,8 +180,18 @@ class ImageContext:
         else:
             mask = (image_of_position < seen) & (image_of_position >= 0)
         sees_image = mask.any(-1, keepdim=True)
-        mask = mask | ~sees_image
-        return dataclasses.replace(self, mask=mask.unsqueeze(1), sees_image=sees_image.to(self.keys_values[0][0].dtype),
+        dtype = self.keys_values[0][0].dtype
+        attends = None
+        if self.attend_all_unseen:
+            visible = self.unseen_visible
+            if visible is None:
+                visible = (image_of_position >= 0) & (image_of_position < self.images_per_sample.view(-1, 1, 1))
+                visible = visible.reshape(visible.shape[0], -1)
+            visible = visible.unsqueeze(1)  # [B, 1, N]
+            mask = torch.where(sees_image, mask, visible)
+            attends = (sees_image | visible.any(-1, keepdim=True)).to(dtype)  # a sample without images: nothing
+        mask = mask | ~mask.any(-1, keepdim=True)  # no empty attention row (NaN); its output is not used
+        return dataclasses.replace(self, mask=mask.unsqueeze(1), sees_image=sees_image.to(dtype), attends=attends,
                                    ran=[])
 
 
@@ -176,7 +203,7 @@ def run_block(index: int, _layer: nn.Module, args: tuple, kwargs: dict) -> tuple
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
     keys, values = context.keys_values[index]
-    hidden = context.blocks[index](hidden, keys, values, context.mask, context.sees_image)
+    hidden = context.blocks[index](hidden, keys, values, context.mask, context.sees_image, context.attends)
     context.ran.append(index)
     if args:
         return (hidden, *args[1:]), kwargs
@@ -230,15 +257,23 @@ class CrossAttentionConnector(Connector):
             layer.register_forward_pre_hook(functools.partial(run_block, index), with_kwargs=True)
 
     def build_context(self, image_states: torch.Tensor | list[torch.Tensor],
-                      images_per_sample: torch.Tensor) -> ImageContext:
+                      images_per_sample: torch.Tensor, real_positions: list[torch.Tensor] | None = None
+                      ) -> ImageContext:
         """Lay the flat [images, N, dim] states out per sample ([B, max_images * N, dim], zero padded) and
         compute every block's keys/values once.
 
         `image_states` may also be a list of [N_i, dim], one per image, when images differ in length (anyres,
         dynamic resolution): each sample's images are concatenated and padding positions are masked out.
+
+        `real_positions` (with a list, rows_without_image "attend_all"): per image a [N_i] bool, False on
+        positions that only rows without an image attend to (Mllama's padding tiles, which HF keeps in
+        `cross_attention_states`); rows that see the image attend to its True positions only.
         """
         if isinstance(image_states, list):
-            return self._build_ragged_context(image_states, images_per_sample)
+            return self._build_ragged_context(image_states, images_per_sample, real_positions)
+        if real_positions is not None:
+            raise ValueError(f"real_positions come with a list of per-image states, found a tensor "
+                             f"{list(image_states.shape)}")
         batch = images_per_sample.shape[0]
         per_image = image_states.shape[1]
         max_images = max(int(images_per_sample.max()), 1) if batch else 1
@@ -248,9 +283,11 @@ class CrossAttentionConnector(Connector):
         padded[occupied] = image_states
         padded = padded.flatten(1, 2)
         keys_values = [block.keys_values(padded) for block in self.blocks]
-        return ImageContext(keys_values, images_per_sample, per_image, self.config.attend_to, self.blocks)
+        return ImageContext(keys_values, images_per_sample, per_image, self.config.attend_to, self.blocks,
+                            attend_all_unseen=self.config.rows_without_image == "attend_all")
 
-    def _build_ragged_context(self, image_states: list[torch.Tensor], images_per_sample: torch.Tensor) -> ImageContext:
+    def _build_ragged_context(self, image_states: list[torch.Tensor], images_per_sample: torch.Tensor,
+                              real_positions: list[torch.Tensor] | None = None) -> ImageContext:
         if len(image_states) != int(images_per_sample.sum()):
             raise ValueError(
                 f"expected states for {int(images_per_sample.sum())} image(s), one per placeholder, found "
@@ -263,12 +300,29 @@ class CrossAttentionConnector(Connector):
             per_sample.append(torch.cat(states) if states else image_states[0].new_zeros(0, image_states[0].shape[-1]))
             index_per_sample.append(torch.cat([torch.full((s.shape[0],), i, dtype=torch.long) for i, s in
                                                enumerate(states)]) if states else torch.zeros(0, dtype=torch.long))
+        unseen_visible = None
+        if real_positions is not None:
+            shapes = [tuple(real.shape) for real in real_positions]
+            if shapes != [(states.shape[0],) for states in image_states]:
+                raise ValueError(f"expected one real_positions [N_i] per image, {[s.shape[0] for s in image_states]}"
+                                 f" long, found shapes {shapes}")
+            real = torch.cat([r.cpu() for r in real_positions]) if real_positions else torch.zeros(0, dtype=torch.bool)
+            real_per_sample = real.split([len(index) for index in index_per_sample])
+            # Every position of the sample's images for rows without an image; the real ones only for the others.
+            unseen_visible = [torch.ones(len(index), dtype=torch.bool) for index in index_per_sample]
+            index_per_sample = [index.masked_fill(~r, -1) for index, r in zip(index_per_sample, real_per_sample,
+                                                                                strict=True)]
         longest = max(max(s.shape[0] for s in per_sample), 1)
         padded = image_states[0].new_zeros(len(per_sample), longest, image_states[0].shape[-1])
         image_of_position = torch.full((len(per_sample), longest), -1, dtype=torch.long)
+        visible = torch.zeros(len(per_sample), longest, dtype=torch.bool)
         for row, (states, index) in enumerate(zip(per_sample, index_per_sample, strict=True)):
             padded[row, :states.shape[0]] = states
             image_of_position[row, :index.shape[0]] = index
+            if unseen_visible is not None:
+                visible[row, :index.shape[0]] = unseen_visible[row]
         keys_values = [block.keys_values(padded) for block in self.blocks]
         return ImageContext(keys_values, images_per_sample, 0, self.config.attend_to, self.blocks,
-                            image_of_position=image_of_position.to(padded.device))
+                            image_of_position=image_of_position.to(padded.device),
+                            attend_all_unseen=self.config.rows_without_image == "attend_all",
+                            unseen_visible=visible.to(padded.device) if unseen_visible is not None else None)

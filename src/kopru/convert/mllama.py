@@ -24,11 +24,18 @@ image and the model keeps each image's own tiles: tiles x ((image_size / patch_s
 key/value positions per image (1601 per tile at 560 px / patch 14), `vision_output_dim` wide (last layer and
 the intermediate layers, as Mllama concatenates them), so `feature_layer` must stay -1.
 
-Semantics. Mllama text rows that see no image still get cross-attention output (uniform attention over all
-image positions; only the MLP is zeroed by `full_text_row_masked_out_mask`); Köprü zeroes both, so text before
-the first image gets no image signal. The two agree when every row sees an image, i.e. when the prompt starts
-with the image placeholder(s) -- which is how Llama-3.2-Vision prompts are written, and what `random_inputs`
-uses. Köprü's blocks attend to every image before a token ("previous"); HF's processor builds that mask for
+Semantics. Mllama text rows that see no image (Llama-3.2-Vision's template puts the bos and the user header
+before `<|image|>`) still get cross-attention output in transformers: `_prepare_cross_attention_mask` turns
+their fully masked row into no mask at all, so they attend (ordinary softmax) to every position of the sample's
+`cross_attention_states` -- every tile of every image, padding tiles included -- through `o_proj` and the
+attention gate; only the MLP is zeroed by `full_text_row_masked_out_mask`. Meta's reference implementation
+zeroes both. A converted model reproduces transformers (`rows_without_image="attend_all"`): its image K/V hold
+all `max_num_tiles` tiles of each image, rows that see an image attend to the real tiles only, the others to
+all of them. That costs K/V for the padding tiles (max_num_tiles x 1601 positions per image). In a padded HF
+batch a sample with fewer images than another also attends to the padding images' states, so HF's output
+there depends on the batch; Köprü gives every sample what HF gives it alone. `rows_without_image="zero"` gives
+Meta's behaviour (and K/V for the real tiles only).
+Köprü's blocks attend to every image before a token ("previous"); HF's processor builds that mask for
 consecutive images only (non-consecutive ones see just the most recent image). In the text an image is one
 `<|image|>` (`config.image_token_id`) and there are no markers, as in Mllama.
 """
@@ -272,6 +279,7 @@ def kopru_config(reference: MllamaForConditionalGeneration, src: str) -> KopruCo
             intermediate_size=text.intermediate_size,
             qk_norm=True,
             attend_to="previous",
+            rows_without_image="attend_all",  # rows before the first image attend as in HF (module docstring)
         ),
         image_token=IMAGE_TOKEN,
         image_start_token=None,
