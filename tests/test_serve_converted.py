@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from transformers import AutoProcessor
 from vlm_checkpoints import LAYOUTS, checkpoint
+from vlm_checkpoints import hf_greedy_answer as shared_hf_greedy_answer
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -65,23 +65,13 @@ def ask(client, model: str, image: Image.Image, stream: bool) -> tuple[str, str]
 
 
 def hf_greedy_answer(src: Path, image: Image.Image, eos_ids: list[int]) -> tuple[str, list[int]]:
-    """HF's answer: AutoProcessor, its chat template, greedy generate stopping on `eos_ids`; (text, new ids)."""
-    from transformers import AutoModelForImageTextToText
+    """HF's answer stopping where the served engine stops (`eos_ids`), which must include HF's own eos ids."""
+    from transformers import GenerationConfig
 
-    processor = AutoProcessor.from_pretrained(src)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    template = processor.chat_template or processor.tokenizer.chat_template
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
-    inputs = processor(images=[image], text=prompt, return_tensors="pt")
-    model = AutoModelForImageTextToText.from_pretrained(src).eval()
-    own = model.generation_config.eos_token_id
+    own = GenerationConfig.from_pretrained(src).eos_token_id
     own = [] if own is None else [own] if isinstance(own, int) else list(own)
     assert set(own) <= set(eos_ids), f"Köprü stops on {eos_ids}, HF on {own}"
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos_ids,
-                                   pad_token_id=eos_ids[0])
-    new = generated[0, inputs["input_ids"].shape[1]:].tolist()
-    return processor.decode(new, skip_special_tokens=True), new
+    return shared_hf_greedy_answer(src, image, QUESTION, NEW_TOKENS, eos_ids)
 
 
 @pytest.fixture(scope="module")

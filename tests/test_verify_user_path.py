@@ -12,8 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from vlm_checkpoints import LAYOUTS, checkpoint
+from vlm_checkpoints import LAYOUTS, checkpoint, hf_greedy_answer
 
 from kopru.chat import ChatSession, load_engine
 from kopru.cli import main
@@ -62,19 +61,9 @@ def test_verify_passes_on_the_users_path(converted, kind: str, layout: str) -> N
 @pytest.mark.parametrize("kind", ["llava", "llava_next", "mllama"])
 def test_kopru_chat_prints_hfs_greedy_answer(converted, kind: str, layout: str) -> None:
     """ChatSession (kopru chat's code path) on a third aspect ratio answers what HF's processor + generate do."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     src, dst, _, _ = converted(kind, layout)
     image = verification_picture(240, 100)
-    processor = AutoProcessor.from_pretrained(src)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    template = processor.chat_template or processor.tokenizer.chat_template
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
-    inputs = processor(images=[image], text=prompt, return_tensors="pt")
-    model = AutoModelForImageTextToText.from_pretrained(src).eval()
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    expected = processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected, _ = hf_greedy_answer(src, image, QUESTION)
     out = io.StringIO()
     session = ChatSession(load_engine(str(dst), device="cpu"), SamplingParams(max_new_tokens=8, temperature=0.0))
     answer = session.ask(QUESTION, [image], out)

@@ -107,3 +107,24 @@ def to_hub4(path: Path, kind: str) -> Path:
 def checkpoint(kind: str, layout: str, path: Path) -> Path:
     path = build(kind, path)
     return to_hub4(path, kind) if layout == "hub4" else path
+
+
+def hf_greedy_answer(src: Path, image, question: str, max_new_tokens: int = 8,
+                     eos_ids: list[int] | None = None) -> tuple[str, list[int]]:
+    """HF's own answer, the reference for the user's path: AutoProcessor, its chat template (the processor's, else
+    the tokenizer's), greedy `generate` stopping on `eos_ids` (default: the checkpoint's own); (text, new ids),
+    the text decoded without special tokens."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(src)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    template = processor.chat_template or processor.tokenizer.chat_template
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    model = AutoModelForImageTextToText.from_pretrained(src).eval()
+    stop = {} if eos_ids is None else {"eos_token_id": eos_ids, "pad_token_id": eos_ids[0]}
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **stop)
+    new = generated[0, inputs["input_ids"].shape[1]:].tolist()
+    return processor.decode(new, skip_special_tokens=True), new
