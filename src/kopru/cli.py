@@ -270,12 +270,10 @@ def _positive_threads(text: str) -> int:
 
 def _threads_flag() -> argparse.ArgumentParser:
     """The --threads flag of every command that runs a model (a parent parser; `main` applies it)."""
-    from kopru.threads import MAX_DEFAULT_THREADS
-
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--threads", type=_positive_threads, default=None,
-                        help="torch CPU threads (default: OMP_NUM_THREADS when set, else half the CPUs, at least 1 "
-                             f"and at most {MAX_DEFAULT_THREADS}: tiny models only slow down with more)")
+                        help="torch CPU threads (default: OMP_NUM_THREADS when set, else the idle CPUs: the CPUs less "
+                             "the load average, at least 1; on a busy machine more threads only slow a model down)")
     return parent
 
 

@@ -72,6 +72,7 @@ from kopru.data.synthetic import (
     shapes_dataset,
 )
 from kopru.image_processing import CONFIG_NAME as PREPROCESSOR_CONFIG
+from kopru.threads import default_threads
 
 ASSETS_DIR = Path(__file__).parent / "assets" / "tiny"
 DEFAULT_SEED = 0
@@ -615,23 +616,11 @@ def build_tiny_backbones(out_dir: str | Path, seed: int = DEFAULT_SEED, vision_s
 @contextlib.contextmanager
 def _threads(num_threads: int | None) -> Iterator[None]:
     previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads or _idle_threads(previous))
+    torch.set_num_threads(num_threads or min(previous, default_threads()))
     try:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _idle_threads(wanted: int) -> int:
-    """`wanted`, or fewer when the load average says other work already keeps cores busy: a small model's
-    threads wait on each other at every op, and one descheduled thread stalls them all (on 2 busy cores, 2
-    threads ran 15x slower than 1)."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on every platform
-        return wanted
-    idle = (os.cpu_count() or 1) - load
-    return max(1, min(wanted, math.floor(idle + 0.5)))
 
 
 def _complete(root: Path) -> bool:

@@ -1,17 +1,20 @@
 """How many CPU threads torch uses for the `kopru` commands that run a model (the `--threads` flag).
 
-torch's own default is one intra-op thread per core. For Köprü's tiny built-in models that is the worst choice on
-a small shared machine: their matrices are too small to gain from a second thread, every op waits for all of its
-threads, and one descheduled thread stalls them all. On this project's 2-core machine, with another engineer's
-tests keeping the load average at 2.6-3.6, `kopru demo` took 8.9 s and 9.7 s with `--threads 1` against 58.3 s
-and 39.0 s with `--threads 2` (torch's default there). So the commands start with
+torch's own default is one intra-op thread per core. That is right on an idle machine and the worst choice on a
+busy small one: every op waits for all of its threads, and one descheduled thread stalls them all. Measured on
+this project's 2-core machine:
+
+- busy (another engineer's tests keeping the load average at 2.6-3.6): `kopru demo` 8.9 s and 9.7 s with
+  `--threads 1` against 58.3 s and 39.0 s with `--threads 2`;
+- idle: `make demo` (`kopru compare`, default preset) 6 min 53 s with 2 threads against 12 min 20 s with 1.
+
+So the default is the cores that are idle, not a fixed share. The commands start with
 
 - `--threads N` when it is given;
 - otherwise whatever OMP_NUM_THREADS or MKL_NUM_THREADS says, when the user set one (torch already applied it
   at import: the convention torch, NumPy and torchrun follow, and Köprü leaves it alone);
-- otherwise `default_threads()`: half the CPUs this process may run on, at least 1 and at most 4. Half leaves
-  room for whatever else runs, which is what made the difference above; the cap of 4 keeps a default from
-  taking over a large shared machine (a real model on a CPU may well want more: ask with --threads).
+- otherwise `default_threads()`: the CPUs this process may run on less the 1-minute load average, rounded, at
+  least 1 (the rule `kopru pretrain-tiny` has used since it was written).
 
 The count chosen is also exported as OMP_NUM_THREADS, so the processes a command starts (`kopru compare`
 measures memory in a fresh one) use the same.
@@ -19,11 +22,11 @@ measures memory in a fresh one) use the same.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import MutableMapping
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-MAX_DEFAULT_THREADS = 4
 
 
 def available_cpus() -> int:
@@ -34,10 +37,22 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(cpus: int | None = None) -> int:
-    """Half of `cpus` (default: `available_cpus()`), at least 1, at most MAX_DEFAULT_THREADS."""
+def load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on Windows
+        return None
+
+
+def default_threads(cpus: int | None = None, load: float | None = None) -> int:
+    """The idle CPUs: `cpus` (default `available_cpus()`) less `load` (default: the load average), rounded to the
+    nearest whole number, at least 1. Without a load average, all `cpus`."""
     cpus = available_cpus() if cpus is None else cpus
-    return max(1, min(MAX_DEFAULT_THREADS, cpus // 2))
+    load = load_average() if load is None else load
+    if load is None:
+        return cpus
+    return max(1, min(cpus, math.floor(cpus - load + 0.5)))
 
 
 def configure_threads(requested: int | None, environ: MutableMapping[str, str] | None = None) -> tuple[int, str]:
@@ -53,10 +68,10 @@ def configure_threads(requested: int | None, environ: MutableMapping[str, str] |
         user_set = next((name for name in THREAD_ENV_VARS if environ.get(name, "").strip()), None)
         if user_set is not None:
             return torch.get_num_threads(), user_set  # torch read it when it started: nothing to change
-        threads, why = default_threads(), f"default: half of {available_cpus()} CPUs, at most {MAX_DEFAULT_THREADS}"
+        threads, why = default_threads(), f"default: the idle ones of {available_cpus()} CPUs"
     torch.set_num_threads(threads)
     environ["OMP_NUM_THREADS"] = str(threads)  # for the child processes a command starts
     return threads, why
 
 
-__all__ = ["MAX_DEFAULT_THREADS", "THREAD_ENV_VARS", "available_cpus", "configure_threads", "default_threads"]
+__all__ = ["THREAD_ENV_VARS", "available_cpus", "configure_threads", "default_threads", "load_average"]
