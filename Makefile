@@ -15,7 +15,7 @@ $(BIN)/kopru: pyproject.toml
 	touch $(BIN)/kopru
 
 # Every core: right after the install the load average is still high, and the CLI's default (the idle CPUs)
-# would then take one thread, which nearly doubles the run on 2 cores (12 min 20 s against 6 min 53 s).
+# would then take one thread: 12 min 20 s on 2 cores against 10 min 24 s with both (same hour, same figures).
 demo: $(BIN)/kopru
 	$(BIN)/kopru compare --output runs/compare --threads $(shell nproc)
 

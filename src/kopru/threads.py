@@ -6,7 +6,8 @@ this project's 2-core machine:
 
 - busy (another engineer's tests keeping the load average at 2.6-3.6): `kopru demo` 8.9 s and 9.7 s with
   `--threads 1` against 58.3 s and 39.0 s with `--threads 2`;
-- idle: `make demo` (`kopru compare`, default preset) 6 min 53 s with 2 threads against 12 min 20 s with 1.
+- idle: `make demo` (`kopru compare`, default preset) took 12 min 20 s with 1 thread, and 10 min 24 s with 2 in the
+  same session (a noisy hour: its TTFT spread was +-8 ms); the previous session measured 6 min 53 s with 2.
 
 So the default is the cores that are idle, not a fixed share. The commands start with
 
