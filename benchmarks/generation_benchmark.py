@@ -104,7 +104,7 @@ PRESETS = {
     "tiny-mllama": Preset("mllama", mllama_config(
         dict(hidden_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4, intermediate_size=128,
              vision_output_dim=64 * 3, image_size=28, patch_size=14, max_num_tiles=2,
-             intermediate_layers_indices=[0, 1], supported_aspect_ratios=[[1, 2], [1, 1], [2, 1]]),
+             intermediate_layers_indices=[0, 1], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
         dict(vocab_size=2000, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=352, cross_attention_layers=[1, 4], bos_token_id=0, eos_token_id=1, pad_token_id=2)),
         **TINY_CPU),

@@ -24,7 +24,8 @@ def test_benchmark_scripts_start(script):
     assert "usage:" in _run(f"benchmarks/{script}", "--help")
 
 
-def test_generation_benchmark_runs_at_tiny_size():
-    out = _run("benchmarks/generation_benchmark.py", "--preset", "tiny-llava", "--skip-compiled", "--repeats", "1",
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-blip2", "tiny-mllama"])
+def test_generation_benchmark_runs_at_tiny_size(preset):
+    out = _run("benchmarks/generation_benchmark.py", "--preset", preset, "--skip-compiled", "--repeats", "1",
                "--batch", "1", "--threads", "1")
-    assert "HF eager" in out and "Köprü" in out
+    assert "HF eager" in out and "Köprü eager" in out
