@@ -233,7 +233,7 @@ def engine_runner(engine: GenerationEngine, inputs: dict) -> Callable[[int], int
         params = [SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)] * inputs["input_ids"].shape[0]
         steps = 0
         for _ in engine.stream_token_ids(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
-                                         params):
+                                         params, image_sizes=inputs.get("image_sizes")):
             steps += 1
         return steps
 
