@@ -302,13 +302,7 @@ class ImagePreprocessor:
 
         Without any: `default` if the caller passed one, else ImageProcessorSettingsError naming where it looked.
         """
-        found = find_image_processor_settings(name_or_path)
-        if found is None:
-            if default is None:
-                raise _missing_settings(name_or_path)
-            return default
-        data, source = found
-        return cls.from_hf_settings(data, source, model_type=vision.encoder.config.model_type)
+        return cls.from_pretrained(name_or_path, default, model_type=vision.encoder.config.model_type)
 
     @classmethod
     def family_default(cls, vision) -> ImagePreprocessor:
