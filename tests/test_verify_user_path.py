@@ -55,20 +55,30 @@ def test_verify_passes_on_the_users_path(converted, kind: str, layout: str) -> N
     for check in user["checks"]:
         assert check["input_ids_equal"] and check["tokens_equal"] and len(check["hf_tokens"]) == 8
         assert check["max_pixel_diff"] <= 1e-4 and check["max_logit_diff"] <= 1e-4
+    # The picture decides the answer (HF's own), so equal greedy tokens show that Köprü sees the same picture: a
+    # conversion that ignored the image, or read it wrongly, would give both pictures one answer.
+    wide, tall = (check["hf_tokens"] for check in user["checks"])
+    assert wide != tall, f"HF answers both pictures with {wide}: the check could not see an ignored image"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["llava", "llava_next", "mllama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_kopru_chat_prints_hfs_greedy_answer(converted, kind: str, layout: str) -> None:
-    """ChatSession (kopru chat's code path) on a third aspect ratio answers what HF's processor + generate do."""
+    """ChatSession (kopru chat's code path) on two more aspect ratios answers what HF's processor + generate do,
+    and HF's answers to the two pictures differ (the check would see an image ignored)."""
     src, dst, _, _ = converted(kind, layout)
-    image = verification_picture(240, 100)
-    expected, _ = hf_greedy_answer(src, image, QUESTION)
-    out = io.StringIO()
-    session = ChatSession(load_engine(str(dst), device="cpu"), SamplingParams(max_new_tokens=8, temperature=0.0))
-    answer = session.ask(QUESTION, [image], out)
-    assert answer.strip() == expected.strip()
-    assert out.getvalue().strip() == expected.strip()
+    engine = load_engine(str(dst), device="cpu")
+    answers = []
+    for width, height in ((240, 100), (100, 240)):
+        image = verification_picture(width, height)
+        expected, ids = hf_greedy_answer(src, image, QUESTION)
+        out = io.StringIO()
+        session = ChatSession(engine, SamplingParams(max_new_tokens=8, temperature=0.0))
+        answer = session.ask(QUESTION, [image], out)
+        assert answer.strip() == expected.strip(), f"{width}x{height}"
+        assert out.getvalue().strip() == expected.strip(), f"{width}x{height}"
+        answers.append(ids)  # ids: a random model's tokens may decode to the same replacement characters
+    assert answers[0] != answers[1], f"HF answers both pictures with {answers[0]}"
 
 
 def test_verify_fails_naming_a_different_resample(converted, tmp_path: Path, capsys) -> None:

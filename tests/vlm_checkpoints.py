@@ -56,6 +56,7 @@ def build(kind: str, path: Path) -> Path:
         from test_convert_mllama import (
             IMAGE_SIZE,
             MAX_TILES,
+            PICTURE_SEED,
             save_reference,
             tiny_mllama,
             tokenizer_with_image_token,
@@ -63,7 +64,7 @@ def build(kind: str, path: Path) -> Path:
         from transformers import MllamaProcessor
         from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-        path = save_reference(tiny_mllama([1, 4], 6, seed=3), path)
+        path = save_reference(tiny_mllama([1, 4], 6, seed=PICTURE_SEED), path)
         (path / "preprocessor_config.json").unlink()  # the processor's file carries them
         image_processor = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                                   max_image_tiles=MAX_TILES,
