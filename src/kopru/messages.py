@@ -194,6 +194,14 @@ def as_list_content(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 # ============================================================================================== templates
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether tokenising text with special tokens puts the tokenizer's bos in front (Llama, OPT) or not (GPT-2)."""
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and with_special[:1] == [bos] and \
+        tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
 def chat_template_file(tokenizer) -> str:
     """Where the tokenizer's template was read from, for error messages."""
     directory = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
@@ -241,15 +249,17 @@ class ChatTemplate:
     def __post_init__(self) -> None:
         self._form: Form | None = None
         self._text_only_form: Form | None = None
+        self._bos_printed: bool | None = None
 
     # ------------------------------------------------------------------------------------------------ render
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         """The conversation as text, with the tokenizer's bos in front when the tokenizer would add one and the
-        template does not print it (HF's processor tokenises the rendered prompt with special tokens then)."""
+        template does not print it (HF's processor tokenises the rendered prompt with special tokens then). A
+        template that prints the bos anywhere places it itself: BLIP-2's puts the image's query tokens before it."""
         form = self.form if count_images(messages) else self._text_form()
         text = self._render(messages, form, add_generation_prompt)
         bos = self.tokenizer.bos_token
-        if bos and self._adds_bos and not text.startswith(bos):
+        if bos and self._adds_bos and not text.startswith(bos) and not self._prints_bos:
             text = bos + text
         return text
 
@@ -260,10 +270,18 @@ class ChatTemplate:
 
     @property
     def _adds_bos(self) -> bool:
-        bos = self.tokenizer.bos_token_id
-        with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        return bos is not None and with_special[:1] == [bos] and \
-            self.tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+        return tokenizer_adds_bos(self.tokenizer)
+
+    @property
+    def _prints_bos(self) -> bool:
+        """Whether the template prints the bos itself, found from a text-only probe (which holds no bos)."""
+        if self._bos_printed is None:
+            probe = [{"role": "user", "content": _PROBE_TEXT}]
+            try:
+                self._bos_printed = self.tokenizer.bos_token in self._render(probe, self._text_form(), True)
+            except Exception:  # noqa: BLE001 - a template with demands of its own (a system turn, say)
+                self._bos_printed = False
+        return self._bos_printed
 
     # ------------------------------------------------------------------------------------------------- form
     @property
@@ -366,5 +384,6 @@ __all__ = [
     "images_of",
     "render_prompt",
     "source_chat_template",
+    "tokenizer_adds_bos",
     "validate_messages",
 ]
