@@ -77,9 +77,13 @@ def blip2_image_processor() -> BlipImageProcessorPil:
     return BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
-def build_llava(path: Path, **overrides) -> tuple[LlavaForConditionalGeneration, Path]:
+def build_llava(path: Path, tokenizer=None, **overrides) -> tuple[LlavaForConditionalGeneration, Path]:
+    """`tokenizer`: one holding "<image>" (default: the tiny tokenizer with it added)."""
     torch.manual_seed(0)
-    tokenizer, image_id = tokenizer_with_image_token()
+    if tokenizer is None:
+        tokenizer, image_id = tokenizer_with_image_token()
+    else:
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -30,8 +30,10 @@ pytest.importorskip("uvicorn")
 
 from test_serve import RunningServer  # noqa: E402
 
+from kopru.chat import ChatSession, load_engine  # noqa: E402
 from kopru.convert import convert  # noqa: E402
 from kopru.convert.verify import QUESTION, verification_picture  # noqa: E402
+from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.serve import load_server  # noqa: E402
 
 NEW_TOKENS = 8
@@ -142,3 +144,43 @@ def test_serve_stops_where_hf_stops(served, tmp_path: Path, kind: str) -> None:
         assert ask(client, kind, image, stream=True) == (expected, "stop")
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def end_of_turn(tmp_path_factory):
+    """A converted tiny LLaVA with Llama-3's `<|eot_id|>` (vlm_checkpoints.build_end_of_turn_llava), HF's greedy
+    answer for the first picture, stopping on its own generation_config's eos ids, and the conversion's server."""
+    from vlm_checkpoints import build_end_of_turn_llava
+
+    root = tmp_path_factory.mktemp("end-of-turn")
+    image = verification_picture(*SIZES[0])
+    src, end_of_turn_id = build_end_of_turn_llava(root / "hf", QUESTION, image)
+    text, ids = shared_hf_greedy_answer(src, image, QUESTION, NEW_TOKENS)  # the checkpoint's own eos ids
+    assert ids[-1] == end_of_turn_id and len(ids) < NEW_TOKENS, f"HF's generate did not stop on <|eot_id|>: {ids}"
+    convert("llava", src, root / "kopru")
+    server = RunningServer(load_server(root / "kopru", model_name="llama3-llava", device="cpu"))
+    yield root / "kopru", image, text, ids, server
+    server.stop()
+
+
+def test_kopru_chat_stops_on_the_templates_end_of_turn_token_where_hf_stops(end_of_turn) -> None:
+    """`kopru chat`'s code path ends the answer on the added special token `<|eot_id|>` exactly where HF's generate
+    does: the same ids before it, the same text (the token itself not shown)."""
+    dst, image, expected_text, expected_ids, _ = end_of_turn
+    engine = load_engine(str(dst), device="cpu")
+    assert expected_ids[-1] in engine.eos_ids
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    prompt, images = format_chat(engine.processor, messages)
+    [completion] = engine.complete([prompt], [images], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
+    assert completion.token_ids + [expected_ids[-1]] == expected_ids  # Köprü's ids leave the stop id out
+    assert completion.finish_reason == "stop"
+    out = io.StringIO()
+    answer = ChatSession(engine, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)).ask(QUESTION, [image], out)
+    assert answer == expected_text and out.getvalue() == expected_text + "\n"
+
+
+def test_kopru_serve_stops_on_the_templates_end_of_turn_token_where_hf_stops(end_of_turn) -> None:
+    _, image, expected_text, _, server = end_of_turn
+    client = client_for(server)
+    assert ask(client, "llama3-llava", image, stream=False) == (expected_text, "stop")
+    assert ask(client, "llama3-llava", image, stream=True) == (expected_text, "stop")

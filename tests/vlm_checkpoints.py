@@ -135,6 +135,48 @@ def to_hub4(path: Path, kind: str) -> Path:
     return path
 
 
+# Llama-3's chat format: headers, and <|eot_id|> (an added special token) closing every turn.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+END_OF_TURN = "<|eot_id|>"
+
+
+def build_end_of_turn_llava(path: Path, question: str, image, stop_at: int = 2) -> tuple[Path, int]:
+    """A tiny LLaVA (transformers 5's layout) whose tokenizer has Llama-3's header tokens and `<|eot_id|>` as added
+    special tokens, its template closing every turn with `<|eot_id|>` and generation_config's eos listing it, as
+    Llama-3 checkpoints do. (path, the `<|eot_id|>` id).
+
+    A random model never picks `<|eot_id|>`, so its output row becomes 1.5 x the row of the token greedy decoding
+    picks at new token `stop_at` for `question` about `image`: from there on (or earlier), `<|eot_id|>` wins."""
+    import torch
+    from test_convert import build_llava, tokenizer_with_image_token
+    from transformers import AutoProcessor
+
+    tokenizer, _ = tokenizer_with_image_token()
+    tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>", END_OF_TURN], special_tokens=True)
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    model, path = build_llava(path, tokenizer=tokenizer)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.chat_template = LLAMA3_TEMPLATE
+    processor.num_additional_image_tokens = 1
+    processor.save_pretrained(path)
+    model.generation_config.eos_token_id = [model.config.text_config.eos_token_id, end_of_turn]
+    model.save_pretrained(path)  # generation_config.json with it
+    _, ids = hf_greedy_answer(path, image, question, max_new_tokens=stop_at + 1)
+    assert end_of_turn not in ids and ids[stop_at] not in ids[:stop_at], f"pick another stop_at: {ids}"
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[end_of_turn] = 1.5 * head[ids[stop_at]]
+    model.save_pretrained(path)
+    return path, end_of_turn
+
+
 def checkpoint(kind: str, layout: str, path: Path) -> Path:
     path = build(kind, path)
     return to_hub4(path, kind) if layout == "hub4" else path
