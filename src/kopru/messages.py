@@ -194,14 +194,6 @@ def as_list_content(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 # ============================================================================================== templates
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether tokenising text with special tokens puts the tokenizer's bos in front (Llama, OPT) or not (GPT-2)."""
-    bos = tokenizer.bos_token_id
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos is not None and with_special[:1] == [bos] and \
-        tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
-
-
 def chat_template_file(tokenizer) -> str:
     """Where the tokenizer's template was read from, for error messages."""
     directory = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
@@ -270,7 +262,10 @@ class ChatTemplate:
 
     @property
     def _adds_bos(self) -> bool:
-        return tokenizer_adds_bos(self.tokenizer)
+        bos = self.tokenizer.bos_token_id
+        with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        return bos is not None and with_special[:1] == [bos] and \
+            self.tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
 
     @property
     def _prints_bos(self) -> bool:
@@ -384,6 +379,5 @@ __all__ = [
     "images_of",
     "render_prompt",
     "source_chat_template",
-    "tokenizer_adds_bos",
     "validate_messages",
 ]
