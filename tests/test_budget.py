@@ -301,6 +301,47 @@ def test_saved_kopru_model_directory(build, tmp_path) -> None:
 
 
 
+@torch.no_grad()
+def test_converted_mllama_counts_the_cross_attention_kv_its_cache_holds(tmp_path) -> None:
+    """`kopru convert --from mllama` sets rows_without_image "attend_all": transformers' Mllama, and the conversion,
+    then keep all max_num_tiles tiles of an image in the cross-attention K/V, padding tiles included. `kopru budget
+    --model` reports that figure beside the real tiles' and counts its bytes; both are measured here from the
+    caches of real forward passes (HF's DynamicCache, Köprü's image K/V and self-attention cache)."""
+    from test_convert_mllama import PICTURE_SEED, save_reference, tiny_mllama, tokenizer_with_image_token
+    from transformers import MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from kopru.connectors.cross_attention import CONTEXT_KWARG
+    from kopru.convert import convert
+    from kopru.convert.mllama import IMAGE_TOKEN
+    from kopru.model import KopruForConditionalGeneration
+
+    reference = tiny_mllama([1, 4], 6, seed=PICTURE_SEED).eval()
+    src = save_reference(reference, tmp_path / "hf")
+    convert("mllama", src, tmp_path / "kopru")
+    image = Image.new("RGB", (200, 90), (200, 30, 30))  # 3 of the 4 tiles
+    entry = budget_json("--model", str(tmp_path / "kopru"), "--image", "200x90", "--dtype", "float32")["images"][0]
+
+    hf_processor = MllamaProcessor(MllamaImageProcessorPil.from_pretrained(src), tokenizer_with_image_token()[0])
+    hf_inputs = hf_processor(images=[[image]], text=[f"{IMAGE_TOKEN}describe"], return_tensors="pt")
+    hf_cache = reference(**hf_inputs, use_cache=True).past_key_values
+    hf_lengths = {hf_cache.layers[i].keys.shape[-2] for i in reference.config.text_config.cross_attention_layers}
+    max_tiles, real_tiles = hf_inputs["aspect_ratio_mask"].shape[-1], int(hf_inputs["aspect_ratio_mask"].sum())
+    assert real_tiles == 3 and hf_lengths == {entry["cross_attention_kv_cached"]}
+    assert entry["cross_attention_kv"] == entry["cross_attention_kv_cached"] // max_tiles * real_tiles
+
+    model, processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
+    inputs = processor(f"{IMAGE_TOKEN}describe", [image], add_special_tokens=False)
+    _, extra = model.eval().prepare_inputs(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"])
+    image_kv = extra[CONTEXT_KWARG].keys_values
+    assert {keys.shape[2] for keys, _ in image_kv} == {entry["cross_attention_kv_cached"]}
+    cache = model(**inputs, use_cache=True).past_key_values
+    length = inputs["input_ids"].shape[1]
+    per_position = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) // length
+    image_bytes = sum(keys.nbytes + values.nbytes for keys, values in image_kv)
+    assert entry["kv_cache_bytes"] == entry["tokens"] * per_position + image_bytes
+
+
 # --------------------------------------------------------------------------------- refusal in generation
 
 @pytest.mark.parametrize("strategy", ["projection", "cross_attention"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
@@ -76,9 +77,13 @@ def blip2_image_processor() -> BlipImageProcessorPil:
     return BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
-def build_llava(path: Path, **overrides) -> tuple[LlavaForConditionalGeneration, Path]:
+def build_llava(path: Path, tokenizer=None, **overrides) -> tuple[LlavaForConditionalGeneration, Path]:
+    """`tokenizer`: one holding "<image>" (default: the tiny tokenizer with it added)."""
     torch.manual_seed(0)
-    tokenizer, image_id = tokenizer_with_image_token()
+    if tokenizer is None:
+        tokenizer, image_id = tokenizer_with_image_token()
+    else:
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -115,8 +120,8 @@ def blip2_config(text_config, image_id: int | None) -> Blip2Config:
     )
 
 
-def build_blip2(path: Path) -> tuple[Blip2ForConditionalGeneration, Path]:
-    torch.manual_seed(1)
+def build_blip2(path: Path, seed: int = 1) -> tuple[Blip2ForConditionalGeneration, Path]:
+    torch.manual_seed(seed)
     tokenizer, image_id = tokenizer_with_image_token()
     text = OPTConfig(
         vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -212,12 +217,78 @@ def test_blip2_converts_and_reloads(blip2, tmp_path: Path) -> None:
     assert report["strategy"] == "qformer"
     assert report["image_positions"] == NUM_QUERIES
     assert report["max_abs_diff"] <= ATOL
+    # This tokenizer adds no bos (GPT-2 style): HF's prompt is the query tokens and the bare text, and the
+    # converter's template follows the tokenizer; the user's path compares and agrees.
+    user = report["user_path"]
+    assert user["failure"] is None and user["passed"] is True
+    assert all(check["input_ids_equal"] and check["tokens_equal"] for check in user["checks"])
+    assert "bos_token" not in (tmp_path / "kopru" / "llm" / "chat_template.jinja").read_text()
 
     model, _ = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
     assert model.config.image_start_token is None and model.config.image_end_token is None
     assert model.vision.num_tokens == (IMAGE_SIZE // PATCH) ** 2 + 1  # BLIP-2 keeps the CLS token
     diff = reloaded_logit_diff(reference, tmp_path / "kopru", reference.config.image_token_id, NUM_QUERIES)
     assert diff <= ATOL, f"reloaded BLIP-2 differs from HF by {diff}"
+
+
+def with_bos(tokenizer):
+    """The tokenizer putting its bos in front of text, as OPT's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    return tokenizer
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_blip2_chat_template_renders_hfs_prompt_and_lavis_turns(adds_bos: bool) -> None:
+    """One question: HF's Blip2Processor prompt (query tokens, the tokenizer's own special tokens, "Question: ...
+    Answer:"); more turns: LAVIS's chained prompt (its README: "Question: which city is this? Answer: singapore.
+    Question: why? Answer:"), each answer closed by eos. The strings are written out by hand."""
+    from kopru.messages import ChatTemplate
+
+    tokenizer = tokenizer_with_image_token()[0]
+    if adds_bos:
+        tokenizer = with_bos(tokenizer)
+    tokenizer.chat_template = blip2_converter.chat_template(tokenizer, "<image>")
+    chat = ChatTemplate.of(tokenizer, "<image>")
+    bos = "<s>" if adds_bos else ""
+    question = [{"role": "user", "content": [{"type": "image", "image": None},
+                                             {"type": "text", "text": "which city is this?"}]}]
+    assert chat.render(question, add_generation_prompt=True) == f"<image>{bos}Question: which city is this? Answer:"
+    turns = [*question, {"role": "assistant", "content": "singapore."}, {"role": "user", "content": "why?"}]
+    assert chat.render(turns, add_generation_prompt=True) == (
+        f"<image>{bos}Question: which city is this? Answer: singapore.</s> Question: why? Answer:")
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert chat.render(system, add_generation_prompt=True) == f"{bos}Be brief. Question: hi Answer:"
+    assert chat.end_of_turn_ids() == [tokenizer.eos_token_id]
+
+
+def test_blip2_chat_template_trains_on_the_answer_and_eos(blip2) -> None:
+    """The converted BLIP-2 can be trained with its template: the labels cover " singapore.</s>" only."""
+    from kopru.data.encoding import IGNORE_INDEX, SampleEncoder
+    from kopru.data.sample import Sample
+
+    reference, src = blip2
+    _, processor = blip2_converter.to_kopru(reference, str(src))
+    encoder = SampleEncoder(processor)  # refuses a template that puts nothing after an answer
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    sample = Sample([{"role": "user", "content": "<image>which city is this?"},
+                     {"role": "assistant", "content": "singapore."}], [image])
+    encoded = encoder.encode(sample)
+    labelled = encoded.labels[encoded.labels != IGNORE_INDEX].tolist()
+    assert processor.tokenizer.decode(labelled) == " singapore.</s>"
+    assert encoded.input_ids[:NUM_QUERIES].tolist() == [reference.config.image_token_id] * NUM_QUERIES
+
+
+def test_blip2_tokenizer_appending_tokens_is_refused() -> None:
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = tokenizer_with_image_token()[0]
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {tokenizer.eos_token}", special_tokens=[(tokenizer.eos_token, tokenizer.eos_token_id)])
+    with pytest.raises(ValueError, match=r"in front of the text only .* found \['a', '</s>'\]"):
+        blip2_converter.chat_template(tokenizer, "<image>")
 
 
 def test_blip2_tokenizer_without_image_token(blip2, tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ from kopru.tiny import tiny_tokenizer
 ATOL = 1e-4
 IMAGE_SIZE, PATCH, MAX_TILES = 16, 4, 4  # 16 patches + CLS = 17 tokens per tile (Mllama pads them to 24)
 VISION_HIDDEN, INTERMEDIATE_LAYERS = 32, [0, 1]
+# A seed whose tiny Mllama ([1, 4], 6 layers) answers the user's-path pictures differently from the first greedy
+# token (seed 3 answered token 168 eight times for every picture, so a model ignoring the image passed).
+PICTURE_SEED = 1
 
 
 def tokenizer_with_image_token():

@@ -18,6 +18,7 @@ from PIL import Image
 from test_convert_mllama import (
     IMAGE_SIZE,
     MAX_TILES,
+    PICTURE_SEED,
     max_diff,
     save_reference,
     tiny_mllama,
@@ -58,7 +59,7 @@ TILES = {name: tile_layout(image.height, image.width, IMAGE_SIZE, MAX_TILES).num
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """HF model + HF processor, and the Köprü conversion of the same directory."""
-    path = save_reference(tiny_mllama([1, 4], 6, seed=3), tmp_path_factory.mktemp("mllama_tiles"))
+    path = save_reference(tiny_mllama([1, 4], 6, seed=PICTURE_SEED), tmp_path_factory.mktemp("mllama_tiles"))
     MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=MAX_TILES
                             ).save_pretrained(path)
     reference = load_reference("mllama", str(path)).eval()

@@ -1,15 +1,14 @@
 """`kopru serve` on converted HF checkpoints answers what HF does (issue 12's last acceptance line).
 
-For tiny LLaVA, LLaVA-NeXT and Mllama checkpoints in both layouts (tests/vlm_checkpoints.py): convert, serve the
+For tiny LLaVA, LLaVA-NeXT, BLIP-2 and Mllama checkpoints in both layouts (tests/vlm_checkpoints.py): convert, serve the
 conversion on localhost, ask "What is shown?" about non-square pictures through the official `openai` client (PNG
 data URLs, temperature 0, max_tokens N), and compare with HF's AutoProcessor + chat template + greedy generate
 with the same max_new_tokens and the same stop ids (the engine's: the source's eos ids and the template's
 end-of-turn token), decoded with skip_special_tokens; the finish_reason must say whether HF stopped on a stop id.
-Streamed answers must join to the whole answer. The random tiny models never pick a stop id within N tokens, so
-one more test gives a source an extra eos id (a token greedy decoding picks) and checks that the server stops there.
-
-BLIP-2's HF checkpoint has no chat template, so HF has no chat prompt to compare with: a user of `kopru serve` gets
-Köprü's fallback template, and the server must answer what `kopru chat`'s code path (ChatSession) answers.
+BLIP-2 ships no chat template: HF is prompted as its model card prompts it, "Question: ... Answer:", and the
+conversion's template (written by the converter) must give the same prompt. Streamed answers must join to the whole
+answer. The random tiny models never pick a stop id within N tokens, so one more test gives a source an extra eos id
+(a token greedy decoding picks) and checks that the server stops there.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from transformers import AutoProcessor
-from vlm_checkpoints import LAYOUTS, checkpoint
+from vlm_checkpoints import KINDS, LAYOUTS, checkpoint
 from vlm_checkpoints import hf_greedy_answer as shared_hf_greedy_answer
 
 openai = pytest.importorskip("openai")
@@ -34,7 +33,7 @@ from test_serve import RunningServer  # noqa: E402
 from kopru.chat import ChatSession, load_engine  # noqa: E402
 from kopru.convert import convert  # noqa: E402
 from kopru.convert.verify import QUESTION, verification_picture  # noqa: E402
-from kopru.generation import SamplingParams  # noqa: E402
+from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.serve import load_server  # noqa: E402
 
 NEW_TOKENS = 8
@@ -82,12 +81,7 @@ def served(tmp_path_factory):
     def get(kind: str, layout: str):
         if (kind, layout) not in cache:
             root = tmp_path_factory.mktemp(f"{kind}-{layout}")
-            if kind == "blip2":
-                from test_convert import build_blip2
-
-                _, src = build_blip2(root / "hf")
-            else:
-                src = checkpoint(kind, layout, root / "hf")
+            src = checkpoint(kind, layout, root / "hf")
             convert(kind, src, root / "kopru")
             server = RunningServer(load_server(root / "kopru", model_name=kind, device="cpu"))
             eos_ids = list(server.app.state.kopru.worker.engine.eos_ids)
@@ -104,7 +98,7 @@ def client_for(server: RunningServer):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["llava", "llava_next", "mllama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_serve_answers_hfs_greedy_answer(served, kind: str, layout: str) -> None:
     src, _, server, eos_ids = served(kind, layout)
     client = client_for(server)
@@ -116,21 +110,6 @@ def test_serve_answers_hfs_greedy_answer(served, kind: str, layout: str) -> None
         finish_reason = "stop" if len(ids) < NEW_TOKENS or ids[-1] in eos_ids else "length"
         assert whole == (expected, finish_reason), f"{width}x{height}: HF generated {ids}"
         assert ask(client, kind, image, stream=True) == whole, f"{width}x{height}: streamed"
-
-
-def test_blip2_serves_what_kopru_chat_answers(served) -> None:
-    """BLIP-2 ships no chat template (HF has no chat prompt for it): the converted model renders Köprü's fallback
-    template, and the server answers what ChatSession (`kopru chat`) answers for the same question and picture."""
-    _, dst, server, _ = served("blip2", "transformers5")
-    client = client_for(server)
-    session_engine = load_engine(str(dst), device="cpu")
-    for width, height in SIZES:
-        image = verification_picture(width, height)
-        session = ChatSession(session_engine, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
-        expected = session.ask(QUESTION, [image], io.StringIO())
-        whole, _ = ask(client, "blip2", image, stream=False)
-        assert whole == expected, f"{width}x{height}"
-        assert ask(client, "blip2", image, stream=True)[0] == whole, f"{width}x{height}: streamed"
 
 
 @pytest.mark.parametrize("kind", ["llava", "llava_next"])
@@ -165,3 +144,43 @@ def test_serve_stops_where_hf_stops(served, tmp_path: Path, kind: str) -> None:
         assert ask(client, kind, image, stream=True) == (expected, "stop")
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def end_of_turn(tmp_path_factory):
+    """A converted tiny LLaVA with Llama-3's `<|eot_id|>` (vlm_checkpoints.build_end_of_turn_llava), HF's greedy
+    answer for the first picture, stopping on its own generation_config's eos ids, and the conversion's server."""
+    from vlm_checkpoints import build_end_of_turn_llava
+
+    root = tmp_path_factory.mktemp("end-of-turn")
+    image = verification_picture(*SIZES[0])
+    src, end_of_turn_id = build_end_of_turn_llava(root / "hf", QUESTION, image)
+    text, ids = shared_hf_greedy_answer(src, image, QUESTION, NEW_TOKENS)  # the checkpoint's own eos ids
+    assert ids[-1] == end_of_turn_id and len(ids) < NEW_TOKENS, f"HF's generate did not stop on <|eot_id|>: {ids}"
+    convert("llava", src, root / "kopru")
+    server = RunningServer(load_server(root / "kopru", model_name="llama3-llava", device="cpu"))
+    yield root / "kopru", image, text, ids, server
+    server.stop()
+
+
+def test_kopru_chat_stops_on_the_templates_end_of_turn_token_where_hf_stops(end_of_turn) -> None:
+    """`kopru chat`'s code path ends the answer on the added special token `<|eot_id|>` exactly where HF's generate
+    does: the same ids before it, the same text (the token itself not shown)."""
+    dst, image, expected_text, expected_ids, _ = end_of_turn
+    engine = load_engine(str(dst), device="cpu")
+    assert expected_ids[-1] in engine.eos_ids
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    prompt, images = format_chat(engine.processor, messages)
+    [completion] = engine.complete([prompt], [images], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0))
+    assert completion.token_ids + [expected_ids[-1]] == expected_ids  # Köprü's ids leave the stop id out
+    assert completion.finish_reason == "stop"
+    out = io.StringIO()
+    answer = ChatSession(engine, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)).ask(QUESTION, [image], out)
+    assert answer == expected_text and out.getvalue() == expected_text + "\n"
+
+
+def test_kopru_serve_stops_on_the_templates_end_of_turn_token_where_hf_stops(end_of_turn) -> None:
+    _, image, expected_text, _, server = end_of_turn
+    client = client_for(server)
+    assert ask(client, "llama3-llava", image, stream=False) == (expected_text, "stop")
+    assert ask(client, "llama3-llava", image, stream=True) == (expected_text, "stop")

@@ -1,7 +1,8 @@
 """`kopru convert --verify` on the user's path, per family and checkpoint layout (tests/vlm_checkpoints.py).
 
-HF side: AutoProcessor + its chat template + the HF model's greedy generate. Köprü side: the conversion reloaded
-from disk, format_chat + Köprü's processor + GenerationEngine. Pictures are drawn, wide and tall.
+HF side: AutoProcessor + its chat template (BLIP-2, which ships none: "Question: ... Answer:") + the HF model's
+greedy generate. Köprü side: the conversion reloaded from disk, format_chat + Köprü's processor + GenerationEngine.
+Pictures are drawn, wide and tall.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from vlm_checkpoints import LAYOUTS, checkpoint, hf_greedy_answer
+from vlm_checkpoints import KINDS, LAYOUTS, checkpoint, hf_greedy_answer
 
 from kopru.chat import ChatSession, load_engine
 from kopru.cli import main
@@ -21,7 +22,6 @@ from kopru.generation import SamplingParams
 
 # Llama-3.2-Vision's template puts <|image|> after the bos and the user header: those rows see no image, and a
 # conversion reproduces what HF gives them (rows_without_image "attend_all", see kopru.convert.mllama).
-KINDS = ["llava", "llava_next", "mllama"]
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +55,30 @@ def test_verify_passes_on_the_users_path(converted, kind: str, layout: str) -> N
     for check in user["checks"]:
         assert check["input_ids_equal"] and check["tokens_equal"] and len(check["hf_tokens"]) == 8
         assert check["max_pixel_diff"] <= 1e-4 and check["max_logit_diff"] <= 1e-4
+    # The picture decides the answer (HF's own), so equal greedy tokens show that Köprü sees the same picture: a
+    # conversion that ignored the image, or read it wrongly, would give both pictures one answer.
+    wide, tall = (check["hf_tokens"] for check in user["checks"])
+    assert wide != tall, f"HF answers both pictures with {wide}: the check could not see an ignored image"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["llava", "llava_next", "mllama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_kopru_chat_prints_hfs_greedy_answer(converted, kind: str, layout: str) -> None:
-    """ChatSession (kopru chat's code path) on a third aspect ratio answers what HF's processor + generate do."""
+    """ChatSession (kopru chat's code path) on two more aspect ratios answers what HF's processor + generate do,
+    and HF's answers to the two pictures differ (the check would see an image ignored)."""
     src, dst, _, _ = converted(kind, layout)
-    image = verification_picture(240, 100)
-    expected, _ = hf_greedy_answer(src, image, QUESTION)
-    out = io.StringIO()
-    session = ChatSession(load_engine(str(dst), device="cpu"), SamplingParams(max_new_tokens=8, temperature=0.0))
-    answer = session.ask(QUESTION, [image], out)
-    assert answer.strip() == expected.strip()
-    assert out.getvalue().strip() == expected.strip()
+    engine = load_engine(str(dst), device="cpu")
+    answers = []
+    for width, height in ((240, 100), (100, 240)):
+        image = verification_picture(width, height)
+        expected, ids = hf_greedy_answer(src, image, QUESTION)
+        out = io.StringIO()
+        session = ChatSession(engine, SamplingParams(max_new_tokens=8, temperature=0.0))
+        answer = session.ask(QUESTION, [image], out)
+        assert answer.strip() == expected.strip(), f"{width}x{height}"
+        assert out.getvalue().strip() == expected.strip(), f"{width}x{height}"
+        answers.append(ids)  # ids: a random model's tokens may decode to the same replacement characters
+    assert answers[0] != answers[1], f"HF answers both pictures with {answers[0]}"
 
 
 def test_verify_fails_naming_a_different_resample(converted, tmp_path: Path, capsys) -> None:
@@ -117,18 +127,26 @@ def test_cli_exits_1_and_names_the_divergence(converted, tmp_path: Path, capsys,
     assert "input ids DIFFER" in captured.out
 
 
-def test_blip2_without_a_chat_template_is_reported_not_compared(tmp_path: Path) -> None:
-    """BLIP-2 ships no chat template: HF has no chat prompt, so the user's path is reported as not compared
-    (with why) and only the random-input check runs; `kopru chat` would use Köprü's fallback template."""
-    from test_convert import build_blip2
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_blip2_puts_the_query_tokens_before_bos_as_hf(converted, layout: str) -> None:
+    """The premise of BLIP-2's user's path: HF's Blip2Processor gives query tokens, then the tokenizer's bos, then
+    "Question: ... Answer:"; the conversion's template (written by the converter) gives the same ids."""
+    from transformers import AutoProcessor
 
-    from kopru.convert import convert
+    from kopru.generation import format_chat
+    from kopru.model import KopruForConditionalGeneration
 
-    _, src = build_blip2(tmp_path / "hf")
-    report = convert("blip2", src, tmp_path / "kopru", verify=True)
-    assert report["max_abs_diff"] <= 1e-4
-    assert report["user_path"]["passed"] is None
-    assert report["user_path"]["skipped"].startswith(f"expected a chat template in {src}")
+    src, dst, _, _ = converted("blip2", layout)
+    image = verification_picture()
+    hf = AutoProcessor.from_pretrained(src)
+    expected = hf(images=[image], text=f"Question: {QUESTION} Answer:")["input_ids"][0]
+    queries = hf.num_query_tokens
+    assert expected[:queries] == [hf.tokenizer.convert_tokens_to_ids("<image>")] * queries
+    assert expected[queries] == hf.tokenizer.bos_token_id
+    _, processor = KopruForConditionalGeneration.from_pretrained(dst)
+    prompt, images = format_chat(processor, [{"role": "user", "content": [{"type": "image", "image": image},
+                                                                          {"type": "text", "text": QUESTION}]}])
+    assert processor(prompt, [images], add_special_tokens=False)["input_ids"][0].tolist() == expected
 
 
 def test_a_template_that_renders_no_image_is_named_by_convert_verify(converted, tmp_path: Path, capsys) -> None:

@@ -7,8 +7,12 @@ published-style chat template, saved in one of two layouts:
 * "transformers5": `processor.save_pretrained` -- processor_config.json (image-processor settings under
   "image_processor") and chat_template.jinja;
 * "hub4": the older hub layout written by hand -- preprocessor_config.json with the image processor's settings
-  (4.x class name, no "Pil"), processor_config.json with only the processor's own settings, and the template in
-  chat_template.json (LLaVA, LLaVA-NeXT) or in tokenizer_config.json's "chat_template" (Mllama).
+  (4.x class name, no "Pil"), processor_config.json with only the processor's own settings (BLIP-2: its
+  num_query_tokens, as Salesforce's repos hold it), and the template in chat_template.json (LLaVA, LLaVA-NeXT) or
+  in tokenizer_config.json's "chat_template" (Mllama).
+
+BLIP-2 checkpoints ship no chat template: HF users prompt them with "Question: ... Answer:", and HF's
+Blip2Processor puts the query tokens before the bos its (OPT) tokenizer adds, which the tiny tokenizer here adds too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ MLLAMA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 TEMPLATES = {"llava": LLAVA_15_TEMPLATE, "llava_next": LLAVA_NEXT_VICUNA_TEMPLATE, "mllama": MLLAMA_TEMPLATE}
+KINDS = ("llava", "llava_next", "blip2", "mllama")
 LAYOUTS = ("transformers5", "hub4")
 
 
@@ -56,6 +61,7 @@ def build(kind: str, path: Path) -> Path:
         from test_convert_mllama import (
             IMAGE_SIZE,
             MAX_TILES,
+            PICTURE_SEED,
             save_reference,
             tiny_mllama,
             tokenizer_with_image_token,
@@ -63,7 +69,7 @@ def build(kind: str, path: Path) -> Path:
         from transformers import MllamaProcessor
         from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-        path = save_reference(tiny_mllama([1, 4], 6, seed=3), path)
+        path = save_reference(tiny_mllama([1, 4], 6, seed=PICTURE_SEED), path)
         (path / "preprocessor_config.json").unlink()  # the processor's file carries them
         image_processor = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                                   max_image_tiles=MAX_TILES,
@@ -71,17 +77,40 @@ def build(kind: str, path: Path) -> Path:
                                                   image_std=[0.26862954, 0.26130258, 0.27577711])
         MllamaProcessor(image_processor, tokenizer_with_image_token()[0]).save_pretrained(path)
         processor_class = "MllamaProcessor"
+    elif kind == "blip2":
+        import torch
+        from test_convert import build_blip2
+        from tokenizers.processors import TemplateProcessing
+        from transformers import AutoTokenizer
+
+        model, path = build_blip2(path, seed=0)
+        # `randomise` draws every 1-D parameter around 1, biases included: such biases add one constant direction
+        # at every position and the tiny BLIP-2 answered the same token for every picture. Around 0.1 (seed 0),
+        # the two pictures of verify and of the chat test get different greedy answers.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.mul_(0.1)
+        model.save_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)  # bos in front of the text, as OPT's tokenizer puts it
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+        assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+        tokenizer.save_pretrained(path)
+        processor_class = "Blip2Processor"
     else:
         raise ValueError(f"unknown kind {kind!r}")
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
     assert type(processor).__name__ == processor_class
-    processor.chat_template = TEMPLATES[kind]
-    if kind != "mllama":  # llava-hf's processors count CLIP's CLS (dropped by "default") as HF's model does
+    if kind in TEMPLATES:
+        processor.chat_template = TEMPLATES[kind]
+    if kind in ("llava", "llava_next"):  # llava-hf's processors count CLIP's CLS (dropped by "default") as HF does
         processor.num_additional_image_tokens = 1
     processor.save_pretrained(path)
-    assert (path / "chat_template.jinja").is_file() and not (path / "preprocessor_config.json").exists()
+    assert (path / "chat_template.jinja").is_file() == (kind in TEMPLATES)
+    assert not (path / "preprocessor_config.json").exists()
     return path
 
 
@@ -93,6 +122,8 @@ def to_hub4(path: Path, kind: str) -> Path:
     image["processor_class"] = processor_config["processor_class"]
     (path / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
     (path / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+    if kind not in TEMPLATES:
+        return path
     template = (path / "chat_template.jinja").read_text()
     (path / "chat_template.jinja").unlink()
     if kind == "mllama":  # meta-llama's repos carry it in tokenizer_config.json
@@ -104,6 +135,48 @@ def to_hub4(path: Path, kind: str) -> Path:
     return path
 
 
+# Llama-3's chat format: headers, and <|eot_id|> (an added special token) closing every turn.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+END_OF_TURN = "<|eot_id|>"
+
+
+def build_end_of_turn_llava(path: Path, question: str, image, stop_at: int = 2) -> tuple[Path, int]:
+    """A tiny LLaVA (transformers 5's layout) whose tokenizer has Llama-3's header tokens and `<|eot_id|>` as added
+    special tokens, its template closing every turn with `<|eot_id|>` and generation_config's eos listing it, as
+    Llama-3 checkpoints do. (path, the `<|eot_id|>` id).
+
+    A random model never picks `<|eot_id|>`, so its output row becomes 1.5 x the row of the token greedy decoding
+    picks at new token `stop_at` for `question` about `image`: from there on (or earlier), `<|eot_id|>` wins."""
+    import torch
+    from test_convert import build_llava, tokenizer_with_image_token
+    from transformers import AutoProcessor
+
+    tokenizer, _ = tokenizer_with_image_token()
+    tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>", END_OF_TURN], special_tokens=True)
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    model, path = build_llava(path, tokenizer=tokenizer)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.chat_template = LLAMA3_TEMPLATE
+    processor.num_additional_image_tokens = 1
+    processor.save_pretrained(path)
+    model.generation_config.eos_token_id = [model.config.text_config.eos_token_id, end_of_turn]
+    model.save_pretrained(path)  # generation_config.json with it
+    _, ids = hf_greedy_answer(path, image, question, max_new_tokens=stop_at + 1)
+    assert end_of_turn not in ids and ids[stop_at] not in ids[:stop_at], f"pick another stop_at: {ids}"
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[end_of_turn] = 1.5 * head[ids[stop_at]]
+    model.save_pretrained(path)
+    return path, end_of_turn
+
+
 def checkpoint(kind: str, layout: str, path: Path) -> Path:
     path = build(kind, path)
     return to_hub4(path, kind) if layout == "hub4" else path
@@ -112,15 +185,19 @@ def checkpoint(kind: str, layout: str, path: Path) -> Path:
 def hf_greedy_answer(src: Path, image, question: str, max_new_tokens: int = 8,
                      eos_ids: list[int] | None = None) -> tuple[str, list[int]]:
     """HF's own answer, the reference for the user's path: AutoProcessor, its chat template (the processor's, else
-    the tokenizer's), greedy `generate` stopping on `eos_ids` (default: the checkpoint's own); (text, new ids),
-    the text decoded without special tokens."""
+    the tokenizer's; BLIP-2, which has none, the prompt its model cards write), greedy `generate` stopping on
+    `eos_ids` (default: the checkpoint's own); (text, new ids), the text decoded without special tokens."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(src)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     template = processor.chat_template or processor.tokenizer.chat_template
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
+    if template is None:
+        assert type(processor).__name__ == "Blip2Processor", f"{src} has no chat template"
+        prompt = f"Question: {question} Answer:"  # Salesforce/blip2-opt-2.7b's model card
+    else:
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
     inputs = processor(images=[image], text=prompt, return_tensors="pt")
     model = AutoModelForImageTextToText.from_pretrained(src).eval()
     stop = {} if eos_ids is None else {"eos_token_id": eos_ids, "pad_token_id": eos_ids[0]}

@@ -275,16 +275,22 @@ def _llm_shape(llm_config: Any, config: Any) -> LLMShape:
 
 def _kopru_rule(config: Any, encoder_config: Any) -> ImageRule:
     from kopru.high_resolution import plan_image
-    from kopru.tokens import image_positions
+    from kopru.tokens import cached_cross_attention_kv, image_positions
 
     def rule(width: int, height: int) -> ImagePositions:
-        # The model's own counting (resolution mode, reduction, strategy): what its processor will expand.
+        # The model's own counting (resolution mode, reduction, strategy): what its processor will expand, and
+        # the cross-attention K/V its cache holds (all max_tiles tiles of a converted Llama-3.2-Vision).
         count = image_positions(config, encoder_config, width, height)
         plan = plan_image(config, encoder_config, height, width)
+        cached = cached_cross_attention_kv(config, plan)
         pass_height, pass_width = plan.pass_size
-        return ImagePositions(count.llm_positions, count.cross_attention_kv, encoder_input=(pass_width, pass_height),
-                              layout=f"{plan.passes} encoder pass(es) of {pass_width}x{pass_height}: "
-                                     f"{count.placeholders} placeholder(s) + {count.markers} markers")
+        layout = (f"{plan.passes} encoder pass(es) of {pass_width}x{pass_height}: {count.placeholders} "
+                  f"placeholder(s) + {count.markers} markers")
+        if cached != count.cross_attention_kv:
+            layout += (f"; the cache holds all {plan.tiling.max_tiles} tiles' K/V, padding tiles included "
+                       "(rows_without_image 'attend_all', as transformers' Mllama)")
+        return ImagePositions(count.llm_positions, count.cross_attention_kv, cross_attention_kv_cached=cached,
+                              encoder_input=(pass_width, pass_height), layout=layout)
     return rule
 
 

@@ -297,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="HF checkpoint directory (or hub id when online)")
     convert.add_argument("dst", help="output directory for the Köprü model")
     convert.add_argument("--verify", action="store_true",
-                         help="compare HF's processor + chat template + model with the reloaded conversion on a drawn picture "
-                              "and a chat question (input ids, pixels, logits, greedy tokens); exit 1 on a difference")
+                         help="compare HF's processor + chat template (BLIP-2, which has none: 'Question: ... Answer:') + "
+                              "model with the reloaded conversion on drawn pictures and a chat question (input ids, "
+                              "pixels, logits, greedy tokens); exit 1 on a difference")
     convert.add_argument("--json", action="store_true", help="print one JSON object")
     convert.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     convert.set_defaults(run=_convert)
@@ -366,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     budget = commands.add_parser(
         "budget", help="LLM positions, context share and KV-cache memory per image; the largest size that fits",
-        description="Token budget of images on a published model (--preset) or a Köprü model (--model). Exit "
+        description="Token budget of images on a published model (--preset) or a Köprü model (--model). KV-cache "
+                    "memory counts the cross-attention K/V the cache holds, shown as 'cached' beside the image's own "
+                    "(Llama-3.2-Vision and its conversions keep all 4 tiles, padding included). Exit "
                     "status 1 when the images, --prompt-tokens and --max-new-tokens do not fit the context window.",
     )
     source = budget.add_mutually_exclusive_group(required=True)

@@ -241,15 +241,17 @@ class ChatTemplate:
     def __post_init__(self) -> None:
         self._form: Form | None = None
         self._text_only_form: Form | None = None
+        self._bos_printed: bool | None = None
 
     # ------------------------------------------------------------------------------------------------ render
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         """The conversation as text, with the tokenizer's bos in front when the tokenizer would add one and the
-        template does not print it (HF's processor tokenises the rendered prompt with special tokens then)."""
+        template does not print it (HF's processor tokenises the rendered prompt with special tokens then). A
+        template that prints the bos anywhere places it itself: BLIP-2's puts the image's query tokens before it."""
         form = self.form if count_images(messages) else self._text_form()
         text = self._render(messages, form, add_generation_prompt)
         bos = self.tokenizer.bos_token
-        if bos and self._adds_bos and not text.startswith(bos):
+        if bos and self._adds_bos and not text.startswith(bos) and not self._prints_bos:
             text = bos + text
         return text
 
@@ -264,6 +266,17 @@ class ChatTemplate:
         with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         return bos is not None and with_special[:1] == [bos] and \
             self.tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+    @property
+    def _prints_bos(self) -> bool:
+        """Whether the template prints the bos itself, found from a text-only probe (which holds no bos)."""
+        if self._bos_printed is None:
+            probe = [{"role": "user", "content": _PROBE_TEXT}]
+            try:
+                self._bos_printed = self.tokenizer.bos_token in self._render(probe, self._text_form(), True)
+            except Exception:  # noqa: BLE001 - a template with demands of its own (a system turn, say)
+                self._bos_printed = False
+        return self._bos_printed
 
     # ------------------------------------------------------------------------------------------------- form
     @property

@@ -28,7 +28,7 @@ from kopru.llm import cache_argument, load_llm
 from kopru.paths import atomic_directory
 from kopru.processing import KopruProcessor, add_image_tokens
 from kopru.tiling import aspect_ratio_inputs
-from kopru.tokens import connector_tokens, image_positions
+from kopru.tokens import cached_cross_attention_kv, connector_tokens, image_positions
 from kopru.vision import VisionTower
 
 CONFIG_FILE = "kopru_config.json"
@@ -266,6 +266,13 @@ class KopruForConditionalGeneration(nn.Module):
                     f"image {index} ({width}x{height}): the model produced {image_features.shape[0]} features but "
                     f"image_positions counts {counted}; the count and the model disagree"
                 )
+            if all_tiles is not None:  # the K/V kept for rows without an image: what `kopru budget` counts
+                kept, cached = all_tiles[index][0].shape[0], cached_cross_attention_kv(self.config, plan)
+                if kept != cached:
+                    raise RuntimeError(
+                        f"image {index} ({width}x{height}): the model keeps {kept} cross-attention K/V positions but "
+                        f"cached_cross_attention_kv counts {cached}; the count and the model disagree"
+                    )
         return features
 
     def _check_placeholder_runs(self, is_placeholder: torch.Tensor, lengths: list[int]) -> None:

@@ -47,6 +47,21 @@ def connector_tokens(config: KopruConfig, plan: ImagePlan) -> int:
     return plan.passes * connector.output_tokens(config.connector, plan.tokens_per_pass)
 
 
+def cached_cross_attention_kv(config: KopruConfig, plan: ImagePlan) -> int:
+    """Key/value positions the cross-attention layers hold for one image of `plan` (0 when spliced into the text).
+
+    Its counted features, except on Llama-3.2-Vision tiles with `rows_without_image = "attend_all"` (what
+    `kopru convert --from mllama` sets): transformers keeps all `max_tiles` tiles of an image, padding tiles
+    included, in `cross_attention_states`, because rows without an image attend to them, and so does Köprü.
+    """
+    connector = strategy_class(config.strategy)
+    if connector.splices_into_text:
+        return 0
+    if config.resolution.mode == "tiled" and getattr(config.connector, "rows_without_image", "zero") == "attend_all":
+        return plan.tiling.max_tiles * connector.output_tokens(config.connector, plan.tokens_per_pass)
+    return connector_tokens(config, plan)
+
+
 def image_positions(config: KopruConfig, encoder_config: PretrainedConfig, width: int, height: int) -> ImageTokenCount:
     """Positions of one `width` x `height` image under `config` (its resolution mode, reduction and strategy).
 

@@ -2,7 +2,8 @@
 
 Each converter module provides `REFERENCE_CLASS` (the HF class it reads), `to_kopru(reference, src)` (a
 Köprü model + processor with the same weights) and `random_inputs(reference, model)` (inputs on which both
-are run to verify the conversion). `convert()` ties them together.
+are run to verify the conversion); a family whose checkpoints ship no chat template also gives `PROMPT_FORMAT`,
+the prompt HF users write for it (`--verify` prompts HF with it). `convert()` ties them together.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = F
     if verify:
         report["max_abs_diff"] = max_abs_logit_diff(module, reference, model, seed)
         if dst is not None:
-            report["user_path"] = user_path_report(reference, str(src), dst)
+            report["user_path"] = user_path_report(reference, str(src), dst,
+                                                   prompt_format=getattr(module, "PROMPT_FORMAT", None))
     return report
 
 
@@ -52,15 +54,18 @@ def convert(kind: str, src: str | Path, dst: str | Path | None, verify: bool = F
 VERIFY_SIZES = ((200, 120), (96, 160))
 
 
-def user_path_report(reference, src: str, dst: str | Path, sizes=VERIFY_SIZES) -> dict[str, Any]:
+def user_path_report(reference, src: str, dst: str | Path, sizes=VERIFY_SIZES,
+                     prompt_format: str | None = None) -> dict[str, Any]:
     """`kopru.convert.verify` on each size: {"passed", "failure" (the first divergence), "checks": [...]}; a
-    source without a chat template has no HF chat prompt to compare with and is reported as skipped."""
+    source without a chat template and without a family `prompt_format` has no HF prompt to compare with and is
+    reported as skipped."""
     from kopru.convert.verify import NoChatTemplate, verification_picture, verify_user_path
 
     checks = []
     for width, height in sizes:
         try:
-            checks.append(verify_user_path(reference, src, dst, verification_picture(width, height)).as_dict())
+            checks.append(verify_user_path(reference, src, dst, verification_picture(width, height),
+                                           prompt_format=prompt_format).as_dict())
         except NoChatTemplate as error:
             return {"passed": None, "skipped": str(error), "checks": []}
     failure = next((c["failure"] for c in checks if c["failure"] is not None), None)

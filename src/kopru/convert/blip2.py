@@ -3,9 +3,16 @@
 BLIP-2 feeds the Q-Former the vision model's `last_hidden_state`: the last encoder layer, CLS token
 included, after `post_layernorm`. The projected query outputs replace the `num_query_tokens` image-token
 positions the HF processor writes into the text, which is exactly how Köprü splices them.
+
+BLIP-2 checkpoints ship no chat template. HF's `Blip2Processor` puts the query tokens in front of the text as
+the tokenizer encodes it, bos included (OPT's `</s>`): `<image> x 32, </s>, "Question: ... Answer:"`. A conversion
+without a template of its own gets `chat_template`, which renders exactly that, so `kopru chat` and `kopru serve`
+prompt the converted model as HF users prompt BLIP-2.
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 from transformers import AutoModelForCausalLM, Blip2ForConditionalGeneration
@@ -63,6 +70,8 @@ def to_kopru(reference: Blip2ForConditionalGeneration, src: str) -> tuple[KopruF
     )
     connector.projection.load_state_dict(reference.language_projection.state_dict())
     tokenizer = load_tokenizer(src, kopru_config)
+    if not tokenizer.chat_template:  # the checkpoint's own template, when it has one, wins (load_tokenizer)
+        tokenizer.chat_template = chat_template(tokenizer, kopru_config.image_token)
     processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count)
     return model, processor
 
@@ -81,3 +90,49 @@ def random_inputs(reference: Blip2ForConditionalGeneration, model: KopruForCondi
     pixel_values = torch.randn(2, 3, image_size, image_size)
     inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "attention_mask": torch.ones_like(input_ids)}
     return inputs, inputs
+
+
+# BLIP-2's visual-question prompt, as its model cards and LAVIS (Salesforce's own code) ask; `kopru convert
+# --verify` prompts HF's processor with it (the checkpoints have no chat template to render one).
+PROMPT_FORMAT = "Question: {question} Answer:"
+
+
+def chat_template(tokenizer, image_token: str) -> str:
+    """The chat template of a converted BLIP-2: one user question renders what HF's `Blip2Processor` gives for
+    `PROMPT_FORMAT`'s text -- every image's `image_token` first (the processor expands each to the query
+    tokens), then the special tokens this tokenizer puts in front of text (OPT's bos; none for GPT-2's
+    tokenizer), then "Question: {text} Answer:". Later turns follow LAVIS's chained prompt ("Question: ...
+    Answer: ... Question: ... Answer:"), each answer closed by eos so that a model trained on the template learns
+    to stop; a system message is plain text in front. All images come first, wherever the messages hold them."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if start is None or full[start + len(plain):]:
+        raise ValueError(
+            f"expected a tokenizer that adds special tokens in front of the text only (as OPT's adds its bos), "
+            f"found {tokenizer.convert_ids_to_tokens(full)} for 'a' ({tokenizer.convert_ids_to_tokens(plain)} "
+            "without special tokens); BLIP-2's prompt with tokens after the text has no chat template here"
+        )
+    prefix = full[:start]
+    if prefix == [tokenizer.bos_token_id]:
+        special = "{{- bos_token -}}"
+    else:
+        special = "{{- " + json.dumps("".join(tokenizer.convert_ids_to_tokens(prefix))) + " -}}" if prefix else ""
+    before, after = (json.dumps(piece) for piece in PROMPT_FORMAT.split("{question}"))
+    return (
+        "{#- BLIP-2 (kopru convert): the images' query tokens, the tokenizer's special tokens, then the text, as "
+        "HF's Blip2Processor builds it -#}\n"
+        "{%- for message in messages if message['content'] is not string -%}"
+        "{%- for part in message['content'] if part['type'] == 'image' -%}" + json.dumps(image_token)[1:-1]
+        + "{%- endfor -%}{%- endfor -%}\n"
+        + special + "\n"
+        "{%- for message in messages -%}\n"
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}\n"
+        "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') "
+        "| map(attribute='text') | join('') -%}{%- endif -%}\n"
+        "{%- if not loop.first -%}{{- ' ' -}}{%- endif -%}\n"
+        "{%- if message['role'] == 'user' -%}{{- " + before + " + text + " + after + " -}}\n"
+        "{%- elif message['role'] == 'assistant' -%}{{- text | trim + eos_token -}}\n"
+        "{%- else -%}{{- text -}}{%- endif -%}\n"
+        "{%- endfor -%}\n"
+    )

@@ -3,8 +3,9 @@
 Random pixel tensors and token ids cannot see a wrong resize, a wrong crop or a prompt rendered differently. The
 check here draws a non-square picture, asks "What is shown?" as a chat message, and runs it
 
-* through HF: `AutoProcessor.from_pretrained(src)`, its chat template (the processor's, else the tokenizer's),
-  the processor's text + image call, and the HF model (`generate`, greedy);
+* through HF: `AutoProcessor.from_pretrained(src)`, its chat template (the processor's, else the tokenizer's;
+  for a family whose checkpoints ship none, BLIP-2, the prompt HF users write: "Question: ... Answer:"), the
+  processor's text + image call, and the HF model (`generate`, greedy);
 * through Köprü: the converted model reloaded from `dst`, `format_chat` (kopru.messages) and Köprü's processor,
   and `GenerationEngine` (what `kopru chat` and `kopru serve` run).
 
@@ -72,10 +73,11 @@ class Verification:
                 "passed": self.failure is None, "failure": self.failure}
 
 
-def hf_prompt(processor, src: str) -> tuple[str, str]:
-    """(prompt, where the template came from) as an HF user renders it: the processor's chat template, else the
-    tokenizer's; a checkpoint with neither (BLIP-2 on the hub) is prompted with the bare question, the image
-    tokens added by the processor -- no chat prompt to compare `kopru chat`'s with (`NoChatTemplate`)."""
+def hf_prompt(processor, src: str, prompt_format: str | None = None) -> tuple[str, str]:
+    """(prompt, where it came from) as an HF user writes it: the processor's chat template, else the tokenizer's;
+    a checkpoint with neither is prompted with its family's `prompt_format` (BLIP-2's "Question: {question}
+    Answer:", the image tokens added by HF's processor) or, without one, has no HF prompt to compare `kopru
+    chat`'s with (`NoChatTemplate`)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     tokenizer = getattr(processor, "tokenizer", processor)
     if getattr(processor, "chat_template", None):
@@ -83,10 +85,12 @@ def hf_prompt(processor, src: str) -> tuple[str, str]:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), \
             "the tokenizer's chat template"
+    if prompt_format is not None:
+        return prompt_format.format(question=QUESTION), f"the family's prompt {prompt_format!r} (no chat template)"
     raise NoChatTemplate(
         f"expected a chat template in {src} (chat_template.jinja, chat_template.json or tokenizer_config.json's "
         "chat_template), found none: HF has no chat prompt to compare `kopru chat` with. Add the template the "
-        "model was trained with (BLIP-2, for one, ships none: e.g. 'Question: {question} Answer:')"
+        "model was trained with"
     )
 
 
@@ -123,15 +127,16 @@ def first_difference(expected: list[int], found: list[int]) -> int:
 
 @torch.no_grad()
 def verify_user_path(reference, src: str, dst: str | Path, image: Image.Image | None = None,
-                     new_tokens: int = 8) -> Verification:
+                     new_tokens: int = 8, prompt_format: str | None = None) -> Verification:
     """Run the chat question on `image` through HF (`reference` loaded from `src`) and through the conversion
-    saved at `dst`; see the module docstring."""
+    saved at `dst`; see the module docstring. `prompt_format`: the HF prompt of a source without a chat template
+    (the converter's `PROMPT_FORMAT`)."""
     from kopru.generation import GenerationEngine, SamplingParams, format_chat
     from kopru.model import KopruForConditionalGeneration
 
     image = verification_picture() if image is None else image
     processor = AutoProcessor.from_pretrained(src)
-    prompt, template = hf_prompt(processor, src)
+    prompt, template = hf_prompt(processor, src, prompt_format)
     try:
         hf_inputs = processor(images=[image], text=prompt, return_tensors="pt")
     except ValueError as error:  # e.g. a template that prints no image token for the image part
