@@ -28,8 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kopru.alignment import text_budget, tokenizer_fertility
+from kopru.config import CONFIG_FILE, KopruConfig
+from kopru.high_resolution import plan_image
 from kopru.image_processing import MAX_IMAGE_PIXELS, load_image
 from kopru.resolution import anyres_layout, smart_resize
+from kopru.tiling import optimal_tiled_canvas
+from kopru.tokens import image_positions
 
 # --------------------------------------------------------------------------------------------- model shapes
 
@@ -132,8 +137,6 @@ def dynamic_rule(patch_size: int = 14, merge_size: int = 2, min_pixels: int = 56
 def mllama_canvas(height: int, width: int, max_tiles: int = 4, tile_size: int = 560) -> tuple[int, int]:
     """Llama-3.2-Vision's tile grid (rows, columns): HF `get_optimal_tiled_canvas`, computed once in
     `kopru.tiling` (the processor and the model use the same function)."""
-    from kopru.tiling import optimal_tiled_canvas
-
     canvas_height, canvas_width = optimal_tiled_canvas(height, width, max_tiles, tile_size)
     return canvas_height // tile_size, canvas_width // tile_size
 
@@ -227,8 +230,6 @@ def load_kopru_model(path: str | Path) -> BudgetModel:
     weights), relative paths resolved against the config's folder as `KopruForConditionalGeneration` does."""
     from transformers import AutoConfig
 
-    from kopru.config import KopruConfig
-    from kopru.model import CONFIG_FILE
 
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
@@ -274,8 +275,6 @@ def _llm_shape(llm_config: Any, config: Any) -> LLMShape:
 
 
 def _kopru_rule(config: Any, encoder_config: Any) -> ImageRule:
-    from kopru.high_resolution import plan_image
-    from kopru.tokens import image_positions
 
     def rule(width: int, height: int) -> ImagePositions:
         # The model's own counting (resolution mode, reduction, strategy): what its processor will expand.
@@ -432,7 +431,6 @@ def plan_budget(model: BudgetModel, sizes: Sequence[tuple[int, int]], dtype: str
 def text_counts(tokenizer: Any, texts: Mapping[str, str], tokens_left: int) -> dict[str, dict[str, Any]]:
     """Per language: the sample's tokens and words, tokens per word, and the words that fit in `tokens_left`
     (`kopru.alignment.tokenizer_fertility` / `text_budget`)."""
-    from kopru.alignment import text_budget, tokenizer_fertility
 
     fertility = tokenizer_fertility(tokenizer, {language: [text] for language, text in texts.items()})
     words = text_budget(fertility, tokens_left, 0)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CONTEXT_KWARG, ImageContext
 from kopru.llm import decoder_layers
 from kopru.resolution import anyres_layout, smart_resize
@@ -1029,8 +1029,6 @@ def _vocab_with_image_tokens(llm_path: str, config: KopruConfig) -> int | None:
 
 def model_dir_target(path: str | Path) -> Target:
     """A saved Köprü model directory: its kopru_config.json and the backbones' config.json files."""
-    from kopru.model import CONFIG_FILE
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"expected a Köprü model directory at {path}, found none")

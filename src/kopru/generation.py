@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
-from kopru.connectors.cross_attention import CONTEXT_KWARG
-from kopru.model import check_blocks_ran
+from kopru.budget import check_generation_fits
+from kopru.connectors.cross_attention import CONTEXT_KWARG, check_blocks_ran
+from kopru.messages import end_of_turn_ids, images_of, render_prompt, validate_messages
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -66,8 +67,6 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
-    from kopru.budget import check_generation_fits
-
     check_generation_fits(model, input_ids, attention_mask, max_new_tokens)  # refused before the model runs
     llm = model.llm
     if eos_token_id is None:
@@ -665,7 +664,6 @@ class GenerationEngine:
 
 
 def _end_of_turn_ids(processor) -> list[int]:
-    from kopru.messages import end_of_turn_ids
 
     config = getattr(processor, "config", None)
     return end_of_turn_ids(processor) if config is not None and hasattr(processor, "tokenizer") else []
@@ -688,7 +686,6 @@ def format_chat(processor, messages: list[dict], template: str = "chat") -> tupl
     rendered by `kopru.messages.render_prompt`: the tokenizer's chat template in the content form it expects,
     else Köprü's fallback template, with the generation prompt added; no training-only checks are run.
     """
-    from kopru.messages import images_of, render_prompt, validate_messages
 
     canonical = validate_messages(messages)
     return render_prompt(processor, canonical, template), images_of(canonical)
