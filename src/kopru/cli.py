@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--batch", type=int, default=1, help="sequences in the batch (KV cache, shapes)")
     explain.add_argument("--context", type=int, default=None,
                          help="context length (default: the LLM's max_position_embeddings)")
-    explain.add_argument("--image", help="image size WIDTHxHEIGHT (or an image file) for anyres / dynamic / tiled presets "
+    explain.add_argument("--image", help="image size WIDTHxHEIGHT (or an image file) for anyres / dynamic / tiled presets and models "
                                          "(default: the encoder's base size; 336x336 for qwen2-vl-7b)")
     explain.add_argument("--images", type=int, default=1, help="images per sample (default 1)")
     explain.add_argument("--text-tokens", type=int, default=64, help="text tokens in the shape table (default 64)")

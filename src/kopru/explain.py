@@ -42,11 +42,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CONTEXT_KWARG, ImageContext
+from kopru.high_resolution import ImagePlan, plan_image
 from kopru.llm import decoder_layers
 from kopru.resolution import anyres_layout, smart_resize
 from kopru.tiling import optimal_tiled_canvas
-from kopru.tokens import count_image_tokens
-from kopru.vision import VISION_BACKBONES, VisionTower, vision_token_count
+from kopru.tokens import connector_tokens, image_positions
+from kopru.vision import VISION_BACKBONES, VisionTower
 
 DTYPE_BYTES: dict[str, float] = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "int4": 0.5}
 RECIPES: tuple[str, ...] = ("align", "instruct", "single-stage", "lora")
@@ -618,41 +619,56 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
 
     context = _context(target, settings)
     size = vision_config.image_size
-    image = settings.image or target.default_image or (size, size)
-    count = count_image_tokens(config, vision.num_tokens)
-    budget = ImageBudget(image, vision.num_tokens, count.llm_positions, count.placeholders, count.markers,
-                         count.cross_attention_kv, context,
-                         note=f"fixed resolution: every image is resized to {size}x{size}")
+    width, height = settings.image or target.default_image or (size, size)
+    plan = plan_image(config, vision_config, height, width)  # the processor's and the model's own plan
+    count = image_positions(config, vision_config, width, height)
+    features_out = connector_tokens(config, plan)  # connector vectors per image, all passes together
+    selected = plan.tokens_per_pass if model.reduction.factor == 1 else \
+        plan.grid[0] * plan.grid[1] * model.reduction.factor ** 2
+    budget = ImageBudget((width, height), plan.passes * selected, count.llm_positions, count.placeholders,
+                         count.markers, count.cross_attention_kv, context, note=_plan_note(config, plan, size))
 
     # Shapes, as the modules produce them (checked against a real forward pass in the tests).
     b, n = settings.batch * settings.images_per_sample, settings.batch
-    encoder_tokens = vision_token_count(vision_config, dataclasses.replace(config.vision, drop_cls=False))
+    passes = b * plan.passes
+    pass_height, pass_width = plan.pass_size
+    patch = vision_config.patch_size
+    encoder_tokens = (pass_height // patch) * (pass_width // patch) + int(vision.backbone.has_cls)
     dim, vocab = llm_config.hidden_size, llm.get_output_embeddings().out_features
-    features_out = connector.output_tokens(config.connector, vision.num_tokens)
     layers = vision.feature_layers
-    width = getattr(vision.encoder.config, vision.backbone.width)
+    encoder_width = getattr(vision.encoder.config, vision.backbone.width)
     text = settings.text_tokens
     sequence = text + settings.images_per_sample * count.llm_positions
+    per_pass = (f"{plan.passes} encoder passes per image" if plan.passes > 1 else "one encoder pass per image")
     stages = [
-        Stage("pixels", _shape(b, 3, size, size), f"{b} image(s), resized to {size}x{size}"),
-        Stage("encoder hidden states", _shape(b, encoder_tokens, width),
-              f"{vision_config.model_type}: {(size // vision_config.patch_size) ** 2} patches of "
-              f"{vision_config.patch_size}px" + (" + CLS" if vision.backbone.has_cls else "")
+        Stage("pixels", _shape(passes, 3, pass_height, pass_width), f"{b} image(s), {per_pass} of "
+              f"{pass_width}x{pass_height}"),
+        Stage("encoder hidden states", _shape(passes, encoder_tokens, encoder_width),
+              f"{vision_config.model_type}: {encoder_tokens - int(vision.backbone.has_cls)} patches of "
+              f"{patch}px" + (" + CLS" if vision.backbone.has_cls else "")
               + f", {vision_config.num_hidden_layers} layers"),
-        Stage("selected features", _shape(b, vision.num_tokens, vision.hidden_size),
+        Stage("selected features", _shape(passes, selected, vision.hidden_size),
               f"hidden state(s) {layers}" + (", CLS dropped" if vision.drop_cls else "")
               + (", final LayerNorm" if vision.final_norm is not None else "")),
     ]
+    reduced = vision.hidden_size
+    if model.reduction.factor > 1:
+        reduced = model.reduction.output_dim(vision.hidden_size)
+        factor = model.reduction.factor
+        stages.append(Stage("reduced features", _shape(passes, plan.grid[0] * plan.grid[1], reduced),
+                            f"{config.resolution.reduction} {factor}x{factor}"))
     if config.strategy == "qformer":
         q = config.connector
-        stages.append(Stage("Q-Former queries", _shape(b, q.num_queries, q.hidden_size),
+        stages.append(Stage("Q-Former queries", _shape(passes, q.num_queries, q.hidden_size),
                             f"{q.num_queries} learned queries, {q.num_layers} layers, cross-attention to "
-                            f"{vision.num_tokens} image tokens every {q.cross_attention_frequency} layer(s)"))
+                            f"{plan.tokens_per_pass} image tokens every {q.cross_attention_frequency} layer(s)"))
     if config.strategy == "cross_attention" and config.connector.resampler is not None:
-        stages.append(Stage("resampler latents", _shape(b, features_out, vision.hidden_size), "Perceiver resampler"))
+        latents = connector.output_tokens(config.connector, plan.tokens_per_pass)
+        stages.append(Stage("resampler latents", _shape(passes, latents, reduced), "Perceiver resampler"))
     if connector.splices_into_text:
         stages += [
-            Stage("connector output", _shape(b, features_out, dim), "one LLM-width vector per image position"),
+            Stage("connector output", _shape(b, features_out, dim), "one LLM-width vector per image position"
+                  + (", the encoder passes' outputs joined" if plan.passes > 1 else "")),
             Stage("LLM input embeddings", _shape(n, sequence, dim),
                   f"{text} text tokens + {settings.images_per_sample} x {count.llm_positions} image positions"
                   + (" (incl. 2 markers)" if count.markers else "")),
@@ -675,10 +691,10 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
     ]
 
     # FLOPs.
-    pixels = torch.empty(1, 3, size, size, device="meta")
-    vision_flops = tracer.count(lambda: vision(pixels))
-    features = torch.empty(1, vision.num_tokens, vision.hidden_size, device="meta")
-    connector_flops = tracer.count(lambda: connector(features))
+    pixels = torch.empty(1, 3, pass_height, pass_width, device="meta")
+    vision_flops = plan.passes * tracer.count(lambda: vision(pixels))
+    features = torch.empty(1, plan.tokens_per_pass, reduced, device="meta")
+    connector_flops = plan.passes * tracer.count(lambda: connector(features))
     if not connector.splices_into_text:
         states = torch.empty(1, features_out, dim, device="meta")
         connector_flops += tracer.count(lambda: [blk.keys_values(states) for blk in connector.blocks])
@@ -703,6 +719,18 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
     notes = ["explained from the Köprü model (KopruForConditionalGeneration on the meta device)"]
     return _finish(target, settings, model, "Köprü model", stages, components, budget, vision_flops,
                    connector_flops, llm_cost, memory, notes)
+
+
+def _plan_note(config: KopruConfig, plan: ImagePlan, size: int) -> str:
+    mode = config.resolution.mode
+    if mode == "fixed":
+        return f"fixed resolution: every image is resized to {size}x{size}"
+    if mode == "anyres":
+        rows, columns = plan.layout.tiles
+        return f"anyres: a {size}x{size} base view + {rows}x{columns} tiles of {size} px"
+    if mode == "dynamic":
+        return f"dynamic resolution: resized to {plan.pass_size[1]}x{plan.pass_size[0]} (smart_resize)"
+    return f"tiled: {plan.passes} of {plan.tiling.max_tiles} tiles of {size} px hold the image"
 
 
 def _finish(target: Target, settings: Settings, model: nn.Module, built_from: str, stages, components,
