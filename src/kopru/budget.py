@@ -30,8 +30,10 @@ from typing import Any
 
 from kopru.alignment import text_budget, tokenizer_fertility
 from kopru.config import CONFIG_FILE, KopruConfig
+from kopru.dtypes import dtype_bytes
 from kopru.high_resolution import plan_image
 from kopru.image_processing import MAX_IMAGE_PIXELS, load_image
+from kopru.llm import attention_geometry, context_window, kv_cache_bytes
 from kopru.resolution import anyres_layout, smart_resize
 from kopru.tiling import optimal_tiled_canvas
 from kopru.tokens import image_positions
@@ -51,11 +53,11 @@ class LLMShape:
     cross_kv_heads: int = 0
     cross_head_dim: int = 0
 
-    def kv_bytes(self, positions: int, cross_attention_kv: int, dtype_bytes: int, batch: int) -> int:
+    def kv_bytes(self, positions: int, cross_attention_kv: int, bytes_per_element: float, batch: int) -> int:
         """Bytes of K and V for `positions` text-side positions plus `cross_attention_kv` image K/V positions."""
-        self_attention = positions * self.layers * 2 * self.kv_heads * self.head_dim
-        cross_attention = cross_attention_kv * self.cross_attention_layers * 2 * self.cross_kv_heads * self.cross_head_dim
-        return (self_attention + cross_attention) * dtype_bytes * batch
+        return round(kv_cache_bytes(positions, self.layers, self.kv_heads, self.head_dim, bytes_per_element, batch)
+                     + kv_cache_bytes(cross_attention_kv, self.cross_attention_layers, self.cross_kv_heads,
+                                      self.cross_head_dim, bytes_per_element, batch))
 
 
 @dataclass(frozen=True)
@@ -258,9 +260,8 @@ def _resolve(root: Path, name: str) -> str:
 
 def _llm_shape(llm_config: Any, config: Any) -> LLMShape:
     heads = llm_config.num_attention_heads
-    kv_heads = getattr(llm_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads
-    context = getattr(llm_config, "max_position_embeddings", None)
+    kv_heads, head_dim = attention_geometry(llm_config)
+    context = context_window(llm_config)
     if not context:
         raise ValueError(f"the LLM config ({llm_config.model_type}) names no max_position_embeddings / n_positions; "
                          f"expected a context window to plan against")
@@ -336,18 +337,10 @@ def parse_image_size(text: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int
 
 # ------------------------------------------------------------------------------------------------ budgets
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float8": 1, "fp8": 1,
-               "int8": 1}
 SAMPLE_TEXTS = {  # the same sentence; a Turkish word usually needs more tokens than an English one
     "en": "There is a red circle to the left of two blue squares. How many shapes are in the picture?",
     "tr": "İki mavi karenin solunda kırmızı bir daire var. Resimde kaç şekil var?",
 }
-
-
-def dtype_bytes(dtype: str) -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[dtype]
 
 
 @dataclass
@@ -539,7 +532,7 @@ def check_generation_fits(model: Any, input_ids: Any, attention_mask: Any, max_n
     """Refuse, before anything runs, a batch row whose prompt + `max_new_tokens` exceeds the LLM's context window
     (`max_position_embeddings`): `check_fits` with the row's text tokens and each image's positions (runs of
     image placeholder / marker ids in the expanded prompt). LLMs without a declared window are not checked."""
-    context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
+    context = context_window(model.llm.config)
     if not context:
         return
     config = model.config

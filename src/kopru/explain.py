@@ -42,14 +42,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CONTEXT_KWARG, ImageContext
+from kopru.dtypes import canonical_dtype, dtype_bytes
 from kopru.high_resolution import ImagePlan, plan_image
-from kopru.llm import decoder_layers
+from kopru.llm import attention_geometry, context_window, decoder_layers, kv_cache_bytes
 from kopru.resolution import anyres_layout, smart_resize
 from kopru.tiling import optimal_tiled_canvas
 from kopru.tokens import connector_tokens, image_positions
 from kopru.vision import VISION_BACKBONES, VisionTower
 
-DTYPE_BYTES: dict[str, float] = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "int4": 0.5}
 RECIPES: tuple[str, ...] = ("align", "instruct", "single-stage", "lora")
 FORMATS: tuple[str, ...] = ("text", "markdown", "json")
 LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe
@@ -561,8 +561,7 @@ class Settings:
     flops: bool = True  # False skips the FLOP tracing (the slowest part), e.g. when only counts are wanted
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
+        self.dtype = canonical_dtype(self.dtype)
         for name in ("batch", "images_per_sample", "text_tokens", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
@@ -591,16 +590,16 @@ class Target:
 def _context(target: Target, settings: Settings) -> int:
     if settings.context is not None:
         return settings.context
-    return _config_value(target.text, "max_position_embeddings", "the default context length (or pass --context)",
-                         "n_positions")
+    window = context_window(target.text)
+    if window is None:
+        raise ValueError(f"the {target.text.model_type!r} config has no 'max_position_embeddings' or 'n_positions' "
+                         "field, which the default context length needs (or pass --context)")
+    return window
 
 
 def _kv_bytes(layers: int, config: PretrainedConfig, positions: int, settings: Settings) -> float:
-    heads = _config_value(config, "num_attention_heads", "the KV-cache size", "n_head")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = _config_value(config, "hidden_size", "the KV-cache size", "n_embd")
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return 2.0 * layers * kv_heads * head_dim * positions * settings.batch * DTYPE_BYTES[settings.dtype]
+    kv_heads, head_dim = attention_geometry(config)
+    return float(kv_cache_bytes(positions, layers, kv_heads, head_dim, dtype_bytes(settings.dtype), settings.batch))
 
 
 def _shape(*dims: int) -> list[int]:
@@ -746,7 +745,7 @@ def _finish(target: Target, settings: Settings, model: nn.Module, built_from: st
         "llm_attention_per_token_per_context_position": float(llm_cost.attention),
         "per_text_token_at_context": float(llm_cost.per_token(budget.context)),
     }
-    weights = sum(p.numel() for p in model.parameters()) * DTYPE_BYTES[settings.dtype]
+    weights = sum(p.numel() for p in model.parameters()) * dtype_bytes(settings.dtype)
     memory = {"weights": float(weights), **memory}
     memory["total"] = float(sum(memory.values()))
     notes = notes + [

@@ -20,6 +20,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from kopru.budget import check_generation_fits
 from kopru.connectors.cross_attention import CONTEXT_KWARG, check_blocks_ran
+from kopru.llm import context_window
 from kopru.messages import end_of_turn_ids, images_of, render_prompt, validate_messages
 
 
@@ -360,14 +361,6 @@ class _Row:
         return len(self.token_ids)
 
 
-def _position_limit(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 class GenerationEngine:
     """Batched, streaming generation for a `KopruForConditionalGeneration` of any strategy.
 
@@ -395,7 +388,7 @@ class GenerationEngine:
         self.tokenizer = processor.tokenizer
         self.llm = model.llm
         self.max_batch_size = max_batch_size
-        limit = _position_limit(self.llm.config)
+        limit = context_window(self.llm.config)
         if max_seq_len is None and limit is None:
             raise ValueError("the LLM's config names no maximum length (max_position_embeddings); give max_seq_len")
         if max_seq_len is not None and limit is not None and max_seq_len > limit:
