@@ -565,3 +565,14 @@ def test_connector_of_another_strategy_is_rejected(build, tmp_path) -> None:
     model, _ = build("qformer")
     with pytest.raises(ValueError, match="strategy 'projection'"):
         model.load_connector(tmp_path)
+
+
+def test_every_strategy_config_is_importable_from_the_package() -> None:
+    """`from kopru import QFormerConfig` once failed: each registered strategy's config is a public name."""
+    import kopru
+    from kopru import strategy_class
+
+    for name in available_strategies():
+        config_class = strategy_class(name).config_class
+        assert getattr(kopru, config_class.__name__) is config_class, name
+        assert config_class.__name__ in kopru.__all__

@@ -4,6 +4,7 @@ from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.connectors import available_strategies, strategy_class
 from kopru.connectors.cross_attention import CrossAttentionConfig
 from kopru.connectors.projection import ProjectionConfig
+from kopru.connectors.qformer import QFormerConfig
 from kopru.connectors.resampler import ResamplerConfig
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
@@ -16,6 +17,7 @@ __all__ = [
     "KopruForConditionalGeneration",
     "KopruProcessor",
     "ProjectionConfig",
+    "QFormerConfig",
     "ResamplerConfig",
     "ResolutionConfig",
     "VisionTowerConfig",

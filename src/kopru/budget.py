@@ -28,8 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kopru.alignment import text_budget, tokenizer_fertility
+from kopru.config import CONFIG_FILE, KopruConfig
+from kopru.dtypes import dtype_bytes
+from kopru.high_resolution import plan_image
 from kopru.image_processing import MAX_IMAGE_PIXELS, load_image
+from kopru.llm import attention_geometry, context_window, kv_cache_bytes
 from kopru.resolution import anyres_layout, smart_resize
+from kopru.tiling import optimal_tiled_canvas
+from kopru.tokens import cached_cross_attention_kv, image_positions
 
 # --------------------------------------------------------------------------------------------- model shapes
 
@@ -46,11 +53,11 @@ class LLMShape:
     cross_kv_heads: int = 0
     cross_head_dim: int = 0
 
-    def kv_bytes(self, positions: int, cross_attention_kv: int, dtype_bytes: int, batch: int) -> int:
+    def kv_bytes(self, positions: int, cross_attention_kv: int, bytes_per_element: float, batch: int) -> int:
         """Bytes of K and V for `positions` text-side positions plus `cross_attention_kv` image K/V positions."""
-        self_attention = positions * self.layers * 2 * self.kv_heads * self.head_dim
-        cross_attention = cross_attention_kv * self.cross_attention_layers * 2 * self.cross_kv_heads * self.cross_head_dim
-        return (self_attention + cross_attention) * dtype_bytes * batch
+        return round(kv_cache_bytes(positions, self.layers, self.kv_heads, self.head_dim, bytes_per_element, batch)
+                     + kv_cache_bytes(cross_attention_kv, self.cross_attention_layers, self.cross_kv_heads,
+                                      self.cross_head_dim, bytes_per_element, batch))
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,6 @@ def dynamic_rule(patch_size: int = 14, merge_size: int = 2, min_pixels: int = 56
 def mllama_canvas(height: int, width: int, max_tiles: int = 4, tile_size: int = 560) -> tuple[int, int]:
     """Llama-3.2-Vision's tile grid (rows, columns): HF `get_optimal_tiled_canvas`, computed once in
     `kopru.tiling` (the processor and the model use the same function)."""
-    from kopru.tiling import optimal_tiled_canvas
-
     canvas_height, canvas_width = optimal_tiled_canvas(height, width, max_tiles, tile_size)
     return canvas_height // tile_size, canvas_width // tile_size
 
@@ -227,8 +232,6 @@ def load_kopru_model(path: str | Path) -> BudgetModel:
     weights), relative paths resolved against the config's folder as `KopruForConditionalGeneration` does."""
     from transformers import AutoConfig
 
-    from kopru.config import KopruConfig
-    from kopru.model import CONFIG_FILE
 
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
@@ -257,9 +260,8 @@ def _resolve(root: Path, name: str) -> str:
 
 def _llm_shape(llm_config: Any, config: Any) -> LLMShape:
     heads = llm_config.num_attention_heads
-    kv_heads = getattr(llm_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads
-    context = getattr(llm_config, "max_position_embeddings", None)
+    kv_heads, head_dim = attention_geometry(llm_config)
+    context = context_window(llm_config)
     if not context:
         raise ValueError(f"the LLM config ({llm_config.model_type}) names no max_position_embeddings / n_positions; "
                          f"expected a context window to plan against")
@@ -274,8 +276,6 @@ def _llm_shape(llm_config: Any, config: Any) -> LLMShape:
 
 
 def _kopru_rule(config: Any, encoder_config: Any) -> ImageRule:
-    from kopru.high_resolution import plan_image
-    from kopru.tokens import cached_cross_attention_kv, image_positions
 
     def rule(width: int, height: int) -> ImagePositions:
         # The model's own counting (resolution mode, reduction, strategy): what its processor will expand, and
@@ -343,18 +343,10 @@ def parse_image_size(text: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int
 
 # ------------------------------------------------------------------------------------------------ budgets
 
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float8": 1, "fp8": 1,
-               "int8": 1}
 SAMPLE_TEXTS = {  # the same sentence; a Turkish word usually needs more tokens than an English one
     "en": "There is a red circle to the left of two blue squares. How many shapes are in the picture?",
     "tr": "İki mavi karenin solunda kırmızı bir daire var. Resimde kaç şekil var?",
 }
-
-
-def dtype_bytes(dtype: str) -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
-    return DTYPE_BYTES[dtype]
 
 
 @dataclass
@@ -438,7 +430,6 @@ def plan_budget(model: BudgetModel, sizes: Sequence[tuple[int, int]], dtype: str
 def text_counts(tokenizer: Any, texts: Mapping[str, str], tokens_left: int) -> dict[str, dict[str, Any]]:
     """Per language: the sample's tokens and words, tokens per word, and the words that fit in `tokens_left`
     (`kopru.alignment.tokenizer_fertility` / `text_budget`)."""
-    from kopru.alignment import text_budget, tokenizer_fertility
 
     fertility = tokenizer_fertility(tokenizer, {language: [text] for language, text in texts.items()})
     words = text_budget(fertility, tokens_left, 0)
@@ -547,7 +538,7 @@ def check_generation_fits(model: Any, input_ids: Any, attention_mask: Any, max_n
     """Refuse, before anything runs, a batch row whose prompt + `max_new_tokens` exceeds the LLM's context window
     (`max_position_embeddings`): `check_fits` with the row's text tokens and each image's positions (runs of
     image placeholder / marker ids in the expanded prompt). LLMs without a declared window are not checked."""
-    context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
+    context = context_window(model.llm.config)
     if not context:
         return
     config = model.config

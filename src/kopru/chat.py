@@ -14,6 +14,7 @@ from typing import TextIO
 from PIL import Image
 
 from kopru.data.formats import IMAGE_PLACEHOLDER
+from kopru.dtypes import torch_dtype
 from kopru.generation import GenerationEngine, SamplingParams, format_chat
 from kopru.image_processing import load_image, scrub_object_reprs
 from kopru.messages import Message
@@ -143,10 +144,7 @@ def load_engine(model_dir: str, device: str | None = None, dtype: str | None = N
     hf_logging.disable_progress_bar()  # the answer streams to the terminal: no loading bars around it
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = None if dtype is None else getattr(torch, dtype, None)
-    if dtype is not None and not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"expected --dtype float32, bfloat16 or float16, found {dtype!r}")
-    model, processor = KopruForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
+    model, processor = KopruForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype(dtype))
     return GenerationEngine(model.to(device).eval(), processor, max_batch_size=1, max_seq_len=max_seq_len,
                             compile=compile)
 

@@ -7,6 +7,9 @@ import json
 import os
 import sys
 
+from kopru.dtypes import NAMES as DTYPE_NAMES
+from kopru.dtypes import RUN_DTYPES
+
 
 def _demo(args: argparse.Namespace) -> int:
     from kopru.demo import format_results, run_demo
@@ -225,7 +228,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as saved)")
+    parser.add_argument("--dtype", choices=RUN_DTYPES, help="weights dtype (default: as saved)")
     parser.add_argument("--max-seq-len", type=int, help="context window (default: the LLM's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     parser.add_argument("--allow-local-dir",
@@ -341,11 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--list", action="store_true", help="list the presets")
     source.add_argument("--summary", action="store_true", help="one markdown row per preset (counts, positions, ...)")
     explain.add_argument("--format", choices=["text", "markdown", "json"], default="text")
-    explain.add_argument("--dtype", default="bfloat16", help="weights and KV cache dtype (default bfloat16)")
+    explain.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES,
+                         help="weights and KV cache dtype (default bfloat16)")
     explain.add_argument("--batch", type=int, default=1, help="sequences in the batch (KV cache, shapes)")
     explain.add_argument("--context", type=int, default=None,
                          help="context length (default: the LLM's max_position_embeddings)")
-    explain.add_argument("--image", help="image size WIDTHxHEIGHT (or an image file) for anyres / dynamic / tiled presets "
+    explain.add_argument("--image", help="image size WIDTHxHEIGHT (or an image file) for anyres / dynamic / tiled presets and models "
                                          "(default: the encoder's base size; 336x336 for qwen2-vl-7b)")
     explain.add_argument("--images", type=int, default=1, help="images per sample (default 1)")
     explain.add_argument("--text-tokens", type=int, default=64, help="text tokens in the shape table (default 64)")
@@ -362,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(run=_pretrain_tiny)
 
-    from kopru.budget import DTYPE_BYTES, available_presets
+    from kopru.budget import available_presets
     from kopru.image_processing import MAX_IMAGE_PIXELS
 
     budget = commands.add_parser(
@@ -377,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a Köprü model directory or kopru_config.json (reads configs, no weights)")
     budget.add_argument("--image", action="append", required=True,
                         help="WIDTHxHEIGHT (e.g. 640x480) or an image file; repeat for several images")
-    budget.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="KV-cache dtype")
+    budget.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="KV-cache dtype")
     budget.add_argument("--batch", type=int, default=1, help="sequences in the batch (KV-cache memory)")
     limit = budget.add_mutually_exclusive_group()
     limit.add_argument("--max-tokens", type=int, help="plan each image's largest same-aspect size within this")
@@ -412,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chat: the tokenizer's chat template or Köprü's fallback; plain: the align recipe's")
     chat.add_argument("--system", help="system message")
     chat.add_argument("--device", help="default: cuda when available, else cpu")
-    chat.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as saved")
+    chat.add_argument("--dtype", choices=RUN_DTYPES, help="default: as saved")
     chat.add_argument("--max-seq-len", type=int, help="context window (default: the LLM's)")
     chat.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     chat.set_defaults(run=_chat)

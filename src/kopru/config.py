@@ -29,6 +29,7 @@ class VisionTowerConfig:
     trainable: bool = False
 
 
+CONFIG_FILE = "kopru_config.json"  # a saved Köprü model directory holds its KopruConfig under this name
 RESOLUTION_MODES = ("fixed", "anyres", "dynamic", "tiled")
 REDUCTIONS = ("none", "pixel_shuffle", "avg_pool")
 

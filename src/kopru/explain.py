@@ -40,14 +40,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CONTEXT_KWARG, ImageContext
-from kopru.llm import decoder_layers
+from kopru.dtypes import canonical_dtype, dtype_bytes
+from kopru.high_resolution import ImagePlan, plan_image
+from kopru.llm import attention_geometry, context_window, decoder_layers, kv_cache_bytes
 from kopru.resolution import anyres_layout, smart_resize
-from kopru.tokens import count_image_tokens
-from kopru.vision import VISION_BACKBONES, VisionTower, vision_token_count
+from kopru.tiling import optimal_tiled_canvas
+from kopru.tokens import connector_tokens, image_positions
+from kopru.vision import VISION_BACKBONES, VisionTower
 
-DTYPE_BYTES: dict[str, float] = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "int4": 0.5}
 RECIPES: tuple[str, ...] = ("align", "instruct", "single-stage", "lora")
 FORMATS: tuple[str, ...] = ("text", "markdown", "json")
 LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe
@@ -559,8 +561,7 @@ class Settings:
     flops: bool = True  # False skips the FLOP tracing (the slowest part), e.g. when only counts are wanted
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
+        self.dtype = canonical_dtype(self.dtype)
         for name in ("batch", "images_per_sample", "text_tokens", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
@@ -589,16 +590,16 @@ class Target:
 def _context(target: Target, settings: Settings) -> int:
     if settings.context is not None:
         return settings.context
-    return _config_value(target.text, "max_position_embeddings", "the default context length (or pass --context)",
-                         "n_positions")
+    window = context_window(target.text)
+    if window is None:
+        raise ValueError(f"the {target.text.model_type!r} config has no 'max_position_embeddings' or 'n_positions' "
+                         "field, which the default context length needs (or pass --context)")
+    return window
 
 
 def _kv_bytes(layers: int, config: PretrainedConfig, positions: int, settings: Settings) -> float:
-    heads = _config_value(config, "num_attention_heads", "the KV-cache size", "n_head")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = _config_value(config, "hidden_size", "the KV-cache size", "n_embd")
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return 2.0 * layers * kv_heads * head_dim * positions * settings.batch * DTYPE_BYTES[settings.dtype]
+    kv_heads, head_dim = attention_geometry(config)
+    return float(kv_cache_bytes(positions, layers, kv_heads, head_dim, dtype_bytes(settings.dtype), settings.batch))
 
 
 def _shape(*dims: int) -> list[int]:
@@ -617,41 +618,56 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
 
     context = _context(target, settings)
     size = vision_config.image_size
-    image = settings.image or target.default_image or (size, size)
-    count = count_image_tokens(config, vision.num_tokens)
-    budget = ImageBudget(image, vision.num_tokens, count.llm_positions, count.placeholders, count.markers,
-                         count.cross_attention_kv, context,
-                         note=f"fixed resolution: every image is resized to {size}x{size}")
+    width, height = settings.image or target.default_image or (size, size)
+    plan = plan_image(config, vision_config, height, width)  # the processor's and the model's own plan
+    count = image_positions(config, vision_config, width, height)
+    features_out = connector_tokens(config, plan)  # connector vectors per image, all passes together
+    selected = plan.tokens_per_pass if model.reduction.factor == 1 else \
+        plan.grid[0] * plan.grid[1] * model.reduction.factor ** 2
+    budget = ImageBudget((width, height), plan.passes * selected, count.llm_positions, count.placeholders,
+                         count.markers, count.cross_attention_kv, context, note=_plan_note(config, plan, size))
 
     # Shapes, as the modules produce them (checked against a real forward pass in the tests).
     b, n = settings.batch * settings.images_per_sample, settings.batch
-    encoder_tokens = vision_token_count(vision_config, dataclasses.replace(config.vision, drop_cls=False))
+    passes = b * plan.passes
+    pass_height, pass_width = plan.pass_size
+    patch = vision_config.patch_size
+    encoder_tokens = (pass_height // patch) * (pass_width // patch) + int(vision.backbone.has_cls)
     dim, vocab = llm_config.hidden_size, llm.get_output_embeddings().out_features
-    features_out = connector.output_tokens(config.connector, vision.num_tokens)
     layers = vision.feature_layers
-    width = getattr(vision.encoder.config, vision.backbone.width)
+    encoder_width = getattr(vision.encoder.config, vision.backbone.width)
     text = settings.text_tokens
     sequence = text + settings.images_per_sample * count.llm_positions
+    per_pass = (f"{plan.passes} encoder passes per image" if plan.passes > 1 else "one encoder pass per image")
     stages = [
-        Stage("pixels", _shape(b, 3, size, size), f"{b} image(s), resized to {size}x{size}"),
-        Stage("encoder hidden states", _shape(b, encoder_tokens, width),
-              f"{vision_config.model_type}: {(size // vision_config.patch_size) ** 2} patches of "
-              f"{vision_config.patch_size}px" + (" + CLS" if vision.backbone.has_cls else "")
+        Stage("pixels", _shape(passes, 3, pass_height, pass_width), f"{b} image(s), {per_pass} of "
+              f"{pass_width}x{pass_height}"),
+        Stage("encoder hidden states", _shape(passes, encoder_tokens, encoder_width),
+              f"{vision_config.model_type}: {encoder_tokens - int(vision.backbone.has_cls)} patches of "
+              f"{patch}px" + (" + CLS" if vision.backbone.has_cls else "")
               + f", {vision_config.num_hidden_layers} layers"),
-        Stage("selected features", _shape(b, vision.num_tokens, vision.hidden_size),
+        Stage("selected features", _shape(passes, selected, vision.hidden_size),
               f"hidden state(s) {layers}" + (", CLS dropped" if vision.drop_cls else "")
               + (", final LayerNorm" if vision.final_norm is not None else "")),
     ]
+    reduced = vision.hidden_size
+    if model.reduction.factor > 1:
+        reduced = model.reduction.output_dim(vision.hidden_size)
+        factor = model.reduction.factor
+        stages.append(Stage("reduced features", _shape(passes, plan.grid[0] * plan.grid[1], reduced),
+                            f"{config.resolution.reduction} {factor}x{factor}"))
     if config.strategy == "qformer":
         q = config.connector
-        stages.append(Stage("Q-Former queries", _shape(b, q.num_queries, q.hidden_size),
+        stages.append(Stage("Q-Former queries", _shape(passes, q.num_queries, q.hidden_size),
                             f"{q.num_queries} learned queries, {q.num_layers} layers, cross-attention to "
-                            f"{vision.num_tokens} image tokens every {q.cross_attention_frequency} layer(s)"))
+                            f"{plan.tokens_per_pass} image tokens every {q.cross_attention_frequency} layer(s)"))
     if config.strategy == "cross_attention" and config.connector.resampler is not None:
-        stages.append(Stage("resampler latents", _shape(b, features_out, vision.hidden_size), "Perceiver resampler"))
+        latents = connector.output_tokens(config.connector, plan.tokens_per_pass)
+        stages.append(Stage("resampler latents", _shape(passes, latents, reduced), "Perceiver resampler"))
     if connector.splices_into_text:
         stages += [
-            Stage("connector output", _shape(b, features_out, dim), "one LLM-width vector per image position"),
+            Stage("connector output", _shape(b, features_out, dim), "one LLM-width vector per image position"
+                  + (", the encoder passes' outputs joined" if plan.passes > 1 else "")),
             Stage("LLM input embeddings", _shape(n, sequence, dim),
                   f"{text} text tokens + {settings.images_per_sample} x {count.llm_positions} image positions"
                   + (" (incl. 2 markers)" if count.markers else "")),
@@ -674,10 +690,10 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
     ]
 
     # FLOPs.
-    pixels = torch.empty(1, 3, size, size, device="meta")
-    vision_flops = tracer.count(lambda: vision(pixels))
-    features = torch.empty(1, vision.num_tokens, vision.hidden_size, device="meta")
-    connector_flops = tracer.count(lambda: connector(features))
+    pixels = torch.empty(1, 3, pass_height, pass_width, device="meta")
+    vision_flops = plan.passes * tracer.count(lambda: vision(pixels))
+    features = torch.empty(1, plan.tokens_per_pass, reduced, device="meta")
+    connector_flops = plan.passes * tracer.count(lambda: connector(features))
     if not connector.splices_into_text:
         states = torch.empty(1, features_out, dim, device="meta")
         connector_flops += tracer.count(lambda: [blk.keys_values(states) for blk in connector.blocks])
@@ -704,6 +720,18 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
                    connector_flops, llm_cost, memory, notes)
 
 
+def _plan_note(config: KopruConfig, plan: ImagePlan, size: int) -> str:
+    mode = config.resolution.mode
+    if mode == "fixed":
+        return f"fixed resolution: every image is resized to {size}x{size}"
+    if mode == "anyres":
+        rows, columns = plan.layout.tiles
+        return f"anyres: a {size}x{size} base view + {rows}x{columns} tiles of {size} px"
+    if mode == "dynamic":
+        return f"dynamic resolution: resized to {plan.pass_size[1]}x{plan.pass_size[0]} (smart_resize)"
+    return f"tiled: {plan.passes} of {plan.tiling.max_tiles} tiles of {size} px hold the image"
+
+
 def _finish(target: Target, settings: Settings, model: nn.Module, built_from: str, stages, components,
             budget: ImageBudget, vision_flops: float, connector_flops: float, llm_cost: SequenceCost,
             memory: dict[str, float], notes: list[str]) -> Explanation:
@@ -717,7 +745,7 @@ def _finish(target: Target, settings: Settings, model: nn.Module, built_from: st
         "llm_attention_per_token_per_context_position": float(llm_cost.attention),
         "per_text_token_at_context": float(llm_cost.per_token(budget.context)),
     }
-    weights = sum(p.numel() for p in model.parameters()) * DTYPE_BYTES[settings.dtype]
+    weights = sum(p.numel() for p in model.parameters()) * dtype_bytes(settings.dtype)
     memory = {"weights": float(weights), **memory}
     memory["total"] = float(sum(memory.values()))
     notes = notes + [
@@ -807,8 +835,6 @@ def _llm_groups_reference(language_model: nn.Module, lm_head: nn.Module, skip: I
 
 
 def _explain_mllama(target: Target, settings: Settings) -> Explanation:
-    from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
-
     preset, tracer = target.preset, FlopTracer(settings.flops)
     model = build_reference(preset)
     inner, vision_config, text_config = model.model, model.config.vision_config, model.config.text_config
@@ -834,7 +860,7 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
 
     size, patch, max_tiles = vision_config.image_size, vision_config.patch_size, vision_config.max_num_tiles
     width, height = settings.image or target.default_image or (size, size)
-    canvas_height, canvas_width = get_optimal_tiled_canvas(height, width, max_tiles, size)
+    canvas_height, canvas_width = optimal_tiled_canvas(height, width, max_tiles, size)
     tiles = (canvas_height // size) * (canvas_width // size)
     per_tile = (size // patch) ** 2 + 1
     padded = per_tile + (8 - per_tile % 8) % 8
@@ -1030,8 +1056,6 @@ def _vocab_with_image_tokens(llm_path: str, config: KopruConfig) -> int | None:
 
 def model_dir_target(path: str | Path) -> Target:
     """A saved Köprü model directory: its kopru_config.json and the backbones' config.json files."""
-    from kopru.model import CONFIG_FILE
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"expected a Köprü model directory at {path}, found none")

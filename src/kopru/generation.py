@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
-from kopru.connectors.cross_attention import CONTEXT_KWARG
-from kopru.model import check_blocks_ran
+from kopru.budget import check_generation_fits
+from kopru.connectors.cross_attention import CONTEXT_KWARG, check_blocks_ran
+from kopru.llm import context_window
+from kopru.messages import end_of_turn_ids, images_of, render_prompt, validate_messages
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -66,8 +68,6 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
-    from kopru.budget import check_generation_fits
-
     check_generation_fits(model, input_ids, attention_mask, max_new_tokens)  # refused before the model runs
     llm = model.llm
     if eos_token_id is None:
@@ -361,14 +361,6 @@ class _Row:
         return len(self.token_ids)
 
 
-def _position_limit(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 class GenerationEngine:
     """Batched, streaming generation for a `KopruForConditionalGeneration` of any strategy.
 
@@ -396,7 +388,7 @@ class GenerationEngine:
         self.tokenizer = processor.tokenizer
         self.llm = model.llm
         self.max_batch_size = max_batch_size
-        limit = _position_limit(self.llm.config)
+        limit = context_window(self.llm.config)
         if max_seq_len is None and limit is None:
             raise ValueError("the LLM's config names no maximum length (max_position_embeddings); give max_seq_len")
         if max_seq_len is not None and limit is not None and max_seq_len > limit:
@@ -665,7 +657,6 @@ class GenerationEngine:
 
 
 def _end_of_turn_ids(processor) -> list[int]:
-    from kopru.messages import end_of_turn_ids
 
     config = getattr(processor, "config", None)
     return end_of_turn_ids(processor) if config is not None and hasattr(processor, "tokenizer") else []
@@ -688,7 +679,6 @@ def format_chat(processor, messages: list[dict], template: str = "chat") -> tupl
     rendered by `kopru.messages.render_prompt`: the tokenizer's chat template in the content form it expects,
     else Köprü's fallback template, with the generation prompt added; no training-only checks are run.
     """
-    from kopru.messages import images_of, render_prompt, validate_messages
 
     canonical = validate_messages(messages)
     return render_prompt(processor, canonical, template), images_of(canonical)

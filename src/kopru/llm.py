@@ -42,3 +42,32 @@ def decoder_layers(llm: PreTrainedModel) -> nn.ModuleList:
 def cache_argument(llm: PreTrainedModel) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this install declares."""
     return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+# Where the context window is declared: Llama / Qwen2 / Mistral / OPT; GPT-2 (n_positions); others.
+_WINDOW_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_window(config) -> int | None:
+    """The LLM's maximum positions as its config declares them (a composite VLM config: its text config);
+    None when it declares none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _WINDOW_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def attention_geometry(config) -> tuple[int, int]:
+    """(key/value heads, head dim) of the LLM's self-attention: grouped-query heads when it has them."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def kv_cache_bytes(positions: int, layers: int, kv_heads: int, head_dim: int, bytes_per_element: float,
+                   batch: int = 1) -> float:
+    """Bytes of the keys and values `layers` attention layers cache for `positions` positions per sequence."""
+    return 2 * positions * layers * kv_heads * head_dim * bytes_per_element * batch

@@ -36,6 +36,13 @@ Message = dict[str, Any]
 # (image source, 1-based image number in the conversation, where) -> the decoded image. Serve decodes URLs.
 ImageResolver = Callable[[Any, int, str], Any]
 
+Span = tuple[int, int]  # [start, end) character offsets of labelled text
+# Köprü's fallback chat template, for tokenizers without one (base LLMs); bos and eos are the tokenizer's own:
+#     {bos}System: {system}\n
+#     User: {user}\n
+#     Assistant: {answer}{eos}\n
+FALLBACK_HEADS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
+
 _PROBE_TEXT = "Köprü probe"
 _PROBE_ANSWER = "Köprü probe answer"
 
@@ -341,12 +348,24 @@ class ChatTemplate:
         return [first[0]] if first and first[0] in special else []
 
 
+def render_fallback(messages: list[dict[str, str]], bos: str, eos: str) -> tuple[str, list[Span]]:
+    """Köprü's fallback chat template (FALLBACK_HEADS above) on string content; the labelled spans."""
+    text, spans = bos, []
+    for message in messages:
+        text += FALLBACK_HEADS[message["role"]]
+        if message["role"] == "assistant":
+            body = " " + message["content"] + eos
+            spans.append((len(text), len(text) + len(body)))
+            text += body + "\n"
+        else:
+            text += " " + message["content"] + "\n"
+    return text, spans
+
+
 def render_prompt(processor, messages: list[Message], template: str = "chat") -> str:
     """The text to generate an answer from, with one `processor.config.image_token` per image: the tokenizer's
     chat template with the generation prompt when it has one, else Köprü's fallback; "plain" is the align
     recipe's bos + image tokens. Inference runs no training-only checks of the template."""
-    from kopru.data.encoding import FALLBACK_HEADS, render_fallback  # encoding imports this module
-
     image_token = processor.config.image_token
     tokenizer = processor.tokenizer
     if template == "plain":

@@ -19,9 +19,10 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
 from kopru.connectors import Connector, strategy_class
-from kopru.connectors.cross_attention import CONTEXT_KWARG
+from kopru.connectors.cross_attention import CONTEXT_KWARG, check_blocks_ran
+from kopru.generation import generate as generate_tokens
 from kopru.high_resolution import ImagePlan, pack_anyres, packs_anyres_grid, plan_image, token_reduction
 from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
@@ -31,7 +32,6 @@ from kopru.tiling import aspect_ratio_inputs
 from kopru.tokens import cached_cross_attention_kv, connector_tokens, image_positions
 from kopru.vision import VisionTower
 
-CONFIG_FILE = "kopru_config.json"
 CONNECTOR_FILE = "connector.safetensors"
 IGNORE_INDEX = -100
 
@@ -330,9 +330,7 @@ class KopruForConditionalGeneration(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """New tokens [batch, new]; see `kopru.generation.generate` for the options."""
-        from kopru.generation import generate  # generation imports this module
-
-        return generate(self, input_ids, attention_mask, pixel_values, **kwargs)
+        return generate_tokens(self, input_ids, attention_mask, pixel_values, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ training
     def freeze_for_stage1(self) -> None:
@@ -487,17 +485,6 @@ def _grow_embeddings(llm: PreTrainedModel, vocab: int) -> None:
     llm.resize_token_embeddings(vocab, mean_resizing=False)
     for embedding in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
         embedding.weight[old:] = embedding.weight[:old].mean(0)
-
-
-def check_blocks_ran(llm_kwargs: dict) -> None:
-    """Cross-attention reaches the LLM through its decoder layers' keyword arguments; an LLM class that does not
-    pass them on would silently ignore the images."""
-    context = llm_kwargs.get(CONTEXT_KWARG)
-    if context is not None and len(context.ran) != len(context.blocks):
-        raise RuntimeError(
-            f"{len(context.blocks)} gated cross-attention block(s) should have run, {len(context.ran)} did: this LLM "
-            "does not pass extra keyword arguments on to its decoder layers; use projection or qformer with it"
-        )
 
 
 def _read_metadata(file: Path) -> dict[str, str]:

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
+from kopru.dtypes import torch_dtype
 from kopru.generation import GenerationEngine, SamplingParams, StreamEvent, format_chat
 from kopru.image_processing import ImageTooLargeError, load_image, scrub_object_reprs
 from kopru.messages import MessageError, validate_messages
@@ -669,10 +670,7 @@ def load_server(model_dir: str | Path, model_name: str | None = None, limits: Se
     if allow_local_dir is not None and not Path(allow_local_dir).is_dir():
         raise FileNotFoundError(f"--allow-local-dir: expected a directory, found nothing at {allow_local_dir}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = None if dtype is None else getattr(torch, dtype, None)
-    if dtype is not None and not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"expected dtype float32, bfloat16 or float16, found {dtype!r}")
-    model, processor = KopruForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
+    model, processor = KopruForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype(dtype))
     engine = GenerationEngine(model.to(device).eval(), processor, max_batch_size=limits.max_batch_size,
                               max_seq_len=max_seq_len, compile=compile)
     name = model_name or served_model_name(model_dir, model.config.name)

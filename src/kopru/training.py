@@ -32,6 +32,7 @@ from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, p
 from kopru.data.encoding import EncodedSample, SampleEncoder
 from kopru.data.formats import SkipReport
 from kopru.data.sample import Sample
+from kopru.llm import context_window
 from kopru.model import KopruForConditionalGeneration
 from kopru.recipes import (
     LoraSettings,
@@ -258,7 +259,7 @@ def train(config: TrainConfig) -> TrainSummary:
         return _qformer_stage1(model, processor, config, trainable, total)
 
     report = SkipReport()
-    max_length = config.max_length or getattr(model.llm.config, "max_position_embeddings", None)
+    max_length = config.max_length or context_window(model.llm.config)
     encoder = SampleEncoder(processor, template=template_for(config.recipe), max_length=max_length,
                             policy=config.skip_policy, report=report)
     train_set = EncodedDataset(load_data(config.train_data, config, "train", report), encoder)

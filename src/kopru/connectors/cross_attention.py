@@ -326,3 +326,14 @@ class CrossAttentionConnector(Connector):
                             image_of_position=image_of_position.to(padded.device),
                             attend_all_unseen=self.config.rows_without_image == "attend_all",
                             unseen_visible=visible.to(padded.device) if unseen_visible is not None else None)
+
+
+def check_blocks_ran(llm_kwargs: dict) -> None:
+    """Cross-attention reaches the LLM through its decoder layers' keyword arguments; an LLM class that does not
+    pass them on would silently ignore the images."""
+    context = llm_kwargs.get(CONTEXT_KWARG)
+    if context is not None and len(context.ran) != len(context.blocks):
+        raise RuntimeError(
+            f"{len(context.blocks)} gated cross-attention block(s) should have run, {len(context.ran)} did: this LLM "
+            "does not pass extra keyword arguments on to its decoder layers; use projection or qformer with it"
+        )

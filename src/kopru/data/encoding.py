@@ -3,19 +3,14 @@
 Templates:
 
 - "chat": the tokenizer's chat template (`tokenizer.apply_chat_template`) when it has one, otherwise the
-  fallback below. Loss on the assistant turns, each with the end-of-turn / eos token that closes it, so the
+  fallback (`kopru.messages.render_fallback`). Loss on the assistant turns, each with the end-of-turn / eos token that closes it, so the
   model learns to stop.
 - "plain": the `align` recipe (LLaVA stage 1): bos + "<image>" per image + caption + eos, loss on caption + eos.
   User text other than the images is ignored; the sample must have exactly one assistant message.
 
-Fallback chat template, for tokenizers without one (base LLMs); bos and eos are the tokenizer's own::
-
-    {bos}System: {system}\\n
-    User: {user}\\n
-    Assistant: {answer}{eos}\\n
-
-The labelled text of a turn is " {answer}{eos}": the space after "Assistant:" belongs to the answer, so a
-prompt ending in "Assistant:" (see `SampleEncoder.prompt`) is continued the way BPE tokenisers split text.
+With the fallback template the labelled text of a turn is " {answer}{eos}": the space after "Assistant:" belongs
+to the answer, so a prompt ending in "Assistant:" (see `SampleEncoder.prompt`) is continued the way BPE
+tokenisers split text.
 
 How the labels are found (chat): the conversation is rendered to text once. For each assistant message,
 rendering the messages before it with the generation prompt gives where its answer starts, and rendering
@@ -59,8 +54,10 @@ from kopru.data.sample import Sample
 from kopru.messages import (
     ChatTemplate,
     MessageError,
+    Span,
     as_string_content,
     count_images,
+    render_fallback,
     render_prompt,
     validate_messages,
 )
@@ -68,9 +65,7 @@ from kopru.processing import KopruProcessor
 
 IGNORE_INDEX = -100
 Template = Literal["chat", "plain"]
-Span = tuple[int, int]  # [start, end) character offsets of labelled text
 
-FALLBACK_HEADS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
 _UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
 
 
@@ -308,20 +303,6 @@ class SampleEncoder:
             )
 
 
-def render_fallback(messages: list[dict[str, str]], bos: str, eos: str) -> tuple[str, list[Span]]:
-    """Köprü's fallback chat template (module docstring) on string content; the labelled spans."""
-    text, spans = bos, []
-    for message in messages:
-        text += FALLBACK_HEADS[message["role"]]
-        if message["role"] == "assistant":
-            body = " " + message["content"] + eos
-            spans.append((len(text), len(text) + len(body)))
-            text += body + "\n"
-        else:
-            text += " " + message["content"] + "\n"
-    return text, spans
-
-
 def _check_prefix(prefix: str, full: str, what: str, name: str) -> None:
     if full.startswith(prefix):
         return
@@ -338,5 +319,4 @@ def _name(sample: Sample) -> str:
     return f"sample {sample.id!r}" if sample.id is not None else "sample (no id)"
 
 
-__all__ = ["FALLBACK_HEADS", "IGNORE_INDEX", "EncodedSample", "SampleEncoder", "TemplateMismatchError",
-           "render_fallback"]
+__all__ = ["IGNORE_INDEX", "EncodedSample", "SampleEncoder", "TemplateMismatchError"]
