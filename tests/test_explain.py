@@ -368,6 +368,7 @@ HIGH_RESOLUTION = [
     ("qformer", {"mode": "anyres", "grid_pinpoints": [[32, 64], [64, 32]]}),
     ("projection", {"mode": "dynamic"}),
     ("cross_attention", {"mode": "dynamic", "reduction": "avg_pool"}),
+    ("converted-mllama", {"mode": "tiled"}),  # all 4 tiles through the encoder; the cache holds them all
 ]
 
 
@@ -378,20 +379,31 @@ def test_saved_model_explained_at_its_resolution_equals_a_real_forward(build, tm
     shape equals the tensor a real forward pass of the saved model produces, and its image positions equal the
     processor's expansion and `kopru budget`'s count, for non-square pictures."""
     from PIL import Image
+    from vlm_checkpoints import checkpoint
 
     from kopru.budget import load_kopru_model
     from kopru.config import ResolutionConfig
+    from kopru.convert import convert
+    from kopru.model import KopruForConditionalGeneration
 
-    model, processor = build(strategy, resolution=ResolutionConfig(**resolution))
-    model.save_pretrained(tmp_path / "m", processor)
+    if strategy == "converted-mllama":
+        convert("mllama", checkpoint("mllama", "hf5", tmp_path / "hf"), tmp_path / "m")
+        model, processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "m")
+        strategy = model.config.strategy
+    else:
+        model, processor = build(strategy, resolution=ResolutionConfig(**resolution))
+        model.save_pretrained(tmp_path / "m", processor)
     planned = load_kopru_model(tmp_path / "m")
     for width, height in [(40, 30), (23, 61)]:
         image = Image.new("RGB", (width, height), (200, 40, 90))
-        batch = processor(["<image>\nwhat is it?"], [image], padding_side="left")
+        batch = processor([f"{processor.config.image_token}\nwhat is it?"], [image], padding_side="left")
         expanded = int(torch.isin(batch["input_ids"][0], model._image_ids).sum())
         explanation = explain(model_dir=tmp_path / "m", image=(width, height), text_tokens=4, flops=False)
         assert explanation.image.llm_positions == expanded == planned.image_positions(width, height).tokens
         assert explanation.image.cross_attention_kv == planned.image_positions(width, height).cross_attention_kv
+        if strategy == "cross_attention":  # the K/V the cache holds: budget's figure, tested against HF's cache
+            kv_stage = next(s.shape for s in explanation.stages if s.name == "keys / values per block")
+            assert kv_stage[2] == planned.image_positions(width, height).cached_kv
 
         seen: dict[str, list[int]] = {}
 

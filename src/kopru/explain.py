@@ -47,7 +47,7 @@ from kopru.high_resolution import ImagePlan, plan_image
 from kopru.llm import attention_geometry, context_window, decoder_layers, kv_cache_bytes
 from kopru.resolution import anyres_layout, smart_resize
 from kopru.tiling import optimal_tiled_canvas
-from kopru.tokens import connector_tokens, image_positions
+from kopru.tokens import cached_cross_attention_kv, connector_tokens, image_positions
 from kopru.vision import VISION_BACKBONES, VisionTower
 
 RECIPES: tuple[str, ...] = ("align", "instruct", "single-stage", "lora")
@@ -629,7 +629,10 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
 
     # Shapes, as the modules produce them (checked against a real forward pass in the tests).
     b, n = settings.batch * settings.images_per_sample, settings.batch
-    passes = b * plan.passes
+    # tiled (Llama-3.2-Vision): the encoder sees all max_tiles tiles of an image, the padding ones too
+    encoder_passes = plan.tiling.max_tiles if plan.tiling is not None else plan.passes
+    passes = b * encoder_passes
+    cached_kv = cached_cross_attention_kv(config, plan)
     pass_height, pass_width = plan.pass_size
     patch = vision_config.patch_size
     encoder_tokens = (pass_height // patch) * (pass_width // patch) + int(vision.backbone.has_cls)
@@ -638,10 +641,11 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
     encoder_width = getattr(vision.encoder.config, vision.backbone.width)
     text = settings.text_tokens
     sequence = text + settings.images_per_sample * count.llm_positions
-    per_pass = (f"{plan.passes} encoder passes per image" if plan.passes > 1 else "one encoder pass per image")
+    per_pass = (f"{encoder_passes} encoder passes per image" if encoder_passes > 1 else "one encoder pass per image")
+    pixel_shape = (b, encoder_passes) if plan.tiling is not None else (passes,)
     stages = [
-        Stage("pixels", _shape(passes, 3, pass_height, pass_width), f"{b} image(s), {per_pass} of "
-              f"{pass_width}x{pass_height}"),
+        Stage("pixels", _shape(*pixel_shape, 3, pass_height, pass_width), f"{b} image(s), {per_pass} of "
+              f"{pass_width}x{pass_height}" + (f", {plan.passes} holding the image" if plan.tiling else "")),
         Stage("encoder hidden states", _shape(passes, encoder_tokens, encoder_width),
               f"{vision_config.model_type}: {encoder_tokens - int(vision.backbone.has_cls)} patches of "
               f"{patch}px" + (" + CLS" if vision.backbone.has_cls else "")
@@ -677,8 +681,10 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
         stages += [
             Stage("image states (cross-attention input)", _shape(b, features_out, dim), "Linear to the LLM width"),
             Stage("keys / values per block", _shape(n, block.num_kv_heads,
-                                                    settings.images_per_sample * features_out, block.head_dim),
-                  f"computed once per image, cached for decoding; {len(connector.blocks)} blocks"),
+                                                    settings.images_per_sample * cached_kv, block.head_dim),
+                  f"computed once per image, cached for decoding; {len(connector.blocks)} blocks"
+                  + ("; padding tiles included (rows without an image attend to them)"
+                     if cached_kv != features_out else "")),
             Stage("LLM input embeddings", _shape(n, sequence, dim),
                   f"{text} text tokens + {settings.images_per_sample} x {count.llm_positions} position(s) per image"),
         ]
@@ -691,9 +697,10 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
 
     # FLOPs.
     pixels = torch.empty(1, 3, pass_height, pass_width, device="meta")
-    vision_flops = plan.passes * tracer.count(lambda: vision(pixels))
+    vision_flops = encoder_passes * tracer.count(lambda: vision(pixels))
     features = torch.empty(1, plan.tokens_per_pass, reduced, device="meta")
-    connector_flops = plan.passes * tracer.count(lambda: connector(features))
+    connector_passes = encoder_passes if cached_kv > features_out else plan.passes  # attend_all: every tile
+    connector_flops = connector_passes * tracer.count(lambda: connector(features))
     if not connector.splices_into_text:
         states = torch.empty(1, features_out, dim, device="meta")
         connector_flops += tracer.count(lambda: [blk.keys_values(states) for blk in connector.blocks])
@@ -711,7 +718,7 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
         llm(inputs_embeds=torch.empty(1, length, dim, device="meta"), **extra)
 
     llm_cost = tracer.fit(run_llm)
-    kv_positions = count.cross_attention_kv * settings.images_per_sample
+    kv_positions = cached_kv * settings.images_per_sample  # what the cache holds
     memory = {"kv_cache": _kv_bytes(llm_config.num_hidden_layers, llm_config, context, settings),
               "cross_attention_kv": _kv_bytes(len(getattr(connector, "blocks", [])), llm_config, kv_positions,
                                               settings) if kv_positions else 0.0}
