@@ -245,7 +245,7 @@ def _truncate(file) -> None:
     ("trainable.safetensors", r"checkpoint-4/trainable.safetensors: expected [\d,]+ bytes, found [\d,]+ \(truncated\)"),
     ("trainer_state.json", r"checkpoint-4/trainer_state.json: expected [\d,]+ bytes, found [\d,]+ \(truncated\)"),
     ("flip optimizer.safetensors", r"checkpoint-4/optimizer.safetensors: expected sha256 [0-9a-f]{64}, found"),
-])
+], ids=["truncated-safetensors", "truncated-trainer-state", "flipped-bit"])
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(vision_dirs, llm_dirs, run_copy, finished_run,
                                                                      capsys, damage, expected):
     if damage.startswith("flip "):
