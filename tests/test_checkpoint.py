@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import kopru.checkpoint
 from kopru.checkpoint import (
     CHECKPOINT_FILES,
     LATEST,
@@ -171,8 +172,6 @@ def test_rotation_keeps_the_newest_and_never_what_latest_names(tmp_path: Path) -
 
 
 def test_partial_saves_left_by_a_kill_are_removed(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kopru.checkpoint
-
     # A kill inside the atomic write: no cleanup runs, the staging folder stays (rmtree stands in for the kill).
     with monkeypatch.context() as patch:
         patch.setattr(kopru.checkpoint.shutil, "rmtree", lambda *args, **kwargs: None)

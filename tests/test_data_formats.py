@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from kopru.data.encoding import IGNORE_INDEX, EncodedSample, SampleEncoder, TemplateMismatchError
-from kopru.data.formats import SampleError, load_samples
+from kopru.data.formats import SKIP_REASONS, SampleError, load_samples, record_to_sample
 from kopru.data.sample import Sample
 
 # A minimal chat template: role tags, answers closed by eos.
@@ -348,8 +348,6 @@ def _check_usable(sample: Sample, root: Path) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(record=_SHAPED)
 def test_fuzz_records_give_a_sample_or_a_sample_error(fuzz_root: Path, record) -> None:
-    from kopru.data.formats import SKIP_REASONS, record_to_sample
-
     try:
         sample = record_to_sample(record, "data.jsonl: line 7", fuzz_root, "data.jsonl:7")
     except SampleError as error:
@@ -395,8 +393,6 @@ def test_fuzz_llava_json_files(fuzz_root: Path, content: bytes, policy: str) -> 
 @given(record=_SHAPED)
 def test_fuzz_parsed_samples_encode_or_raise_a_sample_error(fuzz_root: Path, processor, record) -> None:
     """What parses also encodes, or is a SampleError: text the tokenizer takes, images that open."""
-    from kopru.data.formats import record_to_sample
-
     try:
         sample = record_to_sample(record, "r", fuzz_root, "r")
     except SampleError:

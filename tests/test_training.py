@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from kopru.checkpoint import latest_checkpoint
-from kopru.training import TrainConfig, read_config_file, train, warmup_cosine
+from kopru.data.sample import Sample
+from kopru.training import EncodedDataset, TrainConfig, global_batches, read_config_file, train, warmup_cosine
 
 
 def _config(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:
@@ -354,9 +355,6 @@ def test_resume_allow_changes_applies_the_given_learning_rate(vision_dirs, llm_d
 
 def _data_with_a_bad_sample_late(tmp_path, make_image):
     """12 captions, the one at index 9 with an unreadable image; batch 4 in a seeded order (returned)."""
-    from kopru.data.sample import Sample
-    from kopru.training import EncodedDataset, global_batches
-
     make_image(0).save(tmp_path / "ok.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:100])
     lines = [json.dumps({"id": f"s{i}", "image": "ok.png", "caption": "a caption of some length " * (1 + i % 3)})

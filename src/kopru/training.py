@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from tqdm import tqdm
 
 from kopru.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     remove_partial_saves,
@@ -419,8 +420,6 @@ def _apply_configured_schedule(optimizer: torch.optim.Optimizer, scheduler: torc
 
 def _choose_checkpoint(output: Path, rank: int, world: int, device: torch.device, log) -> Path:
     """Process 0 checks the checkpoints (reading every file once) and tells the others which one to load."""
-    from kopru.checkpoint import CheckpointError
-
     step, error = -1, None
     if rank == 0:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +39,6 @@ def samples_fingerprint(samples: list[Sample]) -> str:
     """sha256 over the samples in order: ids, messages, and each image as its path, its encoded bytes or its
     pixels. A resume compares it to refuse other data. Image files are identified by path, not read: hashing a
     million images would take longer than the check is worth."""
-    import hashlib
-    import json
-
     digest, pixels_seen = hashlib.sha256(), {}
     for sample in samples:
         images = []
