@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from kopru.data.encoding import IGNORE_INDEX, EncodedSample, SampleEncoder, TemplateMismatchError
-from kopru.data.formats import SampleError, load_samples
+from kopru.data.formats import SKIP_REASONS, SampleError, load_samples, record_to_sample
 from kopru.data.sample import Sample
 
 # A minimal chat template: role tags, answers closed by eos.
@@ -297,3 +299,122 @@ def test_template_without_end_of_turn_is_refused(processor) -> None:
             SampleEncoder(processor)
     finally:
         processor.tokenizer.chat_template = None
+
+
+# ---------------------------------------------------------------------------------------------------- fuzz
+# Arbitrary JSON-ish records, lines and files: a parser either gives usable samples or raises SampleError with a
+# message that says where; nothing else escapes (issue 13). Records are biased towards the keys the formats read,
+# so the draws reach the checks behind them.
+_TEXT = st.text(alphabet=st.characters(exclude_categories=()), max_size=12) | st.sampled_from(
+    ["<image>", "<image>\nwhat colour?", "a <image> and <image>", "\ud800", "lone \udfff surrogate", "a\x00b", ""])
+_SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | _TEXT
+_JSON = st.recursive(_SCALAR, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+                     max_leaves=8)
+_IMAGE = st.sampled_from(["a.png", "nope.png", "", "../images/a.png", "x" * 300, "a\x00.png", "/", "."]) | st.binary(
+    max_size=8) | st.fixed_dictionaries({}, optional={"bytes": st.binary(max_size=8) | _JSON, "path": _TEXT}) | _JSON
+_TURN = st.fixed_dictionaries({}, optional={
+    "from": st.sampled_from(["human", "gpt", "system", "user", "assistant", "bot"]) | _JSON, "value": _TEXT | _JSON})
+_RECORD = st.fixed_dictionaries({}, optional={
+    "id": _JSON, "image": _IMAGE | st.lists(_IMAGE, max_size=3), "images": st.lists(_IMAGE, max_size=2),
+    "conversations": st.lists(_TURN, max_size=4) | _JSON, "caption": _TEXT | _JSON, "text": _TEXT,
+}) | _JSON
+# Conversations of the right shape with arbitrary text: these parse, and reach the encoder.
+_CONVERSATION = st.fixed_dictionaries({
+    "conversations": st.lists(st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt", "system"]),
+                                                     "value": _TEXT}), min_size=1, max_size=4),
+    "image": st.lists(st.just("a.png") | st.binary(max_size=8), max_size=2)})
+_CAPTION = st.fixed_dictionaries({"image": st.just("a.png") | st.lists(st.just("a.png"), max_size=2), "caption": _TEXT})
+_SHAPED = _CONVERSATION | _CAPTION | _RECORD
+_LINE = _SHAPED.map(lambda record: json.dumps(record, default=repr).encode()) | st.binary(max_size=30) | st.sampled_from(
+    [b'{"caption": "\\ud800", "image": "a.png"}', b"\xff\xfe{}", b"{not json", b""]) | st.builds(
+    lambda: b"[" * 100_000) | st.builds(lambda: b"1" * 5000)  # deeper than Python's stack; more digits than int() takes
+
+
+@pytest.fixture(scope="module")
+def fuzz_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fuzz")
+    write_image(root / "a.png")
+    return root
+
+
+def _check_usable(sample: Sample, root: Path) -> None:
+    """What a parser promises of a sample it returns."""
+    assert all(m["role"] in ("system", "user", "assistant") and isinstance(m["content"], str) for m in sample.messages)
+    assert all(m["content"].encode("utf-8") for m in sample.messages if m["content"])
+    assert sum(m["content"].count("<image>") for m in sample.messages) == len(sample.images)
+    assert all(isinstance(image, bytes) or Path(image).is_file() for image in sample.images)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=_SHAPED)
+def test_fuzz_records_give_a_sample_or_a_sample_error(fuzz_root: Path, record) -> None:
+    try:
+        sample = record_to_sample(record, "data.jsonl: line 7", fuzz_root, "data.jsonl:7")
+    except SampleError as error:
+        event(f"refused: {error.reason}")
+        assert str(error).startswith("data.jsonl: line 7") and error.reason in SKIP_REASONS
+        assert str(error).endswith(f"[{error.reason}]")
+        return
+    event("parsed")
+    _check_usable(sample, fuzz_root)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(_LINE, max_size=5), policy=st.sampled_from(["error", "skip"]))
+def test_fuzz_jsonl_files(fuzz_root: Path, lines: list[bytes], policy: str) -> None:
+    path = fuzz_root / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    try:
+        samples, report = load_samples(path, policy=policy)
+    except SampleError as error:
+        assert policy == "error" and str(error).startswith(f"{path}: line ")
+        return
+    for sample in samples:
+        _check_usable(sample, fuzz_root)
+    assert len(samples) + report.total <= len(lines)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(content=st.lists(_SHAPED, max_size=4).map(lambda r: json.dumps(r, default=repr).encode()) | _LINE,
+       policy=st.sampled_from(["error", "skip"]))
+def test_fuzz_llava_json_files(fuzz_root: Path, content: bytes, policy: str) -> None:
+    path = fuzz_root / "fuzz.json"
+    path.write_bytes(content)
+    try:
+        samples, _ = load_samples(path, policy=policy)
+    except SampleError as error:
+        assert str(error).startswith(f"{path}: ")
+        return
+    for sample in samples:
+        _check_usable(sample, fuzz_root)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(record=_SHAPED)
+def test_fuzz_parsed_samples_encode_or_raise_a_sample_error(fuzz_root: Path, processor, record) -> None:
+    """What parses also encodes, or is a SampleError: text the tokenizer takes, images that open."""
+    try:
+        sample = record_to_sample(record, "r", fuzz_root, "r")
+    except SampleError:
+        return
+    try:
+        encoded = SampleEncoder(processor, max_length=512).encode_or_raise(sample)
+    except SampleError as error:
+        event(f"encoder refused: {error.reason}")  # --hypothesis-show-statistics: how far the draws reach
+        assert str(error).startswith(f"sample {sample.id!r}")
+        return
+    event("encoded")
+    assert encoded.num_images == len(sample.images)
+
+
+def test_lone_surrogates_are_refused_by_name(processor, images: Path) -> None:
+    """JSON's "\\ud800" escape gives a str the tokenizer fails on with a TypeError naming nothing."""
+    samples, report = load_samples(write_json(images / "data.json", [
+        {"id": "s", "conversations": [{"from": "human", "value": "hi \ud800"}, {"from": "gpt", "value": "x"}]}]),
+        policy="skip")
+    assert samples == [] and dict(report.counts) == {"unencodable_text": 1}
+    assert "turn 0: expected text with a UTF-8 form, found '\\ud800' at character 3" in report.examples[
+        "unencodable_text"][0]
+    built = Sample([{"role": "user", "content": "a\udfffb"}, {"role": "assistant", "content": "c"}], id="built")
+    with pytest.raises(SampleError, match=r"sample 'built': expected text with a UTF-8 form, found '\\udfff'"):
+        SampleEncoder(processor).encode_or_raise(built)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 from kopru.checkpoint import latest_checkpoint
-from kopru.training import TrainConfig, read_config_file, train, warmup_cosine
+from kopru.data.sample import Sample
+from kopru.training import EncodedDataset, TrainConfig, global_batches, read_config_file, train, warmup_cosine
 
 
 def _config(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:
@@ -200,3 +203,191 @@ def test_example_configs_parse(name):
     settings = read_config_file(Path(__file__).parent.parent / "examples" / name)
     config = TrainConfig(**settings)
     assert config.max_steps > 0
+
+
+# ------------------------------------------------------------------------------------ resume you can trust
+# Issue 13's training defects 8-12, each against the behaviour an uninterrupted run has. One finished run of 4
+# steps (checkpoints at 2 and 4) is made once and copied for each test.
+def _short(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:
+    return _config(vision_dirs, llm_dirs, tmp_path, **{"max_steps": 4, "builtin_eval_size": 1, **overrides})
+
+
+@pytest.fixture(scope="module")
+def finished_run(vision_dirs, llm_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    summary = train(_short(vision_dirs, llm_dirs, root))
+    assert sorted(p.name for p in (root / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    return root / "run", summary
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    shutil.copytree(finished_run[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _log_lines(capsys) -> list[str]:
+    return [line.removeprefix("kopru train: ") for line in capsys.readouterr().err.splitlines()
+            if line.startswith("kopru train: ")]
+
+
+def _flip_bit(file) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def _truncate(file) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    # defect 10: a truncated safetensors file, a truncated trainer_state.json, flipped bits
+    ("trainable.safetensors", r"checkpoint-4/trainable.safetensors: expected [\d,]+ bytes, found [\d,]+ \(truncated\)"),
+    ("trainer_state.json", r"checkpoint-4/trainer_state.json: expected [\d,]+ bytes, found [\d,]+ \(truncated\)"),
+    ("flip optimizer.safetensors", r"checkpoint-4/optimizer.safetensors: expected sha256 [0-9a-f]{64}, found"),
+], ids=["truncated-safetensors", "truncated-trainer-state", "flipped-bit"])
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(vision_dirs, llm_dirs, run_copy, finished_run,
+                                                                     capsys, damage, expected):
+    if damage.startswith("flip "):
+        _flip_bit(run_copy / "checkpoint-4" / damage.removeprefix("flip "))
+    else:
+        _truncate(run_copy / "checkpoint-4" / damage)
+    capsys.readouterr()
+    resumed = train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True))
+    lines = _log_lines(capsys)
+    assert re.search(expected, lines[0]) and lines[0].startswith(str(run_copy))
+    assert lines[1].startswith(f"resuming from {run_copy / 'checkpoint-2'}, the newest intact checkpoint")
+    # Steps 3 and 4 again from checkpoint-2: the losses of the run that was never damaged.
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(finished_run[1].losses), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pointer", ["checkpoint-6", "../elsewhere/checkpoint-20"])
+def test_latest_missing_or_outside_falls_back_to_the_newest_intact_checkpoint(vision_dirs, llm_dirs, run_copy,
+                                                                                finished_run, capsys, pointer):
+    # defect 10: `latest` naming a missing checkpoint, or one outside the output folder (an intact copy of
+    # checkpoint-2 waits there: following it would train steps 3 and 4 again)
+    shutil.copytree(run_copy / "checkpoint-2", run_copy.parent / "elsewhere" / "checkpoint-20")
+    (run_copy / "latest").write_text(pointer + "\n")
+    capsys.readouterr()
+    resumed = train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True))
+    lines = _log_lines(capsys)
+    assert lines[0].startswith(f"{run_copy / 'latest'}: expected ")
+    assert ("found nothing there" if pointer == "checkpoint-6" else "not followed") in lines[0]
+    assert lines[1].startswith(f"resuming from {run_copy / 'checkpoint-4'}")
+    assert resumed.steps == 4 and resumed.losses == finished_run[1].losses  # nothing trained again
+
+
+def test_partial_checkpoints_are_removed_at_the_next_start(vision_dirs, llm_dirs, run_copy, capsys):
+    # defect 9: what a kill in the middle of writing checkpoint-6 leaves (atomic_directory's staging folder)
+    partial = run_copy / ".checkpoint-6.k1ll3d"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"\0" * 100)
+    capsys.readouterr()
+    train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True))
+    assert not partial.exists()
+    assert f"removed {partial}, left by an interrupted checkpoint save" in _log_lines(capsys)
+
+
+def test_keep_last_rotates_checkpoints(vision_dirs, llm_dirs, tmp_path):
+    # defect 9: every checkpoint was kept forever
+    train(_short(vision_dirs, llm_dirs, tmp_path, save_every=1, keep_last=2))
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-4"
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        _short(vision_dirs, llm_dirs, tmp_path, keep_last=0)
+
+
+def test_skip_counts_are_the_same_after_a_resume(vision_dirs, llm_dirs, tmp_path, make_image):
+    # defect 8: the saved counts were added to the counts collected again
+    make_image(0).save(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:100])
+    lines = [json.dumps({"image": "ok.png", "caption": f"a picture number {i}"}) for i in range(10)]
+    lines[4] = json.dumps({"image": "cut.png", "caption": "unreadable, found when encoded"})
+    lines += [json.dumps({"image": "missing.png", "caption": "gone"}), "{not json"]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    settings = dict(recipe="align", train_data=str(tmp_path / "data.jsonl"), eval_data=None, batch_size=4,
+                    max_steps=6, save_every=2)
+    whole = train(_config(vision_dirs, llm_dirs, tmp_path / "a", **settings))
+    train(_config(vision_dirs, llm_dirs, tmp_path / "b", stop_after=5, **settings))
+    resumed = train(_config(vision_dirs, llm_dirs, tmp_path / "b", resume=True, **settings))
+    assert whole.skipped == {"corrupt_json": 1, "missing_image": 1, "unreadable_image": 1}
+    assert resumed.skipped == whole.skipped
+
+
+def test_a_resume_refuses_changed_settings_and_lists_them(vision_dirs, llm_dirs, run_copy):
+    # defect 11: another --batch-size or --seed was accepted silently (losses diverge), another --lr ignored
+    with pytest.raises(ValueError) as refused:
+        train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True, batch_size=4, seed=1, lr=1e-3,
+                     max_steps=5))
+    message = str(refused.value)
+    assert "--resume from" in message and "checkpoint-4 refused" in message
+    assert "global batch (--batch-size x processes x --grad-accum): saved 8, given 4" in message
+    assert "--seed: saved 0, given 1" in message and "--lr: saved 0.003, given 0.001" in message
+    assert "training data (--train-data: its samples' fingerprint): saved builtin:shapes (192 samples" in message
+    assert "--max-steps" not in message  # raising it is allowed
+    assert "--resume-allow-changes true" in message
+
+
+def _saved_lrs(checkpoint) -> list[tuple[float, float]]:
+    groups = json.loads((checkpoint / "optimizer.json").read_text())["param_groups"]
+    return [(group["initial_lr"], group["lr"]) for group in groups]
+
+
+def test_raising_max_steps_recomputes_the_schedule(vision_dirs, llm_dirs, run_copy, capsys):
+    capsys.readouterr()
+    longer = train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True, max_steps=6, save_every=1))
+    assert longer.steps == 6
+    # At step 5 the cosine over 6 steps, not the finished one over 4 (which gives 0 from step 4 on).
+    factor = warmup_cosine(2, 6)(5)
+    assert factor > 0.1 and warmup_cosine(2, 4)(5) == 0
+    assert _saved_lrs(run_copy / "checkpoint-5") == [(3e-3, pytest.approx(3e-3 * factor, rel=1e-12))] * 4
+    assert any(line.startswith(f"resuming {run_copy / 'checkpoint-4'} at step 4 with changed settings: "
+                               "--max-steps: saved 4, given 6") for line in _log_lines(capsys))
+
+
+def test_resume_allow_changes_applies_the_given_learning_rate(vision_dirs, llm_dirs, run_copy):
+    train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True, max_steps=6, save_every=1, lr=1e-3,
+                 resume_allow_changes=True))
+    # every parameter group (connector and LLM, with and without weight decay)
+    assert _saved_lrs(run_copy / "checkpoint-5") == [(1e-3, pytest.approx(1e-3 * warmup_cosine(2, 6)(5)))] * 4
+
+
+def _data_with_a_bad_sample_late(tmp_path, make_image):
+    """12 captions, the one at index 9 with an unreadable image; batch 4 in a seeded order (returned)."""
+    make_image(0).save(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:100])
+    lines = [json.dumps({"id": f"s{i}", "image": "ok.png", "caption": "a caption of some length " * (1 + i % 3)})
+             for i in range(12)]
+    lines[9] = json.dumps({"id": "bad", "image": "cut.png", "caption": "never readable " * 2})
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    samples = [Sample([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": json.loads(x)["caption"]}],
+                      ["x"]) for x in lines]
+    return global_batches(EncodedDataset(samples, encoder=None), 4, seed=0, epoch=0, grouped=True)
+
+
+def test_skip_policy_error_finds_a_bad_sample_before_step_1(vision_dirs, llm_dirs, tmp_path, make_image):
+    # defect 12: the bad sample was found only when the run reached it
+    order = _data_with_a_bad_sample_late(tmp_path, make_image)
+    assert 9 not in order[0]  # training would reach it after at least one step
+    with pytest.raises(ValueError, match=r"sample 'bad': expected a readable image.*\[unreadable_image\]"):
+        train(_config(vision_dirs, llm_dirs, tmp_path, recipe="align", train_data=str(tmp_path / "data.jsonl"),
+                      eval_data=None, batch_size=4, max_steps=3, save_every=1, skip_policy="error"))
+    assert not (tmp_path / "run" / "checkpoint-1").exists()  # not one step was taken
+
+
+def test_validate_data_counts_every_bad_sample_before_step_1(vision_dirs, llm_dirs, tmp_path, make_image, capsys):
+    _data_with_a_bad_sample_late(tmp_path, make_image)
+    with (tmp_path / "data.jsonl").open("a") as data:
+        data.write(json.dumps({"image": "ok.png", "caption": "far too long " * 40}) + "\n{broken\n")
+    capsys.readouterr()
+    summary = train(_config(vision_dirs, llm_dirs, tmp_path, recipe="align", train_data=str(tmp_path / "data.jsonl"),
+                            eval_data=None, batch_size=4, max_steps=1, save_every=0, max_length=100,
+                            validate_data=True))
+    # One step reaches 4 of the 13 samples; the check found both bad ones wherever they are.
+    assert summary.skipped == {"corrupt_json": 1, "too_long": 1, "unreadable_image": 1}
+    lines = _log_lines(capsys)
+    assert re.fullmatch(r"data check before step 1, training data: 11 of 13 samples usable \([\d.]+ s\); skipped: "
+                        r"too_long 1, unreadable_image 1; records refused when the data was read: corrupt_json 1",
+                        lines[0])
+    assert any("sample 'bad': expected a readable image" in line for line in lines[1:])

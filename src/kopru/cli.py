@@ -129,8 +129,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             convert = str
         else:
             convert = parse_json  # lists, dicts, int | list[int]: JSON
+        explained = field.metadata.get("help")
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=convert, default=None,
-                            help=f"({kind}) overrides the config file")
+                            help=f"({kind}) {explained}; overrides the config file" if explained
+                            else f"({kind}) overrides the config file")
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -3,6 +3,11 @@
 The global batch (batch_size x processes x grad_accum samples) is cut from one seeded order of the data, so a
 run gives the same losses whatever the number of processes; the loss of each micro-batch is its summed token
 loss divided by the token count of the whole global batch, so accumulation and data parallelism are exact.
+
+A resume (`resume=True`) takes the newest intact checkpoint (`kopru.checkpoint.resume_checkpoint`) and refuses
+settings that would make it another run (`RUN_SETTINGS`) unless `resume_allow_changes`; raising `max_steps` is
+allowed. Skipped samples are remembered by index and reason, so their counts come out the same whether a run
+was resumed or not.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +33,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 from tqdm import tqdm
 
-from kopru.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kopru.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_saves,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
 from kopru.data.encoding import EncodedSample, SampleEncoder
-from kopru.data.formats import SkipReport
-from kopru.data.sample import Sample
+from kopru.data.formats import SKIP_REASONS, SampleError, SkipReport
+from kopru.data.sample import Sample, samples_fingerprint
 from kopru.llm import context_window
 from kopru.model import KopruForConditionalGeneration
 from kopru.recipes import (
@@ -68,7 +82,13 @@ class TrainConfig:
     eval_questions: int | None = 400  # answer accuracy on at most this many held-out questions (a fixed subset)
     languages: list[str] = field(default_factory=lambda: ["en", "tr"])
     eval_languages: list[str] | None = None  # None: `languages` (set it apart for cross-lingual transfer)
-    skip_policy: str = "skip"  # "error" stops at the first bad sample; "skip" counts it by reason
+    skip_policy: str = field(default="skip", metadata={"help": (
+        "'error' stops at the first bad sample (checked before step 1 unless --validate-data false); 'skip' "
+        "leaves it out and counts it by reason (default skip)")})
+    validate_data: bool | None = field(default=None, metadata={"help": (
+        "encode every training and held-out sample before step 1 (images decoded, placeholders against images, "
+        "text encodable, length within the context) and print the counts per reason (default: on with "
+        "--skip-policy error, off with skip)")})
     max_length: int | None = None  # None: the LLM's context window
     # Recipe and optimisation.
     recipe: str = "single-stage"
@@ -92,9 +112,22 @@ class TrainConfig:
     # Bookkeeping.
     output_dir: str = "runs/train"
     eval_every: int = 50
-    save_every: int = 100
+    save_every: int = field(default=100, metadata={"help": (
+        "write a checkpoint every N steps, 0 never (default 100); its manifest.json records each file's size and "
+        "sha256, which --resume checks")})
     log_every: int = 10
-    resume: bool = False
+    resume: bool = field(default=False, metadata={"help": (
+        "continue from the newest intact checkpoint under --output-dir: the one 'latest' names when its files "
+        "match their recorded sizes and sha256, else the newest intact checkpoint-N (each one passed over is "
+        "named with the reason)")})
+    resume_allow_changes: bool = field(default=False, metadata={"help": (
+        "resume even when settings that alter the run differ from the checkpoint's (global batch, seed, "
+        "training data, max_length, length grouping, learning-rate schedule, gradient clipping); the new values "
+        "apply from the resume step. Without it such a resume is refused with each difference listed. Raising "
+        "--max-steps is always allowed")})
+    keep_last: int | None = field(default=None, metadata={"help": (
+        "keep only the newest N checkpoints (and always the one 'latest' names); default: keep all. 2 or more "
+        "leaves a checkpoint to fall back to if the newest is damaged")})
     fsdp: bool = False
     stop_after: int | None = None  # stop (as if killed) after this many steps; for resume tests and debugging
 
@@ -107,6 +140,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (or None: keep every checkpoint), found {self.keep_last}")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -200,19 +235,56 @@ def load_data(spec: str, config: TrainConfig, split: str, report: SkipReport) ->
 
 
 class EncodedDataset:
-    """Encodes samples on first use and remembers the result (None for a skipped sample)."""
+    """Encodes samples on first use and remembers the result. A skipped sample is remembered by index and reason
+    (`skipped`), which checkpoints carry, so a resumed run counts each bad sample once, as an uninterrupted one
+    does."""
 
-    def __init__(self, samples: list[Sample], encoder: SampleEncoder) -> None:
-        self.samples, self.encoder = samples, encoder
-        self._cache: dict[int, EncodedSample | None] = {}
+    def __init__(self, samples: list[Sample], encoder: SampleEncoder, policy: str = "skip") -> None:
+        self.samples, self.encoder, self.policy = samples, encoder, policy
+        self._cache: dict[int, EncodedSample] = {}
+        self.skipped: dict[int, str] = {}
+        self.report = SkipReport()  # the first messages of each reason, for the data check's printout
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> EncodedSample | None:
+        if index in self.skipped:
+            return None
         if index not in self._cache:
-            self._cache[index] = self.encoder.encode(self.samples[index])
+            encoded = self._encode(index)
+            if encoded is None:
+                return None
+            self._cache[index] = encoded
         return self._cache[index]
+
+    def check(self, index: int) -> None:
+        """Encode without keeping the result (the data check): only whether and why it is skipped stays."""
+        if index not in self.skipped and index not in self._cache:
+            self._encode(index)
+
+    def _encode(self, index: int) -> EncodedSample | None:
+        try:
+            return self.encoder.encode_or_raise(self.samples[index])
+        except SampleError as error:
+            self.report.handle(error, self.policy)  # raises under policy "error"
+            self.skipped[index] = error.reason
+            return None
+
+    def skip_counts(self) -> Counter[str]:
+        return Counter(self.skipped.values())
+
+    def skipped_by_reason(self) -> dict[str, list[int]]:
+        by_reason: dict[str, list[int]] = {}
+        for index, reason in sorted(self.skipped.items()):
+            by_reason.setdefault(reason, []).append(index)
+        return by_reason
+
+    def restore_skipped(self, by_reason: dict[str, list[int]]) -> None:
+        for reason, indices in by_reason.items():
+            for index in indices:
+                self.skipped[index] = reason
+                self._cache.pop(index, None)
 
     def lengths(self) -> tuple[list[int], list[bool]]:
         """Cheap length estimates for grouping: text characters + image count (no tokenisation)."""
@@ -243,6 +315,176 @@ def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
     return {k: v.to(device) for k, v in batch.items()}
 
 
+# ------------------------------------------------------------------------------------------------- resume
+# The settings that make a run what it is: a resume that changed one would silently become another run (the
+# losses diverge, or a new --lr is overridden by the optimizer state). Name -> how a refusal names it.
+RUN_SETTINGS = {
+    "global_batch_size": "global batch (--batch-size x processes x --grad-accum)",
+    "seed": "--seed",
+    "train_data": "training data (--train-data: its samples' fingerprint)",
+    "max_length": "--max-length (which samples are too long)",
+    "group_by_length": "--group-by-length (the batch order)",
+    "lr_schedule": "learning-rate schedule",
+    "lr": "--lr",
+    "connector_lr": "--connector-lr",
+    "weight_decay": "--weight-decay",
+    "warmup_steps": "--warmup-steps",
+    "max_steps": "--max-steps",
+    "max_grad_norm": "--max-grad-norm",
+}
+LR_SCHEDULE = "linear warmup, then cosine to 0 at max_steps"
+
+
+def run_settings(config: TrainConfig, world: int, max_length: int | None, samples: list[Sample]) -> dict[str, Any]:
+    """This run's values of `RUN_SETTINGS`, as a checkpoint records them."""
+    return {
+        "global_batch_size": config.batch_size * world * config.grad_accum,
+        "seed": config.seed,
+        "train_data": {"spec": config.train_data, "samples": len(samples), "sha256": samples_fingerprint(samples)},
+        "max_length": max_length,
+        "group_by_length": config.group_by_length,
+        "lr_schedule": LR_SCHEDULE,
+        "lr": config.lr,
+        "connector_lr": config.connector_lr,
+        "weight_decay": config.weight_decay,
+        "warmup_steps": config.warmup_steps,
+        "max_steps": config.max_steps,
+        "max_grad_norm": config.max_grad_norm,
+    }
+
+
+def changed_settings(saved: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(name, saved value, given value) for each run setting that differs; the data by fingerprint only, so a
+    moved data file with the same samples is the same data."""
+    changes = []
+    for name in RUN_SETTINGS:
+        old, new = saved.get(name), given[name]
+        if name == "train_data" and isinstance(old, dict):
+            same = old.get("sha256") == new["sha256"]
+        else:
+            same = old == new
+        if not same:
+            changes.append((name, old, new))
+    return changes
+
+
+def _show_setting(name: str, value: Any) -> str:
+    if name == "train_data" and isinstance(value, dict):
+        return f"{value.get('spec')} ({value.get('samples')} samples, sha256 {str(value.get('sha256'))[:12]})"
+    return "not recorded" if value is None and name != "max_length" else json.dumps(value)
+
+
+def _resume(config: TrainConfig, output: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LambdaLR, settings: dict[str, Any], rank: int, world: int,
+            device: torch.device, log) -> dict[str, Any]:
+    """Restore the newest intact checkpoint into model, optimizer and scheduler; refuse changed run settings."""
+    checkpoint = _choose_checkpoint(output, rank, world, device, log)
+    # The optimizer state brings the saved learning rates and weight decay; the configured ones are kept here
+    # to apply when a change is allowed.
+    configured = [{"initial_lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, verify=False)
+    changes = changed_settings(state.pop("settings", {}), settings)
+    refused = [(n, old, new) for n, old, new in changes
+               if not (n == "max_steps" and isinstance(old, int) and new > old)]
+
+    def listed(which: list[tuple[str, Any, Any]]) -> str:
+        return "; ".join(f"{RUN_SETTINGS[n]}: saved {_show_setting(n, old)}, given {_show_setting(n, new)}"
+                         for n, old, new in which)
+
+    if refused and not config.resume_allow_changes:
+        raise ValueError(
+            f"--resume from {checkpoint} refused: settings that alter the run differ from the checkpoint's: "
+            f"{listed(refused)}. Give the saved values, or pass --resume-allow-changes true to apply the given "
+            f"ones from step {state['step']}"
+        )
+    if changes:
+        before = optimizer.param_groups[0]["lr"]
+        _apply_configured_schedule(optimizer, scheduler, configured)
+        log(f"resuming {checkpoint} at step {state['step']} with changed settings: {listed(changes)}; learning rate "
+            f"{before:.4g} -> {optimizer.param_groups[0]['lr']:.4g} (the schedule recomputed for the given "
+            "values, as if the run had started with them)")
+    return state
+
+
+def _apply_configured_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                               configured: list[dict[str, float]]) -> None:
+    """Put the configured base learning rates and weight decay back after loading a checkpoint, and set each
+    group's learning rate to what this run's schedule gives at the restored step."""
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _choose_checkpoint(output: Path, rank: int, world: int, device: torch.device, log) -> Path:
+    """Process 0 checks the checkpoints (reading every file once) and tells the others which one to load."""
+    step, error = -1, None
+    if rank == 0:
+        try:
+            chosen = resume_checkpoint(output, log)
+            step = -1 if chosen is None else int(chosen.name.removeprefix("checkpoint-"))
+        except CheckpointError as failure:
+            step, error = -2, failure
+    if world > 1:
+        shared = torch.tensor([step], device=device)
+        dist.broadcast(shared, 0)
+        step = int(shared.item())
+    if error is not None:
+        raise CheckpointError(f"--resume: {error}") from None
+    if step == -2:
+        raise CheckpointError("--resume: no intact checkpoint (process 0 says why)")
+    if step == -1:
+        raise FileNotFoundError(f"--resume: no checkpoint under {output} (expected {output}/latest or "
+                                "checkpoint-N folders)")
+    return output / f"checkpoint-{step}"
+
+
+# --------------------------------------------------------------------------------------------- data check
+def check_data(dataset: EncodedDataset, what: str, load_report: SkipReport, rank: int, world: int,
+               device: torch.device, log) -> None:
+    """Encode every sample once, before step 1 (each process its share), so a bad one is found now: raised under
+    policy "error", counted under "skip". Prints the counts per reason."""
+    started = time.perf_counter()
+    for index in range(rank, len(dataset), world):
+        dataset.check(index)
+    _share_skipped(dataset, world, device)
+    counts = dataset.skip_counts()
+    line = (f"data check before step 1, {what}: {len(dataset) - len(dataset.skipped):,} of {len(dataset):,} samples "
+            f"usable ({time.perf_counter() - started:.1f} s)")
+    if counts:
+        line += "; skipped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+    if load_report.counts:
+        line += "; records refused when the data was read: " + ", ".join(
+            f"{reason} {n}" for reason, n in sorted(load_report.counts.items()))
+    log(line)
+    for report in (load_report, dataset.report):
+        for _reason, examples in sorted(report.examples.items()):
+            log(f"  e.g. {examples[0]}")
+
+
+def _share_skipped(dataset: EncodedDataset, world: int, device: torch.device) -> None:
+    """Every process learns every process's skipped samples (a reason code per index, combined by maximum)."""
+    if world == 1:
+        return
+    codes = torch.zeros(len(dataset), dtype=torch.int64, device=device)
+    for index, reason in dataset.skipped.items():
+        codes[index] = SKIP_REASONS.index(reason) + 1
+    dist.all_reduce(codes, op=dist.ReduceOp.MAX)
+    for index in codes.nonzero().flatten().tolist():
+        dataset.skipped[index] = SKIP_REASONS[int(codes[index]) - 1]
+        dataset._cache.pop(index, None)
+
+
+def _logger(rank: int):
+    def log(message: str) -> None:
+        if rank == 0:  # through tqdm, so a progress bar on the same terminal is not torn
+            tqdm.write(f"kopru train: {message}", file=sys.stderr)
+
+    return log
+
+
 # -------------------------------------------------------------------------------------------------- train
 def train(config: TrainConfig) -> TrainSummary:
     rank, world = _distributed()
@@ -258,28 +500,41 @@ def train(config: TrainConfig) -> TrainSummary:
     if config.recipe == "qformer-stage1":
         return _qformer_stage1(model, processor, config, trainable, total)
 
-    report = SkipReport()
+    log = _logger(rank)
+    output = Path(config.output_dir)
+    if rank == 0:
+        remove_partial_saves(output, log)
     max_length = config.max_length or context_window(model.llm.config)
     encoder = SampleEncoder(processor, template=template_for(config.recipe), max_length=max_length,
-                            policy=config.skip_policy, report=report)
-    train_set = EncodedDataset(load_data(config.train_data, config, "train", report), encoder)
+                            policy=config.skip_policy)
+    # Records refused while reading the files are counted again at every start (the files are read again);
+    # samples skipped while encoding are counted by the datasets, by index, and carried by checkpoints.
+    train_read, eval_read = SkipReport(), SkipReport()
+    train_set = EncodedDataset(load_data(config.train_data, config, "train", train_read), encoder, config.skip_policy)
     eval_spec = config.eval_data or (config.train_data if config.train_data.startswith("builtin:") else None)
-    eval_set = EncodedDataset(load_data(eval_spec, config, "test", report), encoder) if eval_spec else None
+    eval_set = (EncodedDataset(load_data(eval_spec, config, "test", eval_read), encoder, config.skip_policy)
+                if eval_spec else None)
+    # Only a run that saves or resumes needs them (the fingerprint reads every sample once).
+    settings = run_settings(config, world, max_length, train_set.samples) if config.save_every or config.resume else {}
 
     forward_model = _wrap(model, config, world, device)
     optimizer = make_optimizer(model, OptimizerSettings(lr=config.lr, connector_lr=config.connector_lr,
                                                         weight_decay=config.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.max_steps))
 
-    output = Path(config.output_dir)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "losses": [], "eval": [],
-                             "tokens": 0, "skipped_train": {}}
+                             "tokens": 0}
     if config.resume:
-        checkpoint = latest_checkpoint(output)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {output} (expected {output}/latest)")
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        report.counts.update(state["skipped_train"])
+        state = _resume(config, output, model, optimizer, scheduler, settings, rank, world, device, log)
+        skipped = state.pop("skipped", {})
+        train_set.restore_skipped(skipped.get("train", {}))
+        if eval_set is not None:
+            eval_set.restore_skipped(skipped.get("eval", {}))
+    validate = config.validate_data if config.validate_data is not None else config.skip_policy == "error"
+    if validate:
+        check_data(train_set, "training data", train_read, rank, world, device, log)
+        if eval_set is not None:
+            check_data(eval_set, "held-out data", eval_read, rank, world, device, log)
 
     global_size = config.batch_size * world * config.grad_accum
     if len(train_set) < global_size:
@@ -336,8 +591,13 @@ def train(config: TrainConfig) -> TrainSummary:
             state["eval"].append({"step": state["step"], **evaluate(model, eval_set, config, pad_id, device)})
             model.train()
         if config.save_every and state["step"] % config.save_every == 0:
-            state["skipped_train"] = dict(report.counts)
-            save_checkpoint(output, model, optimizer, scheduler, state)
+            for dataset in (train_set, eval_set):
+                if dataset is not None:
+                    _share_skipped(dataset, world, device)
+            skipped = {"train": train_set.skipped_by_reason(),
+                       "eval": eval_set.skipped_by_reason() if eval_set is not None else {}}
+            save_checkpoint(output, model, optimizer, scheduler, {**state, "skipped": skipped, "settings": settings},
+                            keep_last=config.keep_last, log=log)
         if config.stop_after is not None and state["step"] >= config.stop_after:
             break
     progress.close()
@@ -348,8 +608,13 @@ def train(config: TrainConfig) -> TrainSummary:
     final_model = None
     if finished:
         final_model = str(_save_final(model, processor, config, output, rank))
+    skip_counts = train_read.counts + eval_read.counts
+    for dataset in (train_set, eval_set):
+        if dataset is not None:
+            _share_skipped(dataset, world, device)
+            skip_counts += dataset.skip_counts()
     summary = TrainSummary(
-        steps=state["step"], losses=state["losses"], eval=state["eval"], skipped=dict(report.counts),
+        steps=state["step"], losses=state["losses"], eval=state["eval"], skipped=dict(sorted(skip_counts.items())),
         trainable_params=trainable, total_params=total,
         tokens_per_second=(state["tokens"] - tokens_at_start) / max(seconds, 1e-9), seconds=seconds,
         output_dir=str(output), final_model=final_model,

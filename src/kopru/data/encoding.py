@@ -48,6 +48,7 @@ from kopru.data.formats import (
     SampleError,
     SkipReport,
     check_policy,
+    check_text,
     open_image,
 )
 from kopru.data.sample import Sample
@@ -146,6 +147,11 @@ class SampleEncoder:
             self.report.handle(error, self.policy)
             return None
 
+    def encode_or_raise(self, sample: Sample) -> EncodedSample:
+        """The sample's training inputs, or `SampleError` whatever the policy (for callers that count skips
+        themselves, such as the trainer's dataset)."""
+        return self._encode(sample)
+
     def encode_all(self, samples: Iterable[Sample]) -> list[EncodedSample]:
         return [encoded for encoded in map(self.encode, samples) if encoded is not None]
 
@@ -166,6 +172,7 @@ class SampleEncoder:
     def _encode(self, sample: Sample) -> EncodedSample:
         name = _name(sample)
         text, spans = self.render(sample)
+        check_text(text, name)  # before the tokenizer, whose TypeError would name nothing
         input_ids, labels = self._tokenize(text, spans)
         found = int((input_ids == self.image_token_id).sum())
         if found != len(sample.images):

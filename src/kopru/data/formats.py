@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import json
+import reprlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ TOO_LONG = "too_long"
 NO_LOSS_TOKENS = "no_loss_tokens"
 UNREADABLE_IMAGE = "unreadable_image"
 TEMPLATE_ERROR = "template_error"  # the chat template refused this conversation (e.g. roles not alternating)
+UNENCODABLE_TEXT = "unencodable_text"  # text with no UTF-8 form (a lone surrogate), which no tokenizer takes
+SKIP_REASONS = (MISSING_IMAGE, CORRUPT_JSON, PLACEHOLDER_MISMATCH, MALFORMED, TOO_LONG, NO_LOSS_TOKENS,
+                UNREADABLE_IMAGE, TEMPLATE_ERROR, UNENCODABLE_TEXT)
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _CAPTION_KEYS = ("caption", "text")
@@ -140,16 +144,28 @@ def load_llava_json(
     """A LLaVA conversation file: one JSON list of records (see the module docstring)."""
     check_policy(policy)
     path = Path(path)
+    # The whole file is unusable in each case below, so it is raised under either policy: no record to skip.
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SampleError(
+            CORRUPT_JSON, f"{path}: byte {error.start}: expected a JSON list of LLaVA records in UTF-8, found "
+            f"bytes that are not UTF-8 ({error.reason})"
+        ) from None
+    try:
+        records = json.loads(text)
     except json.JSONDecodeError as error:
-        # The whole file is unusable, so this is raised under either policy: there is no record to skip.
         raise SampleError(
             CORRUPT_JSON, f"{path}: line {error.lineno}: expected a JSON list of LLaVA records, found invalid "
             f"JSON ({error.msg})"
         ) from None
+    except (ValueError, RecursionError) as error:  # a number of over 4300 digits; nesting deeper than Python's stack
+        raise SampleError(
+            CORRUPT_JSON, f"{path}: expected a JSON list of LLaVA records, found JSON Python cannot read "
+            f"({type(error).__name__}: {_short(str(error))})"
+        ) from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of LLaVA records, found a {type(records).__name__}")
+        raise SampleError(MALFORMED, f"{path}: expected a JSON list of LLaVA records, found {_describe(records)}")
     located = ((f"{path}: record {index}", f"{path.name}:{index}", record) for index, record in enumerate(records))
     return samples_from_records(located, _root(path, image_root), policy)
 
@@ -164,16 +180,31 @@ def load_jsonl(
     root = _root(path, image_root)
 
     def records() -> Iterator[tuple[str, str, Any]]:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
+        # Bytes, decoded a line at a time: one line that is not UTF-8 is that line's fault, not the file's.
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                where = f"{path}: line {number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    report.handle(SampleError(
+                        CORRUPT_JSON, f"{where}: byte {error.start}: expected UTF-8 text, found bytes that are not "
+                        f"UTF-8 ({error.reason})"
+                    ), policy)
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path}: line {number}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     report.handle(SampleError(
                         CORRUPT_JSON, f"{where}: expected one JSON object, found invalid JSON ({error.msg})"
+                    ), policy)
+                    continue
+                except (ValueError, RecursionError) as error:  # huge numbers, very deep nesting
+                    report.handle(SampleError(
+                        CORRUPT_JSON, f"{where}: expected one JSON object, found JSON Python cannot read "
+                        f"({type(error).__name__}: {_short(str(error))})"
                     ), policy)
                     continue
                 yield where, f"{path.name}:{number}", record
@@ -260,9 +291,17 @@ def record_to_sample(record: Any, where: str, image_root: Path, default_id: str 
     """One LLaVA or caption record as a `Sample`; raises `SampleError` when it is unusable."""
     if not isinstance(record, dict):
         raise SampleError(MALFORMED, f"{where}: expected a JSON object, found {_describe(record)}")
-    sample_id = str(record["id"]) if record.get("id") is not None else default_id
+    sample_id = default_id
     if record.get("id") is not None:
-        where = f"{where} (id {sample_id!r})"
+        if not isinstance(record["id"], str | int | float) or isinstance(record["id"], bool):
+            raise SampleError(MALFORMED, f"{where}: expected 'id' to be a string or a number, found "
+                                         f"{_describe(record['id'])}")
+        try:
+            sample_id = str(record["id"])
+        except ValueError:  # a whole number of over 4300 digits has no str
+            raise SampleError(MALFORMED, f"{where}: expected 'id' to be a string or a number, found a number "
+                                         "too long to print") from None
+        where = f"{where} (id {_short(repr(sample_id), 120)})"
     images = _images(_first_present(record, _IMAGE_KEYS), image_root, where)
     if "conversations" in record:
         messages = _conversation(record["conversations"], where)
@@ -270,6 +309,7 @@ def record_to_sample(record: Any, where: str, image_root: Path, default_id: str 
         caption = _first_present(record, _CAPTION_KEYS)
         if not isinstance(caption, str):
             raise SampleError(MALFORMED, f"{where}: expected the caption to be a string, found {_describe(caption)}")
+        check_text(caption, f"{where}: caption")
         if not images:
             raise SampleError(MALFORMED, f"{where}: expected an image with the caption, found none")
         # Sample.caption's layout, for any number of images
@@ -278,7 +318,7 @@ def record_to_sample(record: Any, where: str, image_root: Path, default_id: str 
     else:
         raise SampleError(
             MALFORMED, f"{where}: expected 'conversations' (LLaVA) or 'caption'/'text' (caption pairs), found keys "
-            f"{sorted(record)}"
+            f"{_describe(sorted(map(str, record)))}"
         )
     messages = _place_images(messages, len(images), where)
     return Sample(messages=messages, images=images, id=sample_id)
@@ -292,12 +332,14 @@ def _conversation(turns: Any, where: str) -> list[dict[str, str]]:
         )
     messages = []
     for number, turn in enumerate(turns):
-        role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        role = _ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise SampleError(
                 MALFORMED, f"{where}: turn {number}: expected {{'from': one of {sorted(_ROLES)}, 'value': str}}, "
                 f"found {_describe(turn)}"
             )
+        check_text(turn["value"], f"{where}: turn {number}")
         messages.append({"role": role, "content": turn["value"]})
     return messages
 
@@ -330,13 +372,21 @@ def _image(value: Any, root: Path, where: str) -> Image.Image | str | bytes:
     if isinstance(value, Image.Image | bytes):
         return value
     if isinstance(value, dict):  # a datasets Image feature as stored: {"bytes": ..., "path": ...}
-        if value.get("bytes") is not None:
+        if isinstance(value.get("bytes"), bytes | bytearray | memoryview):
             return bytes(value["bytes"])
+        if value.get("bytes") is not None:
+            raise SampleError(MALFORMED, f"{where}: expected the image's 'bytes' to be bytes, found "
+                                         f"{_describe(value['bytes'])}")
         value = value.get("path")
     if isinstance(value, str | Path) and str(value):
         path = Path(value) if Path(value).is_absolute() else root / value
-        if not path.is_file():
-            raise SampleError(MISSING_IMAGE, f"{where}: expected image file {path}, found nothing there")
+        try:
+            found = path.is_file()
+        except OSError as error:  # a name too long for the file system, say: is_file lets that through
+            raise SampleError(MISSING_IMAGE, f"{where}: expected image file {_short(str(path))}, found a path the "
+                                             f"file system refuses ({error.strerror})") from None
+        if not found:
+            raise SampleError(MISSING_IMAGE, f"{where}: expected image file {_short(str(path))}, found nothing there")
         return str(path)
     raise SampleError(
         MALFORMED, f"{where}: expected an image path, bytes or PIL image, found {_describe(value)}"
@@ -357,12 +407,38 @@ def _first_present(record: dict, keys: tuple[str, ...]) -> Any:
     return next((record[key] for key in keys if record.get(key) is not None), None)
 
 
+def check_text(text: str, where: str) -> None:
+    """Refuse text without a UTF-8 form (a lone surrogate, which JSON's \\ud800 escapes can produce): tokenizers
+    fail on it with a TypeError that names nothing."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SampleError(
+            UNENCODABLE_TEXT, f"{where}: expected text with a UTF-8 form, found {text[error.start:error.end]!r} at "
+            f"character {error.start} ({error.reason})"
+        ) from None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
 def _describe(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:limit]}{'...' if len(text) > limit else ''}"
+    """Type and a bounded repr: records can be huge or deeply nested, and their repr must not fail."""
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int of over 4300 digits has no repr
+        text = "(too large to show)"
+    return f"{type(value).__name__} {_short(text, limit)}"
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 __all__ = [
-    "IMAGE_PLACEHOLDER", "Policy", "SampleError", "SkipReport", "load_hf_dataset", "load_jsonl",
+    "IMAGE_PLACEHOLDER", "SKIP_REASONS", "Policy", "SampleError", "SkipReport", "check_text", "load_hf_dataset",
+    "load_jsonl",
     "load_llava_json", "load_parquet", "load_samples", "open_image", "record_to_sample", "samples_from_records",
 ]
