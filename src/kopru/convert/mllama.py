@@ -49,7 +49,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CrossAttentionConfig, CrossAttentionConnector
-from kopru.convert.common import image_preprocessor, load_tokenizer
+from kopru.convert.common import image_preprocessor, load_tokenizer, rename
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.tiling import aspect_ratio_inputs, supported_aspect_ratios, tile_layout
@@ -182,45 +182,73 @@ def language_config(text) -> LlamaConfig:
     )
 
 
-def language_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM weights: embeddings, self-attention layers renumbered, norm, zero-padded lm_head."""
-    text = reference.model.language_model
-    cross = set(reference.config.text_config.cross_attention_layers)
-    state = {"model.embed_tokens.weight": text.embed_tokens.weight, "model.norm.weight": text.norm.weight}
-    self_layers = [layer for index, layer in enumerate(text.layers) if index not in cross]
-    for index, layer in enumerate(self_layers):
-        state.update({f"model.layers.{index}.{name}": t for name, t in layer.state_dict().items()})
-    head = reference.lm_head.weight.detach()
+# One Mllama cross-attention decoder layer's weights against one Köprü gated block's (read both ways).
+BLOCK_NAMES = (
+    ("input_layernorm.weight", "input_norm.weight"),
+    ("cross_attn.q_proj.weight", "q_proj.weight"),
+    ("cross_attn.k_proj.weight", "k_proj.weight"),
+    ("cross_attn.v_proj.weight", "v_proj.weight"),
+    ("cross_attn.o_proj.weight", "o_proj.weight"),
+    ("cross_attn.q_norm.weight", "q_norm.weight"),
+    ("cross_attn.k_norm.weight", "k_norm.weight"),
+    ("cross_attn_attn_gate", "attn_gate"),
+    ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+    ("mlp.gate_proj.weight", "mlp.gate_proj.weight"),
+    ("mlp.up_proj.weight", "mlp.up_proj.weight"),
+    ("mlp.down_proj.weight", "mlp.down_proj.weight"),
+    ("cross_attn_mlp_gate", "mlp_gate"),
+)
+TEXT = "model.language_model."
+
+
+def weight_names(cross_attention_layers: list[int], num_layers: int) -> list[tuple[str, str]]:
+    """(HF name, Köprü name) prefixes of an Mllama whose text decoder has `num_layers` layers, those in
+    `cross_attention_layers` cross-attention layers (kopru.convert.common.rename; read both ways): the
+    self-attention layers renumbered into the Llama, each cross-attention layer a gated block. `lm_head` also
+    differs in rows (`pad_lm_head`)."""
+    block_positions(cross_attention_layers, num_layers)  # refuses what Köprü's blocks cannot express
+    cross = sorted(cross_attention_layers)
+    names = [("model.vision_model.", "vision.encoder."), ("model.multi_modal_projector.", "connector.projection."),
+             (f"{TEXT}embed_tokens.", "llm.model.embed_tokens."), (f"{TEXT}norm.", "llm.model.norm."),
+             ("lm_head.", "llm.lm_head.")]
+    self_layers = 0
+    for index in range(num_layers):
+        if index in cross:
+            block = cross.index(index)
+            names += [(f"{TEXT}layers.{index}.{hf}", f"connector.blocks.{block}.{ours}") for hf, ours in BLOCK_NAMES]
+        else:
+            names.append((f"{TEXT}layers.{index}.", f"llm.model.layers.{self_layers}."))
+            self_layers += 1
+    return names
+
+
+def pad_lm_head(head: torch.Tensor) -> torch.Tensor:
+    """Mllama's lm_head [vocab_size, dim] -> the Llama's [vocab_size + 8, dim], the extra rows zero."""
     padded = head.new_zeros(head.shape[0] + EXTRA_EMBEDDINGS, head.shape[1])
     padded[: head.shape[0]] = head
-    state["lm_head.weight"] = padded
+    return padded
+
+
+def kopru_weights_from_hf(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    text = reference.config.text_config
+    state = rename(reference.state_dict(), weight_names(text.cross_attention_layers, text.num_hidden_layers),
+                   to="kopru")
+    state["llm.lm_head.weight"] = pad_lm_head(state["llm.lm_head.weight"])
     return state
+
+
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+
+
+def language_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM weights: embeddings, self-attention layers renumbered, norm, zero-padded lm_head."""
+    return _part(kopru_weights_from_hf(reference), "llm.")
 
 
 def connector_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
     """CrossAttentionConnector weights: multi-modal projector, one gated block per cross-attention layer."""
-    text = reference.model.language_model
-    projector = reference.model.multi_modal_projector
-    state = {"projection.weight": projector.weight, "projection.bias": projector.bias}
-    for block, index in enumerate(sorted(reference.config.text_config.cross_attention_layers)):
-        layer = text.layers[index]
-        names = {
-            "input_norm.weight": layer.input_layernorm.weight,
-            "q_proj.weight": layer.cross_attn.q_proj.weight,
-            "k_proj.weight": layer.cross_attn.k_proj.weight,
-            "v_proj.weight": layer.cross_attn.v_proj.weight,
-            "o_proj.weight": layer.cross_attn.o_proj.weight,
-            "q_norm.weight": layer.cross_attn.q_norm.weight,
-            "k_norm.weight": layer.cross_attn.k_norm.weight,
-            "attn_gate": layer.cross_attn_attn_gate,
-            "post_attention_norm.weight": layer.post_attention_layernorm.weight,
-            "mlp.gate_proj.weight": layer.mlp.gate_proj.weight,
-            "mlp.up_proj.weight": layer.mlp.up_proj.weight,
-            "mlp.down_proj.weight": layer.mlp.down_proj.weight,
-            "mlp_gate": layer.cross_attn_mlp_gate,
-        }
-        state.update({f"blocks.{block}.{name}": t for name, t in names.items()})
-    return state
+    return _part(kopru_weights_from_hf(reference), "connector.")
 
 
 def _build(make, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -256,7 +284,8 @@ def build_llm(reference: MllamaForConditionalGeneration) -> LlamaForCausalLM:
 def build_vision(reference: MllamaForConditionalGeneration) -> MllamaTiledVisionModel:
     source = reference.model.vision_model
     device = source.patch_embedding.weight.device
-    vision = _build(lambda: MllamaTiledVisionModel(source.config), source.state_dict(), device)
+    vision = _build(lambda: MllamaTiledVisionModel(source.config), _part(kopru_weights_from_hf(reference),
+                                                                          "vision.encoder."), device)
     vision.config.dtype = source.patch_embedding.weight.dtype
     return vision.eval()
 
