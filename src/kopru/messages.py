@@ -289,6 +289,11 @@ class ChatTemplate:
             self._form = chosen
         return self._form
 
+    @property
+    def text_form(self) -> Form:
+        """The form a conversation without images is rendered in (see `_text_form`)."""
+        return self._text_form()
+
     def _text_form(self) -> Form:
         """The form for a text-only conversation: the image probe's when the template renders images, else the
         one that prints the text (a list-content template prints nothing of a string, a string template prints

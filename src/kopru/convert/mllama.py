@@ -42,6 +42,8 @@ consecutive images only (non-consecutive ones see just the most recent image). I
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MllamaForConditionalGeneration, MllamaVisionModel
@@ -157,29 +159,37 @@ def block_positions(cross_attention_layers: list[int], num_layers: int) -> list[
     return positions
 
 
+# MllamaTextConfig fields against the LlamaConfig of its self-attention layers (read both ways); the
+# vocabulary (+ EXTRA_EMBEDDINGS) and the layer count (- the cross-attention layers) differ, the rest is fixed:
+# head_dim = hidden_size / heads, no biases, untied embeddings (Mllama's embeddings have 8 rows more than its head).
+TEXT_CONFIG_NAMES = (
+    ("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
+    ("num_attention_heads", "num_attention_heads"), ("num_key_value_heads", "num_key_value_heads"),
+    ("hidden_act", "hidden_act"), ("max_position_embeddings", "max_position_embeddings"),
+    ("rms_norm_eps", "rms_norm_eps"), ("rope_parameters", "rope_parameters"), ("dropout", "attention_dropout"),
+    ("initializer_range", "initializer_range"), ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+    ("pad_token_id", "pad_token_id"),
+)
+LLAMA_FIXED = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+
+
 def language_config(text) -> LlamaConfig:
     """A Llama config for the self-attention layers of a `MllamaTextConfig`."""
+    values = {ours: copy.deepcopy(getattr(text, theirs)) for theirs, ours in TEXT_CONFIG_NAMES}
     return LlamaConfig(
+        **values, **LLAMA_FIXED,
         vocab_size=text.vocab_size + EXTRA_EMBEDDINGS,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
         num_hidden_layers=text.num_hidden_layers - len(text.cross_attention_layers),
-        num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads,
         head_dim=text.hidden_size // text.num_attention_heads,
-        hidden_act=text.hidden_act,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
-        rope_parameters=dict(text.rope_parameters),
-        attention_dropout=text.dropout,
-        initializer_range=text.initializer_range,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=text.bos_token_id,
-        eos_token_id=text.eos_token_id,
-        pad_token_id=text.pad_token_id,
     )
+
+
+def text_config(llama: LlamaConfig, cross_attention_layers: list[int], vocab_size: int) -> dict:
+    """The inverse of `language_config`: MllamaTextConfig values for a Llama with gated blocks that become the
+    cross-attention layers `cross_attention_layers`; `vocab_size` is the head's rows (`unpad_lm_head`)."""
+    values = {theirs: copy.deepcopy(getattr(llama, ours)) for theirs, ours in TEXT_CONFIG_NAMES}
+    return {**values, "vocab_size": vocab_size, "cross_attention_layers": sorted(cross_attention_layers),
+            "num_hidden_layers": llama.num_hidden_layers + len(cross_attention_layers), "tie_word_embeddings": False}
 
 
 # One Mllama cross-attention decoder layer's weights against one Köprü gated block's (read both ways).
@@ -227,6 +237,15 @@ def pad_lm_head(head: torch.Tensor) -> torch.Tensor:
     padded = head.new_zeros(head.shape[0] + EXTRA_EMBEDDINGS, head.shape[1])
     padded[: head.shape[0]] = head
     return padded
+
+
+def unpad_lm_head(head: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `pad_lm_head`, for a Köprü Llama -> (Mllama's lm_head, its embeddings, 8 rows more). A
+    converted model's head ends in the 8 zero rows `pad_lm_head` added: they go. Any other Llama (a Köprü model
+    built on its own) keeps every row of its head, and its embeddings get 8 zero rows that no token uses."""
+    if head.shape[0] > EXTRA_EMBEDDINGS and not head[-EXTRA_EMBEDDINGS:].any():
+        return head[:-EXTRA_EMBEDDINGS], embeddings
+    return head, torch.cat([embeddings, embeddings.new_zeros(EXTRA_EMBEDDINGS, embeddings.shape[1])])
 
 
 def kopru_weights_from_hf(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ error or skipped ("too_long"). A sample whose labels are all -100 would train on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -322,6 +323,23 @@ def render_fallback(messages: list[dict[str, str]], bos: str, eos: str) -> tuple
     return text, spans
 
 
+def fallback_chat_template(bos: str, eos: str) -> str:
+    """`render_fallback` and the generation prompt (`FALLBACK_HEADS["assistant"]`) as a Jinja chat template over
+    string content, with the tokenizer's `bos` and `eos` written in: what a checkpoint exported from a model
+    without a template of its own carries (tests/test_export.py renders both and compares)."""
+    heads = json.dumps(FALLBACK_HEADS)
+    return (
+        f"{{%- set heads = {heads} -%}}{{{{- {json.dumps(bos)} -}}}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in heads -%}{{- raise_exception('unknown role: ' + message['role']) -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        f"{{{{- heads['assistant'] + ' ' + message['content'] + {json.dumps(eos)} + '\\n' -}}}}"
+        "{%- else -%}{{- heads[message['role']] + ' ' + message['content'] + '\\n' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- heads['assistant'] -}}{%- endif -%}"
+    )
+
+
 def _check_prefix(prefix: str, full: str, what: str, name: str) -> None:
     if full.startswith(prefix):
         return
@@ -339,4 +357,4 @@ def _name(sample: Sample) -> str:
 
 
 __all__ = ["FALLBACK_HEADS", "IGNORE_INDEX", "EncodedSample", "SampleEncoder", "TemplateMismatchError",
-           "render_fallback"]
+           "fallback_chat_template", "render_fallback"]
