@@ -128,7 +128,14 @@ class UserPath:
     input_ids: list[int]
     pixels: dict[str, torch.Tensor]  # pixel_values (+ image_sizes, aspect-ratio ids and masks) in HF's layout
     last_logits: torch.Tensor  # [vocab] at the last prompt position
-    tokens: list[int]  # the greedy new tokens
+    tokens: list[int]  # the greedy answer's tokens, its stop token not included
+
+
+def answer_tokens(new_tokens: list[int], eos_token_id: int | list[int] | None) -> list[int]:
+    """HF's generated ids up to the first stop id, which `generate` keeps and Köprü's engine does not count as
+    part of the answer (Completion.token_ids)."""
+    stops = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    return next((new_tokens[:at] for at, token in enumerate(new_tokens) if token in stops), new_tokens)
 
 
 def chat_messages(image: Image.Image | None, question: str = QUESTION) -> list[dict]:
@@ -183,8 +190,8 @@ def compare_user_paths(hf: UserPath, ours: UserPath, image_size: tuple[int, int]
         else float("nan")
     if failure is None and logit_diff > TOLERANCE:
         failure = f"last-position logits differ by up to {logit_diff:.3g} (tolerance {TOLERANCE})"
-    # HF stops on its generation_config's eos only; Köprü also on the template's end-of-turn token. Both end on a
-    # stop token they share, so the shorter list is compared where it ends.
+    # Both are the answer before its stop token (`answer_tokens`). HF stops on its generation_config's eos only,
+    # Köprü also on the template's end-of-turn token: where HF goes on past one, the answers differ.
     tokens_equal = hf.tokens == ours.tokens
     if failure is None and not tokens_equal:
         at = first_difference(hf.tokens, ours.tokens)
@@ -219,7 +226,8 @@ def verify_user_path(reference, src: str, dst: str | Path, image: Image.Image | 
                          f"to compare with: {error}") from None
     generated = reference.generate(**hf_inputs, max_new_tokens=new_tokens, do_sample=False)
     hf = UserPath(hf_inputs["input_ids"][0].tolist(), dict(hf_inputs), expected_logits,
-                  generated[0, hf_inputs["input_ids"].shape[1]:].tolist())
+                  answer_tokens(generated[0, hf_inputs["input_ids"].shape[1]:].tolist(),
+                                reference.generation_config.eos_token_id))
 
     dtype = next(reference.parameters()).dtype
     model, kopru_processor = KopruForConditionalGeneration.from_pretrained(dst, dtype=dtype)

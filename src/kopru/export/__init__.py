@@ -86,6 +86,17 @@ def export(target: str, src: str | Path, dst: str | Path, verify: bool = False, 
     check_destination(src, dst, overwrite)
     module.check(config, encoder_config, llm_config)
 
+    report: dict[str, Any] = {"to": target, "src": str(src), "dst": str(dst), "hf_class": module.HF_CLASS.__name__,
+                              "strategy": config.strategy, **_write(module, src, dst)}
+    if verify:
+        from kopru.export.verify import verify_export
+
+        report["verify"] = verify_export(target, src, dst, new_tokens=new_tokens)
+    return report
+
+
+def _write(module, src: Path, dst: Path) -> dict[str, Any]:
+    """Load, build and save; the models are released on return (verify reloads both sides from disk)."""
     from kopru.model import KopruForConditionalGeneration  # the model is only loaded once nothing refuses
 
     model, processor = KopruForConditionalGeneration.from_pretrained(src)
@@ -93,13 +104,5 @@ def export(target: str, src: str | Path, dst: str | Path, verify: bool = False, 
     with atomic_directory(dst) as staging:
         hf_model.save_pretrained(staging)
         hf_processor.save_pretrained(staging)
-    report: dict[str, Any] = {
-        "to": target, "src": str(src), "dst": str(dst), "hf_class": module.HF_CLASS.__name__,
-        "strategy": config.strategy, "parameters": sum(p.numel() for p in hf_model.parameters()),
-        "files": sorted(p.name for p in dst.iterdir()),
-    }
-    if verify:
-        from kopru.export.verify import verify_export
-
-        report["verify"] = verify_export(target, model, processor, dst, new_tokens=new_tokens)
-    return report
+    return {"parameters": sum(p.numel() for p in hf_model.parameters()),
+            "files": sorted(p.name for p in dst.iterdir())}

@@ -33,8 +33,14 @@ def hf_model(hf_class: type[PreTrainedModel], config, state: dict[str, torch.Ten
     """`hf_class` built from `config` as a user builds one (so that `save_pretrained` writes the names transformers
     writes for it, which for LLaVA are still the hub's older ones), holding exactly `state`: every name and shape
     is checked first (a missing, extra or misshapen weight is an error naming it, never left random)."""
-    with no_init_weights():  # no random init of weights about to be replaced
-        model = hf_class(config)
+    text = getattr(config, "text_config", None)
+    try:
+        with no_init_weights():  # no random init of weights about to be replaced
+            model = hf_class(config)
+        model.tie_weights()  # as loading would: LLaVA, for one, ties `embed_tokens` by that name
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ExportRefused(f"transformers' {hf_class.__name__} cannot be built around this model (its LLM is "
+                            f"{getattr(text, 'model_type', '?')!r}): {type(error).__name__}: {error}") from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
