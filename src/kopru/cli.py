@@ -279,20 +279,24 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number of threads, found {text!r}")
-    return value
+def _positive(what: str):
+    """An argparse type: a positive whole number of `what`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive whole number of {what}, found {text!r}")
+        return value
+
+    return parse
 
 
 def _threads_flag() -> argparse.ArgumentParser:
     """The --threads flag of every command that runs a model (a parent parser; `main` applies it)."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--threads", type=_positive_threads, default=None,
+    parent.add_argument("--threads", type=_positive("threads"), default=None,
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else the idle CPUs: the CPUs less "
                              "the load average, at least 1; on a busy machine more threads only slow a model down)")
     return parent
@@ -341,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load DST with transformers alone in a separate process and run drawn pictures and a chat "
                              "question through HF's processor, chat template and generate, and the same through Köprü "
                              "on SRC (input ids, pixels, logits, greedy tokens); exit 1 on a difference")
-    export.add_argument("--new-tokens", type=int, default=8, help="greedy tokens --verify compares (default 8)")
+    export.add_argument("--new-tokens", type=_positive("tokens"), default=8,
+                        help="greedy tokens --verify generates on each side (default 8)")
     export.add_argument("--json", action="store_true", help="print one JSON object")
     export.add_argument("--overwrite", action="store_true", help="replace DST when it exists and is not empty")
     export.set_defaults(run=_export)

@@ -2,7 +2,8 @@
 
 Each converter module provides `REFERENCE_CLASS` (the HF class it reads), `to_kopru(reference, src)` (a
 Köprü model + processor with the same weights) and `random_inputs(reference, model)` (inputs on which both
-are run to verify the conversion). `convert()` ties them together.
+are run to verify the conversion). Their mappings of weight names are (HF name, Köprü name) tables
+(`kopru.convert.common.rename`) that `kopru.export` reads the other way. `convert()` ties them together.
 """
 
 from __future__ import annotations
