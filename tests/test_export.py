@@ -63,6 +63,7 @@ def test_convert_then_export_gives_back_the_hf_checkpoint(kind: str, tmp_path: P
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging folder left
 
 
+@pytest.mark.slow
 def test_cli_blip2_verify_json(tmp_path: Path, capsys) -> None:
     """The BLIP-2 export checked by transformers alone in another process: its processor puts the query tokens in
     front of the prompt, and the Köprü side, given that layout, agrees on ids, pixels, logits and tokens."""
