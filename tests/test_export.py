@@ -83,6 +83,25 @@ def test_cli_blip2_verify_json(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "out" / "config.json").read_text().count("auto_map")  # no remote code to trust
 
 
+@pytest.mark.slow
+def test_cli_verify_exits_1_naming_the_first_difference(build, tmp_path: Path, capsys, monkeypatch) -> None:
+    """An export whose template forgets the image markers: HF's ids lose them, and --verify says where."""
+    from kopru.export import llava
+
+    model, processor = build("projection")
+    model.save_pretrained(tmp_path / "src", processor)
+    unmarked = copy.deepcopy(processor)
+    unmarked.config.image_start_token = unmarked.config.image_end_token = None
+    monkeypatch.setattr(llava, "exported_chat_template", lambda _: exported_chat_template(unmarked))
+    capsys.readouterr()
+    code = main(["export", "--to", "llava", str(tmp_path / "src"), str(tmp_path / "out"), "--verify", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert re.search(r"verify failed: 200x120 image: input ids differ at position \d+: HF \d+, Köprü \d+ .*the "
+                     r"checkpoint is written at", err), err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------------ models built by Köprü
 @torch.no_grad()
 def _same_on_the_users_path(src: Path, dst: Path) -> None:
