@@ -58,7 +58,8 @@ def main() -> None:
             (root / kind / "out" / "config.json").read_text())
         checks = report["verify"]["checks"]
         print(f"| {kind} | {len(exported)} of {len(original)}{'' if same_names else ' (names differ)'} | {diff} | "
-              f"{'same' if config else 'differs'} | {'equal' if all(c['input_ids_equal'] for c in checks) else 'DIFFER'}"
+              f"{'same' if config else 'differs'} | "
+              f"{'equal' if all(c['input_ids_equal'] for c in checks) else 'DIFFER'}"
               f" | {max(c['max_pixel_diff'] for c in checks)} | {max(c['max_logit_diff'] for c in checks)} | "
               f"{'identical' if all(c['tokens_equal'] for c in checks) else 'DIFFERS'} |")
     print(f"\ncheckpoints under {root}")

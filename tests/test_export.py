@@ -121,8 +121,9 @@ def _same_on_the_users_path(src: Path, dst: Path) -> None:
     expected = AutoModelForImageTextToText.from_pretrained(dst).eval()(**inputs).logits[0, -1]
     model, kopru_processor = KopruForConditionalGeneration.from_pretrained(src)
     ours = kopru_user_path(model, kopru_processor, image, new_tokens=1, hf_keys=set(inputs))
-    assert inputs["input_ids"][0].tolist() == ours.input_ids == kopru_processor(
-        format_chat(kopru_processor, chat_messages(image))[0], [[image]], add_special_tokens=False)["input_ids"][0].tolist()
+    kopru_prompt = format_chat(kopru_processor, chat_messages(image))[0]
+    kopru_ids = kopru_processor(kopru_prompt, [[image]], add_special_tokens=False)["input_ids"][0].tolist()
+    assert inputs["input_ids"][0].tolist() == ours.input_ids == kopru_ids
     assert float((expected - ours.last_logits).abs().max()) <= 1e-5
 
 

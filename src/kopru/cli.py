@@ -70,8 +70,8 @@ def _print_user_path(user_path: dict | None, sides: str = "user's path") -> None
         print(f"{sides}, {width}x{height} picture, '{check['template']}': input ids "
               f"{'equal' if check['input_ids_equal'] else 'DIFFER'}; max |pixel diff| {check['max_pixel_diff']:.3e} "
               f"over {check['pixels_compared']}; max |logit diff| {check['max_logit_diff']:.3e} "
-              f"({check['logits_compared']}); greedy answer ({_tokens(len(check['hf_tokens']))} before the stop, at most "
-              f"{check['new_tokens']}) {'identical' if check['tokens_equal'] else 'DIFFERS'}")
+              f"({check['logits_compared']}); greedy answer ({_tokens(len(check['hf_tokens']))} before the stop, "
+              f"at most {check['new_tokens']}) {'identical' if check['tokens_equal'] else 'DIFFERS'}")
 
 
 def _tokens(count: int) -> str:

@@ -47,9 +47,9 @@ def read_source(src: Path) -> tuple[KopruConfig, Any, Any]:
     if not (src / CONFIG_FILE).is_file():
         if (src / "config.json").is_file():
             found = json.loads((src / "config.json").read_text()).get("model_type")
-            raise ExportRefused(f"{src} is a Hugging Face checkpoint (config.json, model_type {found!r}), not a Köprü "
-                                f"model: expected {CONFIG_FILE}; there is nothing to export (`kopru convert` brings "
-                                "one in)")
+            raise ExportRefused(f"{src} is a Hugging Face checkpoint (config.json, model_type {found!r}), not a "
+                                f"Köprü model: expected {CONFIG_FILE}; there is nothing to export (`kopru convert` "
+                                "brings one in)")
         raise ExportRefused(f"{src} is not a Köprü model: expected {CONFIG_FILE} (what save_pretrained and kopru "
                             f"train write), found {sorted(p.name for p in src.iterdir())[:8]}")
     config = KopruConfig.load(src / CONFIG_FILE)

@@ -8,6 +8,8 @@ expressed at all (there is no text before the query tokens to hold an `<image_st
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
 from kopru.config import KopruConfig
@@ -24,11 +26,17 @@ from kopru.export.common import (
 )
 from kopru.export.llava import exported_tokenizer
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from kopru.model import KopruForConditionalGeneration
+    from kopru.processing import KopruProcessor
+
 HF_CLASS = Blip2ForConditionalGeneration
 IMAGE_TOKEN = "<image>"  # the token Blip2Processor writes (unless the tokenizer names another)
 
 
-def check(config: KopruConfig, encoder_config, llm_config) -> None:
+def check(config: KopruConfig, encoder_config: PretrainedConfig, llm_config: PretrainedConfig) -> None:
     refuse_unless(config.strategy == "qformer", f"--to blip2 takes a qformer model; found strategy {config.strategy!r} "
                   "(a projection model fits --to llava or --to llava_next, a cross_attention one --to mllama)")
     refuse_unless(encoder_config.model_type == "blip_2_vision_model",
@@ -43,14 +51,15 @@ def check(config: KopruConfig, encoder_config, llm_config) -> None:
                   f"True, CLS kept: drop_cls False); found feature_layer {vision.feature_layer!r}, final_norm "
                   f"{vision.final_norm}, drop_cls {vision.drop_cls}")
     refuse_unless(not config.uses_markers,
-                  f"--to blip2 cannot express image markers ({config.image_start_token!r} / {config.image_end_token!r}): "
-                  "BLIP-2's processor puts the query tokens in front of the whole prompt; a model without markers "
-                  "(image_start_token and image_end_token None) fits")
+                  f"--to blip2 cannot express image markers ({config.image_start_token!r} / "
+                  f"{config.image_end_token!r}): BLIP-2's processor puts the query tokens in front of the whole "
+                  "prompt; a model without markers (image_start_token and image_end_token None) fits")
     refuse_unless(config.image_token == IMAGE_TOKEN, f"--to blip2 writes images as {IMAGE_TOKEN!r} (BLIP-2's "
                   f"processor); found the image token {config.image_token!r}")
 
 
-def build(model, processor) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+def build(model: KopruForConditionalGeneration, processor: KopruProcessor
+          ) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
     qformer = model.config.connector
     config = Blip2Config(
         vision_config=config_values(model.vision.encoder.config),

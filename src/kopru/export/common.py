@@ -6,7 +6,7 @@ import copy
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoImageProcessor, GenerationConfig, PreTrainedModel
@@ -17,11 +17,19 @@ from kopru.export import ExportRefused
 from kopru.image_processing import CONFIG_NAME, ImagePreprocessor
 from kopru.messages import end_of_turn_ids
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    from kopru.convert.common import WeightNames
+    from kopru.model import KopruForConditionalGeneration
+    from kopru.processing import KopruProcessor
+
 # Keys of a saved backbone config that are bookkeeping (HF writes them afresh) or, as the dtype, said once at the top.
 _NOT_VALUES = ("architectures", "_name_or_path", "transformers_version", "dtype")
 
 
-def config_values(config) -> dict[str, Any]:
+def config_values(config: PretrainedConfig) -> dict[str, Any]:
     """A backbone's HF config as the dict an HF VLM config takes for its sub-config."""
     values = config.to_dict()
     for key in _NOT_VALUES:
@@ -29,7 +37,8 @@ def config_values(config) -> dict[str, Any]:
     return values
 
 
-def hf_model(hf_class: type[PreTrainedModel], config, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+def hf_model(hf_class: type[PreTrainedModel], config: PretrainedConfig,
+             state: dict[str, torch.Tensor]) -> PreTrainedModel:
     """`hf_class` built from `config` as a user builds one (so that `save_pretrained` writes the names transformers
     writes for it, which for LLaVA are still the hub's older ones), holding exactly `state`: every name and shape
     is checked first (a missing, extra or misshapen weight is an error naming it, never left random)."""
@@ -55,12 +64,12 @@ def hf_model(hf_class: type[PreTrainedModel], config, state: dict[str, torch.Ten
     return model.eval()
 
 
-def hf_state(model, names) -> dict[str, torch.Tensor]:
+def hf_state(model: KopruForConditionalGeneration, names: WeightNames) -> dict[str, torch.Tensor]:
     """The Köprü model's weights under HF's names (its family's (HF, Köprü) table read right to left)."""
     return rename(kopru_weights(model), names, to="hf")
 
 
-def hf_image_processor(settings: dict):
+def hf_image_processor(settings: dict) -> BaseImageProcessor:
     """The HF image processor these settings (HF's format, `ImagePreprocessor.to_hf_settings`) describe, as
     `AutoImageProcessor` reads them from a checkpoint."""
     with tempfile.TemporaryDirectory() as folder:
@@ -78,7 +87,7 @@ def image_settings(preprocessor: ImagePreprocessor) -> dict:
     return settings
 
 
-def stop_ids(model, processor) -> list[int]:
+def stop_ids(model: KopruForConditionalGeneration, processor: KopruProcessor) -> list[int]:
     """What Köprü's generation stops on: the LLM's eos ids and the chat template's end-of-turn token."""
     ids: list[int] = []
     for value in (model.llm.generation_config.eos_token_id, model.llm.config.eos_token_id,
@@ -89,7 +98,7 @@ def stop_ids(model, processor) -> list[int]:
     return ids
 
 
-def generation_config(model, processor) -> GenerationConfig:
+def generation_config(model: KopruForConditionalGeneration, processor: KopruProcessor) -> GenerationConfig:
     """Greedy by default, stopping where `kopru chat` stops (HF's generate stops on eos_token_id only)."""
     config = copy.deepcopy(model.llm.generation_config)  # the LLM's own defaults (sampling settings included)
     stops = stop_ids(model, processor)

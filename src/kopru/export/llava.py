@@ -9,6 +9,7 @@ model has them, printed by the chat template around the image token (kopru.expor
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -26,6 +27,12 @@ from kopru.export.common import (
 )
 from kopru.vision import VISION_BACKBONES
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from kopru.model import KopruForConditionalGeneration
+    from kopru.processing import KopruProcessor
+
 HF_CLASS = LlavaForConditionalGeneration
 # Encoders HF's LLaVA runs as its vision tower (AutoModel of the vision config, hidden states by index).
 ENCODERS = ("clip_vision_model", "siglip_vision_model")
@@ -33,7 +40,8 @@ OTHER_TARGETS = {"qformer": "--to blip2 takes a qformer model on a BLIP-2 vision
                  "cross_attention": "--to mllama takes a cross_attention model on an Mllama vision tower"}
 
 
-def check(config: KopruConfig, encoder_config, llm_config, target: str = "llava", mode: str = "fixed") -> None:
+def check(config: KopruConfig, encoder_config: PretrainedConfig, llm_config: PretrainedConfig, target: str = "llava",
+          mode: str = "fixed") -> None:
     """What HF LLaVA (and LLaVA-NeXT, `mode="anyres"`) cannot express, refused with what would fit."""
     refuse_unless(config.strategy == "projection", f"--to {target} takes a projection model; found strategy "
                   f"{config.strategy!r} ({OTHER_TARGETS.get(config.strategy, '')})")
@@ -57,25 +65,26 @@ def check(config: KopruConfig, encoder_config, llm_config, target: str = "llava"
                   "found final_norm=True (the final LayerNorm applied), which HF LLaVA cannot express")
 
 
-def feature_select_strategy(model) -> str:
+def feature_select_strategy(model: KopruForConditionalGeneration) -> str:
     """HF's "default" drops position 0; Köprü drops exactly a real CLS token (VisionTower.drop_cls)."""
     return "default" if model.vision.drop_cls else "full"
 
 
-def processor_settings(model) -> dict:
+def processor_settings(model: KopruForConditionalGeneration) -> dict:
     """What HF's LLaVA processors need to count each image's positions as Köprü does."""
     has_cls = VISION_BACKBONES[model.vision.encoder.config.model_type].has_cls
     return {"patch_size": model.vision.patch_size, "vision_feature_select_strategy": feature_select_strategy(model),
             "image_token": model.config.image_token, "num_additional_image_tokens": int(has_cls)}
 
 
-def exported_tokenizer(processor, template: str):
+def exported_tokenizer(processor: KopruProcessor, template: str) -> PreTrainedTokenizerBase:
     tokenizer = copy.deepcopy(processor.tokenizer)  # Köprü's own processor stays as it is (verify runs it)
     tokenizer.chat_template = template
     return tokenizer
 
 
-def build(model, processor) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build(model: KopruForConditionalGeneration, processor: KopruProcessor
+          ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     config = LlavaConfig(
         vision_config=config_values(model.vision.encoder.config),
         text_config=config_values(model.llm.config),

@@ -7,6 +7,7 @@ learned newline and LLaVA-NeXT's image processor (its tiling is what Köprü's a
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
@@ -17,14 +18,20 @@ from kopru.export.chat_template import exported_chat_template
 from kopru.export.common import config_values, generation_config, hf_image_processor, hf_model, hf_state
 from kopru.high_resolution import anyres_pinpoints
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from kopru.model import KopruForConditionalGeneration
+    from kopru.processing import KopruProcessor
+
 HF_CLASS = LlavaNextForConditionalGeneration
 
 
-def check(config: KopruConfig, encoder_config, llm_config) -> None:
+def check(config: KopruConfig, encoder_config: PretrainedConfig, llm_config: PretrainedConfig) -> None:
     llava.check(config, encoder_config, llm_config, target="llava_next", mode="anyres")
 
 
-def image_settings(model, processor) -> dict:
+def image_settings(model: KopruForConditionalGeneration, processor: KopruProcessor) -> dict:
     """LlavaNextImageProcessor's settings for Köprü's anyres pixels: tiles and the base view at the encoder's size,
     its pinpoints, the normalisation and resampling of the model's own image processor."""
     pinpoints = anyres_pinpoints(model.config.resolution, model.vision.image_size)
@@ -35,7 +42,8 @@ def image_settings(model, processor) -> dict:
     return base.to_hf_settings()
 
 
-def build(model, processor) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+def build(model: KopruForConditionalGeneration, processor: KopruProcessor
+          ) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
     config = LlavaNextConfig(
         vision_config=config_values(model.vision.encoder.config),
         text_config=config_values(model.llm.config),

@@ -11,6 +11,7 @@ attending to every tile (rows_without_image "attend_all").
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
 
@@ -22,10 +23,16 @@ from kopru.export.common import config_values, generation_config, hf_image_proce
 from kopru.export.llava import exported_tokenizer
 from kopru.high_resolution import max_tiles
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from kopru.model import KopruForConditionalGeneration
+    from kopru.processing import KopruProcessor
+
 HF_CLASS = MllamaForConditionalGeneration
 
 
-def check(config: KopruConfig, encoder_config, llm_config) -> None:
+def check(config: KopruConfig, encoder_config: PretrainedConfig, llm_config: PretrainedConfig) -> None:
     refuse_unless(config.strategy == "cross_attention", f"--to mllama takes a cross_attention model; found strategy "
                   f"{config.strategy!r} (a projection model fits --to llava or --to llava_next, a qformer one "
                   "--to blip2)")
@@ -64,7 +71,7 @@ def check(config: KopruConfig, encoder_config, llm_config) -> None:
                   f"processor); found the image token {config.image_token!r}")
 
 
-def image_settings(model, processor) -> dict:
+def image_settings(model: KopruForConditionalGeneration, processor: KopruProcessor) -> dict:
     """MllamaImageProcessor's settings for Köprü's tiles: the tile size and count of the encoder, the
     normalisation and resampling of the model's own image processor."""
     base = dataclasses.replace(processor.image_processor, processor_type="MllamaImageProcessor", mode="resize",
@@ -74,7 +81,8 @@ def image_settings(model, processor) -> dict:
     return base.to_hf_settings()
 
 
-def build(model, processor) -> tuple[MllamaForConditionalGeneration, MllamaProcessor]:
+def build(model: KopruForConditionalGeneration, processor: KopruProcessor
+          ) -> tuple[MllamaForConditionalGeneration, MllamaProcessor]:
     positions = model.connector.positions
     cross = [position + block for block, position in enumerate(positions)]  # each block's layer in Mllama
     num_layers = model.llm.config.num_hidden_layers + len(cross)

@@ -113,7 +113,10 @@ def verify_export(target: str, src: str | Path, dst: str | Path, new_tokens: int
     failed = next((check for check in checks if check["failure"] is not None), None)
     if hf["kopru_imported"] and failed is None:  # cannot happen while sys.modules["kopru"] is None; said if it does
         failed = {"image_size": [0, 0], "failure": "the HF process imported Köprü"}
-    failure = None if failed is None else f"{failed['image_size'][0]}x{failed['image_size'][1]} image: {failed['failure']}"
+    failure = None
+    if failed is not None:
+        width, height = failed["image_size"]
+        failure = f"{width}x{height} image: {failed['failure']}"
     layout = ("the image's query tokens in front of the whole prompt (BLIP-2's processor; `kopru chat` puts them "
               "where the image part stands)" if image_first else "the image where the message's image part stands")
     return {"passed": failure is None, "failure": failure, "layout": layout, "hf": hf, "checks": checks}
