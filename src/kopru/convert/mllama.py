@@ -249,6 +249,7 @@ def unpad_lm_head(head: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.T
 
 
 def kopru_weights_from_hf(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """The reference's weights under Köprü's names (`weight_names`), the head padded (`pad_lm_head`)."""
     text = reference.config.text_config
     state = rename(reference.state_dict(), weight_names(text.cross_attention_layers, text.num_hidden_layers),
                    to="kopru")
@@ -258,16 +259,6 @@ def kopru_weights_from_hf(reference: MllamaForConditionalGeneration) -> dict[str
 
 def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
-
-
-def language_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM weights: embeddings, self-attention layers renumbered, norm, zero-padded lm_head."""
-    return _part(kopru_weights_from_hf(reference), "llm.")
-
-
-def connector_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """CrossAttentionConnector weights: multi-modal projector, one gated block per cross-attention layer."""
-    return _part(kopru_weights_from_hf(reference), "connector.")
 
 
 def _build(make, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -292,19 +283,20 @@ def _rebuild(owner: nn.Module, device: torch.device) -> nn.Module:
         return type(owner)(owner.config)
 
 
-def build_llm(reference: MllamaForConditionalGeneration) -> LlamaForCausalLM:
+def build_llm(reference: MllamaForConditionalGeneration, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
+    """The Llama of the self-attention layers; `state`: `kopru_weights_from_hf(reference)`."""
     config = language_config(reference.config.text_config)
     device = reference.lm_head.weight.device
-    llm = _build(lambda: LlamaForCausalLM(config), language_state_dict(reference), device)
+    llm = _build(lambda: LlamaForCausalLM(config), _part(state, "llm."), device)
     llm.config.dtype = reference.lm_head.weight.dtype
     return llm.eval()
 
 
-def build_vision(reference: MllamaForConditionalGeneration) -> MllamaTiledVisionModel:
+def build_vision(reference: MllamaForConditionalGeneration, state: dict[str, torch.Tensor]
+                 ) -> MllamaTiledVisionModel:
     source = reference.model.vision_model
     device = source.patch_embedding.weight.device
-    vision = _build(lambda: MllamaTiledVisionModel(source.config), _part(kopru_weights_from_hf(reference),
-                                                                          "vision.encoder."), device)
+    vision = _build(lambda: MllamaTiledVisionModel(source.config), _part(state, "vision.encoder."), device)
     vision.config.dtype = source.patch_embedding.weight.dtype
     return vision.eval()
 
@@ -345,12 +337,13 @@ def to_kopru(
     if activation != "silu":
         raise ValueError(f"expected a SiLU (SwiGLU) text MLP like the gated blocks', found {activation!r}")
     config = kopru_config(reference, src)
-    vision = VisionTower(build_vision(reference), config.vision)
-    llm = build_llm(reference)
+    state = kopru_weights_from_hf(reference)  # the source's tensors under Köprü's names (the head padded once)
+    vision = VisionTower(build_vision(reference, state), config.vision)
+    llm = build_llm(reference, state)
     device = reference.lm_head.weight.device
     connector = _build(
         lambda: CrossAttentionConnector(config.connector, vision.hidden_size, llm.config),
-        connector_state_dict(reference), device,
+        _part(state, "connector."), device,
     )
     model = KopruForConditionalGeneration(config, vision, llm, connector)
     tokenizer = load_tokenizer(src, config)
