@@ -23,6 +23,7 @@ from transformers import Blip2VisionConfig, MllamaVisionConfig
 from kopru.cli import main
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.convert import convert
+from kopru.convert.verify import hf_adds_special_tokens
 from kopru.export import export
 from kopru.export.chat_template import check_special_tokens, exported_chat_template
 from kopru.export.common import hf_image_processor, image_settings
@@ -257,8 +258,9 @@ def _bos_adding(tokenizer):
 @pytest.mark.parametrize("template", ["string", "list", "none"])
 @pytest.mark.parametrize("adds_bos", [False, True])
 def test_exported_template_gives_hf_the_ids_kopru_renders(build, template: str, adds_bos: bool) -> None:
-    """HF's path (the exported template on list content, the tokenizer with its special tokens, each image token
-    expanded) gives the ids of Köprü's (format_chat, no special tokens, placeholders expanded with the markers)."""
+    """HF's path (the exported template on list content, special tokens as apply_chat_template(tokenize=True)
+    adds them, each image token expanded) gives the ids of Köprü's (format_chat, no special tokens, placeholders
+    expanded with the markers)."""
     _, processor = build("projection")
     processor = copy.deepcopy(processor)
     assert processor.config.uses_markers
@@ -275,7 +277,8 @@ def test_exported_template_gives_hf_the_ids_kopru_renders(build, template: str, 
         text = tokenizer.apply_chat_template(hf_messages, chat_template=exported, add_generation_prompt=True,
                                              tokenize=False)
         text = text.replace(processor.config.image_token, processor.config.image_token * per_image)  # HF's expansion
-        assert tokenizer(text)["input_ids"] == kopru_ids, (template, text)
+        assert tokenizer(text, add_special_tokens=hf_adds_special_tokens(text, tokenizer))["input_ids"] == kopru_ids, \
+            (template, text)
 
 
 def test_tokenizer_adding_more_than_bos_is_refused(build) -> None:

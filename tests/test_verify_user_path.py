@@ -153,3 +153,20 @@ def test_answers_are_compared_up_to_the_stop_token() -> None:
     assert answer_tokens([5, 9, 2], [1, 2]) == [5, 9]
     assert answer_tokens([5, 9], [1, 2]) == [5, 9]  # ran to max_new_tokens
     assert answer_tokens([1], None) == [1]
+
+
+def test_a_template_printing_the_bos_of_a_bos_adding_tokenizer_gets_one_bos(tmp_path: Path, capsys) -> None:
+    """Llama 3's tokenizer adds the bos and Llama-3.2-Vision's template prints it: HF's chat path
+    (apply_chat_template(tokenize=True)) adds no second one, and neither does the user's path here."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    src = checkpoint("mllama", "transformers5", tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(src)
+    assert AutoTokenizer.from_pretrained(src)("a")["input_ids"][0] == tokenizer.bos_token_id
+    assert main(["convert", "--from", "mllama", str(src), str(tmp_path / "kopru"), "--verify", "--json"]) == 0
+    user = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["user_path"]
+    assert user["passed"] and all(check["input_ids_equal"] for check in user["checks"])

@@ -4,7 +4,8 @@ Random pixel tensors and token ids cannot see a wrong resize, a wrong crop or a 
 check here draws a non-square picture, asks "What is shown?" as a chat message, and runs it
 
 * through HF: `AutoProcessor.from_pretrained(src)`, its chat template (the processor's, else the tokenizer's),
-  the processor's text + image call, and the HF model (`generate`, greedy);
+  the processor's text + image call with special tokens as `apply_chat_template(tokenize=True)` decides them
+  (`hf_adds_special_tokens`), and the HF model (`generate`, greedy);
 * through Köprü: the converted model reloaded from `dst`, `format_chat` (kopru.messages) and Köprü's processor,
   and `GenerationEngine` (what `kopru chat` and `kopru serve` run).
 
@@ -88,6 +89,13 @@ def hf_prompt(processor, src: str) -> tuple[str, str]:
         "chat_template), found none: HF has no chat prompt to compare `kopru chat` with. Add the template the "
         "model was trained with (BLIP-2, for one, ships none: e.g. 'Question: {question} Answer:')"
     )
+
+
+def hf_adds_special_tokens(prompt: str, tokenizer) -> bool:
+    """Whether HF's processor tokenises a rendered chat prompt with the tokenizer's special tokens: transformers'
+    `apply_chat_template(tokenize=True)` does so exactly when the prompt does not start with the bos (a template
+    that prints the bos gets no second one from a tokenizer that adds it)."""
+    return not (tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token))
 
 
 def compare_pixels(hf: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> tuple[float, str, str | None]:
@@ -214,7 +222,9 @@ def verify_user_path(reference, src: str, dst: str | Path, image: Image.Image | 
     processor = AutoProcessor.from_pretrained(src)
     prompt, template = hf_prompt(processor, src)
     try:
-        hf_inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        hf_inputs = processor(images=[image], text=prompt, return_tensors="pt",
+                              add_special_tokens=hf_adds_special_tokens(prompt, getattr(processor, "tokenizer",
+                                                                                        processor)))
     except ValueError as error:  # e.g. a template that prints no image token for the image part
         raise ValueError(f"HF's processor (AutoProcessor from {src}) refuses the prompt {template} rendered for "
                          f"one image part, {prompt!r}: {error}") from None

@@ -4,14 +4,15 @@ HF processors hand the template list content (`[{"type": "image"}, {"type": "tex
 rendered text with the tokenizer's special tokens and expand each image token themselves. Köprü renders a
 conversation through `kopru.messages` (the model's template in the content form it expects, or the fallback),
 puts the bos in front when the tokenizer would add one, tokenises without special tokens and expands each image
-to `[image_start] + image positions + [image_end]`. The exported template bridges the two:
+to `[image_start] + image positions + [image_end]`. The bos needs nothing: HF's `apply_chat_template` tokenises
+with special tokens exactly when the rendered prompt does not start with the bos (`hf_adds_special_tokens`), which
+gives the one bos Köprü's rendering holds. The exported template bridges the rest:
 
 * a template that prints its own image token for an image part ("list" form, LLaVA's) is kept as it is;
 * a template over string content ("string" form: base LLMs, Köprü's fallback) gets a prelude that turns list
   content into the string Köprü makes of it (`kopru.messages.as_string_content`: image parts as the image token,
   parts joined by a newline where neither side has whitespace);
 * image markers, which HF's processors do not write, are printed by the template around the image token;
-* a bos the tokenizer adds itself is not printed (HF's processor adds it once);
 * for BLIP-2, whose processor puts the query tokens in front of the whole prompt, image parts print nothing.
 """
 
@@ -66,16 +67,10 @@ def _list_content_without_images() -> str:
     )
 
 
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether tokenising with special tokens puts the bos in front (HF's processors tokenise that way)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] and \
-        tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
-
-
 def check_special_tokens(tokenizer) -> None:
-    """HF's processors tokenise with special tokens, Köprü without (its rendering holds the bos): the two agree
-    when the tokenizer adds at most a bos in front. One that adds more (an eos at the end) is refused."""
+    """HF tokenises a rendered prompt with the tokenizer's special tokens unless it starts with the bos
+    (`hf_adds_special_tokens`), Köprü without them (its rendering holds the bos where the tokenizer would add one):
+    the two agree when the tokenizer adds at most a bos in front. One that adds more (an eos) is refused."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     special = tokenizer("a", add_special_tokens=True)["input_ids"]
     expected = [[*plain], [tokenizer.bos_token_id, *plain]]
@@ -107,13 +102,8 @@ def exported_chat_template(processor, images_in_text: bool = True) -> str:
         prelude = _list_content_without_images()
     elif marked != config.image_token:
         replace = (config.image_token, marked)  # the template prints the image token: mark it where it stands
-    strip_bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer_adds_bos(tokenizer) else None
-    if replace is None and strip_bos is None:
+    if replace is None:
         return prelude + body
-    # The whole rendering captured, then marked and / or stripped of its bos.
-    steps, out = "", "rendered"
-    if replace is not None:
-        steps = f"{{%- set rendered = rendered | replace({_literal(replace[0])}, {_literal(replace[1])}) -%}}"
-    if strip_bos is not None:
-        out = f"(rendered[{len(strip_bos)}:] if rendered.startswith({_literal(strip_bos)}) else rendered)"
-    return f"{prelude}{{%- set rendered %}}{body}{{% endset -%}}{steps}{{{{- {out} -}}}}"
+    # The whole rendering captured, then the image token marked where it stands.
+    marking = f"{{%- set rendered = rendered | replace({_literal(replace[0])}, {_literal(replace[1])}) -%}}"
+    return f"{prelude}{{%- set rendered %}}{body}{{% endset -%}}{marking}{{{{- rendered -}}}}"

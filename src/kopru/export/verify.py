@@ -55,7 +55,12 @@ result = {"model_class": type(model).__name__, "processor_class": type(processor
           "template": "the processor's" if processor.chat_template else "the tokenizer's", "tokens": [],
           "eos_token_id": model.generation_config.eos_token_id}
 for index, path in enumerate(images):
-    inputs = processor(images=[Image.open(path).convert("RGB")], text=prompt, return_tensors="pt")
+    # Special tokens as apply_chat_template(tokenize=True) adds them: none to a prompt that starts with the bos
+    # (kopru.convert.verify.hf_adds_special_tokens, restated: this process cannot import Köprü).
+    bos = processor.tokenizer.bos_token
+    special = not (bos is not None and prompt.startswith(bos))
+    inputs = processor(images=[Image.open(path).convert("RGB")], text=prompt, return_tensors="pt",
+                       add_special_tokens=special)
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1].float()
         generated = model.generate(**inputs, max_new_tokens=int(new_tokens), do_sample=False)
