@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a Köprü model as an HF LLaVA / LLaVA-NeXT / BLIP-2 / Llama-3.2-Vision checkpoint",
         description="The inverse of convert: a complete Hugging Face checkpoint (config, safetensors weights, "
                     "tokenizer, processor, image processor, chat template) that transformers loads alone "
-                    "(AutoProcessor + AutoModelForImageTextToText) and vLLM serves. projection at fixed resolution "
+                    "(AutoProcessor + AutoModelForImageTextToText), in the format vLLM and SGLang read (not run "
+                    "here). projection at fixed resolution "
                     "-> llava; projection with anyres -> llava_next; qformer on a BLIP-2 vision tower -> blip2; "
                     "cross_attention on an Mllama vision tower with a Llama -> mllama. What the target cannot "
                     "express is refused (exit 2) before anything is written.",
