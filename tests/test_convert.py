@@ -95,6 +95,8 @@ def build_llava(path: Path, tokenizer=None, **overrides) -> tuple[LlavaForCondit
         ),
         image_token_id=image_id,
         vision_feature_layer=overrides.pop("vision_feature_layer", -2),
+        # Positions per image (HF's default 576 is CLIP-L/336's); "full" keeps the CLS token.
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2 + int(overrides.get("vision_feature_select_strategy") == "full"),
         **overrides,
     )
     model = LlavaForConditionalGeneration(config)

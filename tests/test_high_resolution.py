@@ -376,6 +376,7 @@ def build_llava_next(path: Path) -> Path:
                                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
                                 pad_token_id=2),
         image_token_id=image_id, image_grid_pinpoints=TINY_PINPOINTS, vision_feature_layer=-2,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,  # one view's positions (HF's default is CLIP-L/336's 576)
     )
     model = LlavaNextForConditionalGeneration(config)
     randomise(model)

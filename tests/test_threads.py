@@ -70,7 +70,8 @@ def test_every_computing_command_takes_the_flag(capsys: pytest.CaptureFixture) -
     parser = build_parser()
     commands = {
         "demo": [], "train": [], "compare": [], "pretrain-tiny": ["--out", "x"], "explain": ["--list"],
-        "convert": ["--from", "llava", "src", "dst"], "chat": ["--model", "m"], "serve": ["--model", "m"],
+        "convert": ["--from", "llava", "src", "dst"], "export": ["--to", "llava", "src", "dst"],
+        "chat": ["--model", "m"], "serve": ["--model", "m"],
     }
     for command, args in commands.items():
         assert parser.parse_args([command, *args, "--threads", "2"]).threads == 2, command

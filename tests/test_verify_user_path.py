@@ -17,7 +17,7 @@ from vlm_checkpoints import KINDS, LAYOUTS, checkpoint, hf_greedy_answer
 
 from kopru.chat import ChatSession, load_engine
 from kopru.cli import main
-from kopru.convert.verify import QUESTION, verification_picture
+from kopru.convert.verify import QUESTION, answer_tokens, verification_picture
 from kopru.generation import SamplingParams
 
 # Llama-3.2-Vision's template puts <|image|> after the bos and the user header: those rows see no image, and a
@@ -162,3 +162,29 @@ def test_a_template_that_renders_no_image_is_named_by_convert_verify(converted, 
     assert code != 0
     assert f"HF's processor (AutoProcessor from {blind}) refuses the prompt the processor's chat template" in err
     assert "Found total 0 <image> tokens and 1 images" in err
+
+
+def test_answers_are_compared_up_to_the_stop_token() -> None:
+    """HF's generate keeps the token it stopped on, Köprü's engine does not count it in the answer: the answer is
+    what comes before the first stop id (a stop id of either form, int or list)."""
+    assert answer_tokens([5, 9, 1, 7], 1) == [5, 9]
+    assert answer_tokens([5, 9, 2], [1, 2]) == [5, 9]
+    assert answer_tokens([5, 9], [1, 2]) == [5, 9]  # ran to max_new_tokens
+    assert answer_tokens([1], None) == [1]
+
+
+def test_a_template_printing_the_bos_of_a_bos_adding_tokenizer_gets_one_bos(tmp_path: Path, capsys) -> None:
+    """Llama 3's tokenizer adds the bos and Llama-3.2-Vision's template prints it: HF's chat path
+    (apply_chat_template(tokenize=True)) adds no second one, and neither does the user's path here."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    src = checkpoint("mllama", "transformers5", tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(src)
+    assert AutoTokenizer.from_pretrained(src)("a")["input_ids"][0] == tokenizer.bos_token_id
+    assert main(["convert", "--from", "mllama", str(src), str(tmp_path / "kopru"), "--verify", "--json"]) == 0
+    user = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["user_path"]
+    assert user["passed"] and all(check["input_ids_equal"] for check in user["checks"])

@@ -185,10 +185,13 @@ def checkpoint(kind: str, layout: str, path: Path) -> Path:
 def hf_greedy_answer(src: Path, image, question: str, max_new_tokens: int = 8,
                      eos_ids: list[int] | None = None) -> tuple[str, list[int]]:
     """HF's own answer, the reference for the user's path: AutoProcessor, its chat template (the processor's, else
-    the tokenizer's; BLIP-2, which has none, the prompt its model cards write), greedy `generate` stopping on
-    `eos_ids` (default: the checkpoint's own); (text, new ids), the text decoded without special tokens."""
+    the tokenizer's; BLIP-2, which has none, the prompt its model cards write), special tokens as
+    apply_chat_template(tokenize=True) adds them, greedy `generate` stopping on `eos_ids` (default: the
+    checkpoint's own); (text, new ids), the text decoded without special tokens."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from kopru.convert.verify import hf_adds_special_tokens
 
     processor = AutoProcessor.from_pretrained(src)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -198,7 +201,8 @@ def hf_greedy_answer(src: Path, image, question: str, max_new_tokens: int = 8,
         prompt = f"Question: {question} Answer:"  # Salesforce/blip2-opt-2.7b's model card
     else:
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=template)
-    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    inputs = processor(images=[image], text=prompt, return_tensors="pt",
+                       add_special_tokens=hf_adds_special_tokens(prompt, processor.tokenizer))
     model = AutoModelForImageTextToText.from_pretrained(src).eval()
     stop = {} if eos_ids is None else {"eos_token_id": eos_ids, "pad_token_id": eos_ids[0]}
     with torch.no_grad():

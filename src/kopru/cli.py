@@ -1,4 +1,4 @@
-"""`kopru` command line: demo, convert, train, compare, pretrain-tiny, budget, chat, serve, explain."""
+"""`kopru` command line: demo, convert, export, train, compare, pretrain-tiny, budget, chat, serve, explain."""
 
 from __future__ import annotations
 
@@ -41,7 +41,28 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_user_path(user_path: dict | None) -> None:
+def _export(args: argparse.Namespace) -> int:
+    from kopru.export import export
+
+    report = export(args.target, args.src, args.dst, verify=args.verify, overwrite=args.overwrite,
+                    new_tokens=args.new_tokens)
+    verify = report.get("verify")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"exported {report['strategy']} model {args.src} -> {args.dst} as {report['hf_class']} "
+              f"({report['parameters']:,} parameters; {', '.join(report['files'])})")
+        if verify is not None:
+            print(f"verify: {verify['hf']['model_class']} + {verify['hf']['processor_class']} loaded by transformers "
+                  f"alone (a separate process without Köprü); image placement: {verify['layout']}")
+            _print_user_path({"checks": verify["checks"]}, sides="HF on DST, Köprü on SRC")
+    if verify is not None and not verify["passed"]:
+        print(f"verify failed: {verify['failure']} (the checkpoint is written at {args.dst})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_user_path(user_path: dict | None, sides: str = "user's path") -> None:
     if user_path is None:
         return
     if user_path.get("skipped"):
@@ -49,11 +70,15 @@ def _print_user_path(user_path: dict | None) -> None:
         return
     for check in user_path["checks"]:
         width, height = check["image_size"]
-        print(f"user's path, {width}x{height} picture, '{check['template']}': input ids "
+        print(f"{sides}, {width}x{height} picture, '{check['template']}': input ids "
               f"{'equal' if check['input_ids_equal'] else 'DIFFER'}; max |pixel diff| {check['max_pixel_diff']:.3e} "
               f"over {check['pixels_compared']}; max |logit diff| {check['max_logit_diff']:.3e} "
-              f"({check['logits_compared']}); {check['new_tokens']} greedy tokens "
-              f"{'identical' if check['tokens_equal'] else 'DIFFER'}")
+              f"({check['logits_compared']}); greedy answer ({_tokens(len(check['hf_tokens']))} before the stop, "
+              f"at most {check['new_tokens']}) {'identical' if check['tokens_equal'] else 'DIFFERS'}")
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token" + ("" if count == 1 else "s")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -263,20 +288,24 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number of threads, found {text!r}")
-    return value
+def _positive(what: str):
+    """An argparse type: a positive whole number of `what`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive whole number of {what}, found {text!r}")
+        return value
+
+    return parse
 
 
 def _threads_flag() -> argparse.ArgumentParser:
     """The --threads flag of every command that runs a model (a parent parser; `main` applies it)."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--threads", type=_positive_threads, default=None,
+    parent.add_argument("--threads", type=_positive("threads"), default=None,
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else the idle CPUs: the CPUs less "
                              "the load average, at least 1; on a busy machine more threads only slow a model down)")
     return parent
@@ -308,6 +337,30 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--json", action="store_true", help="print one JSON object")
     convert.add_argument("--seed", type=int, default=0, help="seed of the verification inputs")
     convert.set_defaults(run=_convert)
+
+    export = commands.add_parser(
+        "export", help="write a Köprü model as an HF LLaVA / LLaVA-NeXT / BLIP-2 / Llama-3.2-Vision checkpoint",
+        description="The inverse of convert: a complete Hugging Face checkpoint (config, safetensors weights, "
+                    "tokenizer, processor, image processor, chat template) that transformers loads alone "
+                    "(AutoProcessor + AutoModelForImageTextToText), in the format vLLM and SGLang read (not run "
+                    "here). projection at fixed resolution "
+                    "-> llava; projection with anyres -> llava_next; qformer on a BLIP-2 vision tower -> blip2; "
+                    "cross_attention on an Mllama vision tower with a Llama -> mllama. What the target cannot "
+                    "express is refused (exit 2) before anything is written.",
+        parents=computes,
+    )
+    export.add_argument("--to", dest="target", required=True, choices=["llava", "llava_next", "blip2", "mllama"])
+    export.add_argument("src", help="a saved Köprü model directory (save_pretrained, kopru train's final/)")
+    export.add_argument("dst", help="output directory for the HF checkpoint (new or empty)")
+    export.add_argument("--verify", action="store_true",
+                        help="load DST with transformers alone in a separate process and run drawn pictures and a chat "
+                             "question through HF's processor, chat template and generate, and the same through Köprü "
+                             "on SRC (input ids, pixels, logits, greedy tokens); exit 1 on a difference")
+    export.add_argument("--new-tokens", type=_positive("tokens"), default=8,
+                        help="greedy tokens --verify generates on each side (default 8)")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
+    export.add_argument("--overwrite", action="store_true", help="replace DST when it exists and is not empty")
+    export.set_defaults(run=_export)
 
     train = commands.add_parser(
         "train", help="train with a recipe (align / instruct / single-stage); config file + flags",

@@ -309,6 +309,11 @@ class ChatTemplate:
             self._form = chosen
         return self._form
 
+    @property
+    def text_form(self) -> Form:
+        """The form a conversation without images is rendered in (see `_text_form`)."""
+        return self._text_form()
+
     def _text_form(self) -> Form:
         """The form for a text-only conversation: the image probe's when the template renders images, else the
         one that prints the text (a list-content template prints nothing of a string, a string template prints
@@ -360,6 +365,23 @@ def render_fallback(messages: list[dict[str, str]], bos: str, eos: str) -> tuple
         else:
             text += " " + message["content"] + "\n"
     return text, spans
+
+
+def fallback_chat_template(bos: str, eos: str) -> str:
+    """`render_fallback` and the generation prompt (`FALLBACK_HEADS["assistant"]`) as a Jinja chat template over
+    string content, with the tokenizer's `bos` and `eos` written in: what a checkpoint exported from a model
+    without a template of its own carries (tests/test_export.py renders both and compares)."""
+    heads = json.dumps(FALLBACK_HEADS)
+    return (
+        f"{{%- set heads = {heads} -%}}{{{{- {json.dumps(bos)} -}}}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in heads -%}{{- raise_exception('unknown role: ' + message['role']) -}}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        f"{{{{- heads['assistant'] + ' ' + message['content'] + {json.dumps(eos)} + '\\n' -}}}}"
+        "{%- else -%}{{- heads[message['role']] + ' ' + message['content'] + '\\n' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- heads['assistant'] -}}{%- endif -%}"
+    )
 
 
 def render_prompt(processor, messages: list[Message], template: str = "chat") -> str:

@@ -321,6 +321,25 @@ def load_bert_weights(qformer: QFormer, name_or_path: str) -> list[str]:
     return [name for name in params if name not in mapping]
 
 
+# Blip2QFormerModel's names against QFormer's, per layer (encoder.layer.{i}.{block}.{module} <->
+# layers.{i}.{block}.{module}); read both ways by `qformer_state_dict_from_hf` and `qformer_state_dict_to_hf`.
+HF_ATTENTION_BLOCKS = (("attention", "self_attention"), ("crossattention", "cross_attention"))
+HF_ATTENTION_MODULES = (("attention.query", "query"), ("attention.key", "key"), ("attention.value", "value"),
+                        ("output.dense", "dense"), ("output.LayerNorm", "norm"))
+HF_QUERY_FFN = (("intermediate_query.dense", "query_ffn.intermediate"), ("output_query.dense", "query_ffn.output"),
+                ("output_query.LayerNorm", "query_ffn.norm"))
+HF_QUERY_NORM = ("layernorm", "query_norm")
+# Text-side modules BLIP-2's stage 1 runs text through; the connector runs queries only (module docstring).
+HF_TEXT_SIDE = ("intermediate.dense", "output.dense", "output.LayerNorm")
+
+
+def _hf_module_names() -> list[tuple[str, str]]:
+    """(HF, ours) module names inside one layer."""
+    attention = [(f"{hf_block}.{hf}", f"{block}.{ours}") for hf_block, block in HF_ATTENTION_BLOCKS
+                 for hf, ours in HF_ATTENTION_MODULES]
+    return attention + list(HF_QUERY_FFN)
+
+
 def qformer_state_dict_from_hf(
     hf_state_dict: dict[str, torch.Tensor], query_tokens: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -330,25 +349,12 @@ def qformer_state_dict_from_hf(
     them as `query_tokens` to get a complete state dict. The text-side modules (`embeddings.*`, the layers'
     `intermediate.*` / `output.*` FFN) are dropped: our Q-Former runs queries only, through the query FFN.
     """
-    attention = {
-        "attention.query": "query",
-        "attention.key": "key",
-        "attention.value": "value",
-        "output.dense": "dense",
-        "output.LayerNorm": "norm",
-    }
-    blocks = {"attention": "self_attention", "crossattention": "cross_attention"}
-    ffn = {
-        "intermediate_query.dense": "intermediate",
-        "output_query.dense": "output",
-        "output_query.LayerNorm": "norm",
-    }
-
+    modules = dict(_hf_module_names())
     out: dict[str, torch.Tensor] = {}
     for key, tensor in hf_state_dict.items():
         name = key.removeprefix("qformer.")
-        if name.startswith("layernorm."):
-            out["query_norm." + name.removeprefix("layernorm.")] = tensor
+        if name.startswith(HF_QUERY_NORM[0] + "."):
+            out[HF_QUERY_NORM[1] + name.removeprefix(HF_QUERY_NORM[0])] = tensor
             continue
         if name.startswith("embeddings."):
             continue
@@ -357,16 +363,35 @@ def qformer_state_dict_from_hf(
         if len(parts) < 5 or parts[:2] != ["encoder", "layer"] or not parts[2].isdigit():
             raise KeyError(f"unexpected key in a Blip2QFormerModel state dict: {key!r}")
         layer, module, param = parts[2], ".".join(parts[3:-1]), parts[-1]
-        prefix = f"layers.{layer}."
-        block, _, rest = module.partition(".")
-        if block in blocks and rest in attention:
-            out[f"{prefix}{blocks[block]}.{attention[rest]}.{param}"] = tensor
-        elif module in ffn:
-            out[f"{prefix}query_ffn.{ffn[module]}.{param}"] = tensor
-        elif module in ("intermediate.dense", "output.dense", "output.LayerNorm"):
+        if module in modules:
+            out[f"layers.{layer}.{modules[module]}.{param}"] = tensor
+        elif module in HF_TEXT_SIDE:
             continue  # the text-side FFN
         else:
             raise KeyError(f"unexpected key in a Blip2QFormerModel state dict: {key!r}")
     if query_tokens is not None:
         out["query_tokens"] = query_tokens.reshape(1, *query_tokens.shape[-2:])
     return out
+
+
+def qformer_state_dict_to_hf(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The inverse of `qformer_state_dict_from_hf`: `QFormer`'s state dict -> (a `Blip2QFormerModel` state dict,
+    the query tokens [1, queries, hidden] that HF keeps outside the Q-Former)."""
+    modules = {ours: hf for hf, ours in _hf_module_names()}
+    out: dict[str, torch.Tensor] = {}
+    query_tokens = None
+    for key, tensor in state_dict.items():
+        if key == "query_tokens":
+            query_tokens = tensor
+            continue
+        if key.startswith(HF_QUERY_NORM[1] + "."):
+            out[HF_QUERY_NORM[0] + key.removeprefix(HF_QUERY_NORM[1])] = tensor
+            continue
+        parts = key.split(".")
+        module = ".".join(parts[2:-1])
+        if len(parts) < 4 or parts[0] != "layers" or not parts[1].isdigit() or module not in modules:
+            raise KeyError(f"unexpected key in a QFormer state dict: {key!r}")
+        out[f"encoder.layer.{parts[1]}.{modules[module]}.{parts[-1]}"] = tensor
+    if query_tokens is None:
+        raise KeyError("expected 'query_tokens' in a QFormer state dict, found none")
+    return out, query_tokens

@@ -3,7 +3,9 @@
 Each converter module provides `REFERENCE_CLASS` (the HF class it reads), `to_kopru(reference, src)` (a
 Köprü model + processor with the same weights) and `random_inputs(reference, model)` (inputs on which both
 are run to verify the conversion); a family whose checkpoints ship no chat template also gives `PROMPT_FORMAT`,
-the prompt HF users write for it (`--verify` prompts HF with it). `convert()` ties them together.
+the prompt HF users write for it (`--verify` prompts HF with it). Their mappings of weight names are (HF name,
+Köprü name) tables (`kopru.convert.common.rename`) that `kopru.export` reads the other way. `convert()` ties
+them together.
 """
 
 from __future__ import annotations

@@ -18,13 +18,42 @@ import torch
 from transformers import AutoModelForCausalLM, Blip2ForConditionalGeneration
 
 from kopru.config import KopruConfig, VisionTowerConfig
-from kopru.connectors.qformer import QFormerConfig, qformer_state_dict_from_hf
-from kopru.convert.common import image_preprocessor, load_tokenizer
+from kopru.connectors.qformer import QFormerConfig, qformer_state_dict_from_hf, qformer_state_dict_to_hf
+from kopru.convert.common import image_preprocessor, load_kopru_weights, load_tokenizer, rename
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.vision import VisionTower
 
 REFERENCE_CLASS = Blip2ForConditionalGeneration
+
+# HF BLIP-2's weights and a Köprü qformer model's (kopru.convert.common.rename; read both ways). The Q-Former
+# itself maps through kopru.connectors.qformer's tables, the queries HF keeps beside it included.
+WEIGHT_NAMES = (
+    ("vision_model.", "vision.encoder."),
+    ("language_projection.", "connector.projection."),
+    ("language_model.", "llm."),
+)
+QFORMER_PREFIXES = ("qformer.", "connector.qformer.")
+QUERY_TOKENS = "query_tokens"  # HF keeps them beside the Q-Former; Köprü inside it (connector.qformer.query_tokens)
+
+
+def kopru_weights_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Blip2ForConditionalGeneration state dict under Köprü's names (the Q-Former's text side left out)."""
+    hf_prefix, prefix = QFORMER_PREFIXES
+    qformer = {name: t for name, t in state.items() if name.startswith(hf_prefix)}
+    rest = {name: t for name, t in state.items() if name not in qformer and name != QUERY_TOKENS}
+    mapped = qformer_state_dict_from_hf(qformer, query_tokens=state[QUERY_TOKENS])
+    return {**rename(rest, WEIGHT_NAMES, to="kopru"), **{prefix + name: t for name, t in mapped.items()}}
+
+
+def hf_weights_from_kopru(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `kopru_weights_from_hf`: Köprü's names (kopru.convert.common.kopru_weights) -> HF BLIP-2's."""
+    hf_prefix, prefix = QFORMER_PREFIXES
+    qformer = {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
+    rest = {name: t for name, t in state.items() if not name.startswith(prefix)}
+    mapped, query_tokens = qformer_state_dict_to_hf(qformer)
+    return {**rename(rest, WEIGHT_NAMES, to="hf"), **{hf_prefix + name: t for name, t in mapped.items()},
+            QUERY_TOKENS: query_tokens}
 
 
 def to_kopru(reference: Blip2ForConditionalGeneration, src: str) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
@@ -62,13 +91,8 @@ def to_kopru(reference: Blip2ForConditionalGeneration, src: str) -> tuple[KopruF
     )
     vision = VisionTower(reference.vision_model, kopru_config.vision)
     llm = AutoModelForCausalLM.from_config(config.text_config)
-    llm.load_state_dict(reference.language_model.state_dict())
     model = KopruForConditionalGeneration(kopru_config, vision, llm)
-    connector = model.connector
-    connector.qformer.load_state_dict(
-        qformer_state_dict_from_hf(reference.qformer.state_dict(), query_tokens=reference.query_tokens.detach())
-    )
-    connector.projection.load_state_dict(reference.language_projection.state_dict())
+    load_kopru_weights(model, kopru_weights_from_hf(reference.state_dict()))
     tokenizer = load_tokenizer(src, kopru_config)
     if not tokenizer.chat_template:  # the checkpoint's own template, when it has one, wins (load_tokenizer)
         tokenizer.chat_template = chat_template(tokenizer, kopru_config.image_token)

@@ -3,25 +3,48 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration, PreTrainedModel
 
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.connectors.projection import ProjectionConfig
-from kopru.convert.common import copy_language_model, image_preprocessor, load_tokenizer
+from kopru.convert.common import (
+    image_preprocessor,
+    load_kopru_weights,
+    load_tokenizer,
+    output_embeddings_name,
+    rename,
+)
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.vision import VisionTower
 
 REFERENCE_CLASS = LlavaForConditionalGeneration
 
+# HF LLaVA's weights and a Köprü projection model's (kopru.convert.common.rename; read both ways). HF's projector
+# is Linear-GELU-Linear, Köprü's MLP the same nn.Sequential (the GELU at index 1 holds no weights).
+PROJECTOR_NAMES = (
+    ("model.multi_modal_projector.linear_1.", "connector.layers.0."),
+    ("model.multi_modal_projector.linear_2.", "connector.layers.2."),
+)
+
+
+def weight_names(llm: PreTrainedModel) -> list[tuple[str, str]]:
+    """(HF name, Köprü name) prefixes of a LLaVA with this causal LM: HF keeps the LM's base model (an AutoModel)
+    as `model.language_model` and its head as `lm_head`; the causal LM holds them under its own attribute names."""
+    return [
+        ("model.vision_tower.", "vision.encoder."),
+        *PROJECTOR_NAMES,
+        ("model.language_model.", f"llm.{llm.base_model_prefix}."),
+        ("lm_head.", f"llm.{output_embeddings_name(llm)}."),
+    ]
+
 
 def to_kopru(reference: LlavaForConditionalGeneration, src: str) -> tuple[KopruForConditionalGeneration, KopruProcessor]:
     kopru_config = llava_kopru_config(reference.config, src)
     vision = VisionTower(reference.model.vision_tower, kopru_config.vision)
     llm = AutoModelForCausalLM.from_config(reference.config.text_config)
-    copy_language_model(llm, reference.model.language_model, reference.lm_head)
     model = KopruForConditionalGeneration(kopru_config, vision, llm)
-    copy_projector(model, reference.model.multi_modal_projector)
+    load_kopru_weights(model, rename(reference.state_dict(), weight_names(llm), to="kopru"))
     tokenizer = load_tokenizer(src, kopru_config)
     processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count)
     return model, processor
@@ -52,13 +75,6 @@ def llava_kopru_config(config, src: str, **extra) -> KopruConfig:
         image_token_id=config.image_token_id,
         **extra,
     )
-
-
-def copy_projector(model: KopruForConditionalGeneration, projector) -> None:
-    """HF's `multi_modal_projector.linear_1/linear_2` into Köprü's MLP projector."""
-    with torch.no_grad():
-        model.connector.layers[0].load_state_dict(projector.linear_1.state_dict())
-        model.connector.layers[2].load_state_dict(projector.linear_2.state_dict())
 
 
 def random_inputs(reference: LlavaForConditionalGeneration, model: KopruForConditionalGeneration):

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlavaNextForConditionalGeneration
+from transformers import AutoModelForCausalLM, LlavaNextForConditionalGeneration, PreTrainedModel
 
 from kopru.config import ResolutionConfig
-from kopru.convert.common import copy_language_model, image_preprocessor, load_tokenizer
-from kopru.convert.llava import copy_projector, llava_kopru_config
+from kopru.convert.common import image_preprocessor, load_kopru_weights, load_tokenizer, rename
+from kopru.convert.llava import llava_kopru_config
+from kopru.convert.llava import weight_names as llava_weight_names
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.tokens import image_positions
 from kopru.vision import VisionTower
 
 REFERENCE_CLASS = LlavaNextForConditionalGeneration
+
+
+def weight_names(llm: PreTrainedModel) -> list[tuple[str, str]]:
+    """LLaVA's names (kopru.convert.llava.weight_names) and the learned row separator."""
+    return [*llava_weight_names(llm), ("model.image_newline", "connector.image_newline")]
 
 
 def to_kopru(reference: LlavaNextForConditionalGeneration, src: str
@@ -23,11 +29,8 @@ def to_kopru(reference: LlavaNextForConditionalGeneration, src: str
     kopru_config = llava_kopru_config(config, src, resolution=ResolutionConfig(mode="anyres", grid_pinpoints=pinpoints))
     vision = VisionTower(reference.model.vision_tower, kopru_config.vision)
     llm = AutoModelForCausalLM.from_config(config.text_config)
-    copy_language_model(llm, reference.model.language_model, reference.lm_head)
     model = KopruForConditionalGeneration(kopru_config, vision, llm)
-    copy_projector(model, reference.model.multi_modal_projector)
-    with torch.no_grad():
-        model.connector.image_newline.copy_(reference.model.image_newline)
+    load_kopru_weights(model, rename(reference.state_dict(), weight_names(llm), to="kopru"))
     tokenizer = load_tokenizer(src, kopru_config)
     processor = KopruProcessor(tokenizer, image_preprocessor(src, vision), kopru_config, model.image_count,
                                encoder_config=vision.encoder.config)

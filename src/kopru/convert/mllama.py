@@ -42,6 +42,8 @@ consecutive images only (non-consecutive ones see just the most recent image). I
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MllamaForConditionalGeneration, MllamaVisionModel
@@ -49,7 +51,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CrossAttentionConfig, CrossAttentionConnector
-from kopru.convert.common import image_preprocessor, load_tokenizer
+from kopru.convert.common import image_preprocessor, load_tokenizer, rename
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.tiling import aspect_ratio_inputs, supported_aspect_ratios, tile_layout
@@ -157,70 +159,106 @@ def block_positions(cross_attention_layers: list[int], num_layers: int) -> list[
     return positions
 
 
+# MllamaTextConfig fields against the LlamaConfig of its self-attention layers (read both ways); the
+# vocabulary (+ EXTRA_EMBEDDINGS) and the layer count (- the cross-attention layers) differ, the rest is fixed:
+# head_dim = hidden_size / heads, no biases, untied embeddings (Mllama's embeddings have 8 rows more than its head).
+TEXT_CONFIG_NAMES = (
+    ("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
+    ("num_attention_heads", "num_attention_heads"), ("num_key_value_heads", "num_key_value_heads"),
+    ("hidden_act", "hidden_act"), ("max_position_embeddings", "max_position_embeddings"),
+    ("rms_norm_eps", "rms_norm_eps"), ("rope_parameters", "rope_parameters"), ("dropout", "attention_dropout"),
+    ("initializer_range", "initializer_range"), ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+    ("pad_token_id", "pad_token_id"),
+)
+LLAMA_FIXED = {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
+
+
 def language_config(text) -> LlamaConfig:
     """A Llama config for the self-attention layers of a `MllamaTextConfig`."""
+    values = {ours: copy.deepcopy(getattr(text, theirs)) for theirs, ours in TEXT_CONFIG_NAMES}
     return LlamaConfig(
+        **values, **LLAMA_FIXED,
         vocab_size=text.vocab_size + EXTRA_EMBEDDINGS,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
         num_hidden_layers=text.num_hidden_layers - len(text.cross_attention_layers),
-        num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=text.num_key_value_heads,
         head_dim=text.hidden_size // text.num_attention_heads,
-        hidden_act=text.hidden_act,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
-        rope_parameters=dict(text.rope_parameters),
-        attention_dropout=text.dropout,
-        initializer_range=text.initializer_range,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=text.bos_token_id,
-        eos_token_id=text.eos_token_id,
-        pad_token_id=text.pad_token_id,
     )
 
 
-def language_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM weights: embeddings, self-attention layers renumbered, norm, zero-padded lm_head."""
-    text = reference.model.language_model
-    cross = set(reference.config.text_config.cross_attention_layers)
-    state = {"model.embed_tokens.weight": text.embed_tokens.weight, "model.norm.weight": text.norm.weight}
-    self_layers = [layer for index, layer in enumerate(text.layers) if index not in cross]
-    for index, layer in enumerate(self_layers):
-        state.update({f"model.layers.{index}.{name}": t for name, t in layer.state_dict().items()})
-    head = reference.lm_head.weight.detach()
+def text_config(llama: LlamaConfig, cross_attention_layers: list[int], vocab_size: int) -> dict:
+    """The inverse of `language_config`: MllamaTextConfig values for a Llama with gated blocks that become the
+    cross-attention layers `cross_attention_layers`; `vocab_size` is the head's rows (`unpad_lm_head`)."""
+    values = {theirs: copy.deepcopy(getattr(llama, ours)) for theirs, ours in TEXT_CONFIG_NAMES}
+    return {**values, "vocab_size": vocab_size, "cross_attention_layers": sorted(cross_attention_layers),
+            "num_hidden_layers": llama.num_hidden_layers + len(cross_attention_layers), "tie_word_embeddings": False}
+
+
+# One Mllama cross-attention decoder layer's weights against one Köprü gated block's (read both ways).
+BLOCK_NAMES = (
+    ("input_layernorm.weight", "input_norm.weight"),
+    ("cross_attn.q_proj.weight", "q_proj.weight"),
+    ("cross_attn.k_proj.weight", "k_proj.weight"),
+    ("cross_attn.v_proj.weight", "v_proj.weight"),
+    ("cross_attn.o_proj.weight", "o_proj.weight"),
+    ("cross_attn.q_norm.weight", "q_norm.weight"),
+    ("cross_attn.k_norm.weight", "k_norm.weight"),
+    ("cross_attn_attn_gate", "attn_gate"),
+    ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+    ("mlp.gate_proj.weight", "mlp.gate_proj.weight"),
+    ("mlp.up_proj.weight", "mlp.up_proj.weight"),
+    ("mlp.down_proj.weight", "mlp.down_proj.weight"),
+    ("cross_attn_mlp_gate", "mlp_gate"),
+)
+TEXT = "model.language_model."
+
+
+def weight_names(cross_attention_layers: list[int], num_layers: int) -> list[tuple[str, str]]:
+    """(HF name, Köprü name) prefixes of an Mllama whose text decoder has `num_layers` layers, those in
+    `cross_attention_layers` cross-attention layers (kopru.convert.common.rename; read both ways): the
+    self-attention layers renumbered into the Llama, each cross-attention layer a gated block. `lm_head` also
+    differs in rows (`pad_lm_head`)."""
+    block_positions(cross_attention_layers, num_layers)  # refuses what Köprü's blocks cannot express
+    cross = sorted(cross_attention_layers)
+    names = [("model.vision_model.", "vision.encoder."), ("model.multi_modal_projector.", "connector.projection."),
+             (f"{TEXT}embed_tokens.", "llm.model.embed_tokens."), (f"{TEXT}norm.", "llm.model.norm."),
+             ("lm_head.", "llm.lm_head.")]
+    self_layers = 0
+    for index in range(num_layers):
+        if index in cross:
+            block = cross.index(index)
+            names += [(f"{TEXT}layers.{index}.{hf}", f"connector.blocks.{block}.{ours}") for hf, ours in BLOCK_NAMES]
+        else:
+            names.append((f"{TEXT}layers.{index}.", f"llm.model.layers.{self_layers}."))
+            self_layers += 1
+    return names
+
+
+def pad_lm_head(head: torch.Tensor) -> torch.Tensor:
+    """Mllama's lm_head [vocab_size, dim] -> the Llama's [vocab_size + 8, dim], the extra rows zero."""
     padded = head.new_zeros(head.shape[0] + EXTRA_EMBEDDINGS, head.shape[1])
     padded[: head.shape[0]] = head
-    state["lm_head.weight"] = padded
+    return padded
+
+
+def unpad_lm_head(head: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `pad_lm_head`, for a Köprü Llama -> (Mllama's lm_head, its embeddings, 8 rows more). A
+    converted model's head ends in the 8 zero rows `pad_lm_head` added: they go. Any other Llama (a Köprü model
+    built on its own) keeps every row of its head, and its embeddings get 8 zero rows that no token uses."""
+    if head.shape[0] > EXTRA_EMBEDDINGS and not head[-EXTRA_EMBEDDINGS:].any():
+        return head[:-EXTRA_EMBEDDINGS], embeddings
+    return head, torch.cat([embeddings, embeddings.new_zeros(EXTRA_EMBEDDINGS, embeddings.shape[1])])
+
+
+def kopru_weights_from_hf(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """The reference's weights under Köprü's names (`weight_names`), the head padded (`pad_lm_head`)."""
+    text = reference.config.text_config
+    state = rename(reference.state_dict(), weight_names(text.cross_attention_layers, text.num_hidden_layers),
+                   to="kopru")
+    state["llm.lm_head.weight"] = pad_lm_head(state["llm.lm_head.weight"])
     return state
 
 
-def connector_state_dict(reference: MllamaForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """CrossAttentionConnector weights: multi-modal projector, one gated block per cross-attention layer."""
-    text = reference.model.language_model
-    projector = reference.model.multi_modal_projector
-    state = {"projection.weight": projector.weight, "projection.bias": projector.bias}
-    for block, index in enumerate(sorted(reference.config.text_config.cross_attention_layers)):
-        layer = text.layers[index]
-        names = {
-            "input_norm.weight": layer.input_layernorm.weight,
-            "q_proj.weight": layer.cross_attn.q_proj.weight,
-            "k_proj.weight": layer.cross_attn.k_proj.weight,
-            "v_proj.weight": layer.cross_attn.v_proj.weight,
-            "o_proj.weight": layer.cross_attn.o_proj.weight,
-            "q_norm.weight": layer.cross_attn.q_norm.weight,
-            "k_norm.weight": layer.cross_attn.k_norm.weight,
-            "attn_gate": layer.cross_attn_attn_gate,
-            "post_attention_norm.weight": layer.post_attention_layernorm.weight,
-            "mlp.gate_proj.weight": layer.mlp.gate_proj.weight,
-            "mlp.up_proj.weight": layer.mlp.up_proj.weight,
-            "mlp.down_proj.weight": layer.mlp.down_proj.weight,
-            "mlp_gate": layer.cross_attn_mlp_gate,
-        }
-        state.update({f"blocks.{block}.{name}": t for name, t in names.items()})
-    return state
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix):]: t for name, t in state.items() if name.startswith(prefix)}
 
 
 def _build(make, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -245,18 +283,20 @@ def _rebuild(owner: nn.Module, device: torch.device) -> nn.Module:
         return type(owner)(owner.config)
 
 
-def build_llm(reference: MllamaForConditionalGeneration) -> LlamaForCausalLM:
+def build_llm(reference: MllamaForConditionalGeneration, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
+    """The Llama of the self-attention layers; `state`: `kopru_weights_from_hf(reference)`."""
     config = language_config(reference.config.text_config)
     device = reference.lm_head.weight.device
-    llm = _build(lambda: LlamaForCausalLM(config), language_state_dict(reference), device)
+    llm = _build(lambda: LlamaForCausalLM(config), _part(state, "llm."), device)
     llm.config.dtype = reference.lm_head.weight.dtype
     return llm.eval()
 
 
-def build_vision(reference: MllamaForConditionalGeneration) -> MllamaTiledVisionModel:
+def build_vision(reference: MllamaForConditionalGeneration, state: dict[str, torch.Tensor]
+                 ) -> MllamaTiledVisionModel:
     source = reference.model.vision_model
     device = source.patch_embedding.weight.device
-    vision = _build(lambda: MllamaTiledVisionModel(source.config), source.state_dict(), device)
+    vision = _build(lambda: MllamaTiledVisionModel(source.config), _part(state, "vision.encoder."), device)
     vision.config.dtype = source.patch_embedding.weight.dtype
     return vision.eval()
 
@@ -297,12 +337,13 @@ def to_kopru(
     if activation != "silu":
         raise ValueError(f"expected a SiLU (SwiGLU) text MLP like the gated blocks', found {activation!r}")
     config = kopru_config(reference, src)
-    vision = VisionTower(build_vision(reference), config.vision)
-    llm = build_llm(reference)
+    state = kopru_weights_from_hf(reference)  # the source's tensors under Köprü's names (the head padded once)
+    vision = VisionTower(build_vision(reference, state), config.vision)
+    llm = build_llm(reference, state)
     device = reference.lm_head.weight.device
     connector = _build(
         lambda: CrossAttentionConnector(config.connector, vision.hidden_size, llm.config),
-        connector_state_dict(reference), device,
+        _part(state, "connector."), device,
     )
     model = KopruForConditionalGeneration(config, vision, llm, connector)
     tokenizer = load_tokenizer(src, config)

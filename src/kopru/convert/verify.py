@@ -4,8 +4,9 @@ Random pixel tensors and token ids cannot see a wrong resize, a wrong crop or a 
 check here draws a non-square picture, asks "What is shown?" as a chat message, and runs it
 
 * through HF: `AutoProcessor.from_pretrained(src)`, its chat template (the processor's, else the tokenizer's;
-  for a family whose checkpoints ship none, BLIP-2, the prompt HF users write: "Question: ... Answer:"), the
-  processor's text + image call, and the HF model (`generate`, greedy);
+  for a family whose checkpoints ship none, BLIP-2, the prompt HF users write: "Question: ... Answer:"),
+  the processor's text + image call with special tokens as `apply_chat_template(tokenize=True)` decides them
+  (`hf_adds_special_tokens`), and the HF model (`generate`, greedy);
 * through Köprü: the converted model reloaded from `dst`, `format_chat` (kopru.messages) and Köprü's processor,
   and `GenerationEngine` (what `kopru chat` and `kopru serve` run).
 
@@ -94,6 +95,13 @@ def hf_prompt(processor, src: str, prompt_format: str | None = None) -> tuple[st
     )
 
 
+def hf_adds_special_tokens(prompt: str, tokenizer) -> bool:
+    """Whether HF's processor tokenises a rendered chat prompt with the tokenizer's special tokens: transformers'
+    `apply_chat_template(tokenize=True)` does so exactly when the prompt does not start with the bos (a template
+    that prints the bos gets no second one from a tokenizer that adds it)."""
+    return not (tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token))
+
+
 def compare_pixels(hf: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> tuple[float, str, str | None]:
     """(max |difference|, what was compared, a divergence or None), across the families' layouts:
     fixed size [images, 3, H, W]; LLaVA-NeXT patches [images, patches, 3, H, W] + image_sizes (HF pads the
@@ -125,33 +133,61 @@ def first_difference(expected: list[int], found: list[int]) -> int:
                 min(len(expected), len(found)))
 
 
+@dataclass
+class UserPath:
+    """One side's figures on the user's path, as `compare_user_paths` compares them."""
+
+    input_ids: list[int]
+    pixels: dict[str, torch.Tensor]  # pixel_values (+ image_sizes, aspect-ratio ids and masks) in HF's layout
+    last_logits: torch.Tensor  # [vocab] at the last prompt position
+    tokens: list[int]  # the greedy answer's tokens, its stop token not included
+
+
+def answer_tokens(new_tokens: list[int], eos_token_id: int | list[int] | None) -> list[int]:
+    """HF's generated ids up to the first stop id, which `generate` keeps and Köprü's engine does not count as
+    part of the answer (Completion.token_ids)."""
+    stops = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    return next((new_tokens[:at] for at, token in enumerate(new_tokens) if token in stops), new_tokens)
+
+
+def chat_messages(image: Image.Image | None, question: str = QUESTION) -> list[dict]:
+    """The verification's one user turn: the image (if any) then the question."""
+    parts = [] if image is None else [{"type": "image", "image": image}]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
 @torch.no_grad()
-def verify_user_path(reference, src: str, dst: str | Path, image: Image.Image | None = None,
-                     new_tokens: int = 8, prompt_format: str | None = None) -> Verification:
-    """Run the chat question on `image` through HF (`reference` loaded from `src`) and through the conversion
-    saved at `dst`; see the module docstring. `prompt_format`: the HF prompt of a source without a chat template
-    (the converter's `PROMPT_FORMAT`)."""
+def kopru_user_path(model, processor, image: Image.Image, new_tokens: int, hf_keys=(), image_first: bool = False
+                    ) -> UserPath:
+    """What `kopru chat` does with the chat question on `image`: `format_chat`, Köprü's processor, the model's
+    last-position logits and `GenerationEngine`'s greedy tokens. `hf_keys`: the keys HF's processor returned,
+    so that Mllama's tiles are laid out as HF's. `image_first`: the image in front of the whole rendered prompt
+    (BLIP-2's processor puts its query tokens there) instead of where the message has it."""
     from kopru.generation import GenerationEngine, SamplingParams, format_chat
-    from kopru.model import KopruForConditionalGeneration
 
-    image = verification_picture() if image is None else image
-    processor = AutoProcessor.from_pretrained(src)
-    prompt, template = hf_prompt(processor, src, prompt_format)
-    try:
-        hf_inputs = processor(images=[image], text=prompt, return_tensors="pt")
-    except ValueError as error:  # e.g. a template that prints no image token for the image part
-        raise ValueError(f"HF's processor (AutoProcessor from {src}) refuses the prompt {template} rendered for "
-                         f"one image part, {prompt!r}: {error}") from None
-    reference.eval()
-
-    dtype = next(reference.parameters()).dtype
-    model, kopru_processor = KopruForConditionalGeneration.from_pretrained(dst, dtype=dtype)
     model.eval()
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
-    kopru_prompt, images = format_chat(kopru_processor, messages)
-    ours = kopru_processor(kopru_prompt, [images], add_special_tokens=False)
+    if image_first:
+        text, _ = format_chat(processor, chat_messages(None))
+        prompt, images = processor.config.image_token + text, [image]
+    else:
+        prompt, images = format_chat(processor, chat_messages(image))
+    ours = processor(prompt, [images], add_special_tokens=False)
+    comparable = {k: v for k, v in ours.items() if k not in ("input_ids", "attention_mask")}
+    tiled = getattr(processor.high_resolution, "tiled", None) if processor.high_resolution else None
+    if tiled is not None and "aspect_ratio_ids" in hf_keys:  # Mllama: Köprü's ids and masks in HF's layout
+        comparable.update({k: v for k, v in tiled.hf_inputs([images]).items() if k.startswith("aspect_ratio")})
+        comparable.pop("image_sizes", None)  # Köprü's are the images' sizes; HF's layout carries none
+    logits = model(**ours).logits[0, -1].float()
+    engine = GenerationEngine(model, processor)
+    completion = engine.complete([prompt], [images], SamplingParams(max_new_tokens=new_tokens, temperature=0.0))[0]
+    return UserPath(ours["input_ids"][0].tolist(), comparable, logits, list(completion.token_ids))
 
-    expected_ids, found_ids = hf_inputs["input_ids"][0].tolist(), ours["input_ids"][0].tolist()
+
+def compare_user_paths(hf: UserPath, ours: UserPath, image_size: tuple[int, int], template: str,
+                       new_tokens: int) -> Verification:
+    """Input ids, pixels, last-position logits and greedy tokens of both sides; `failure` names the first
+    divergence."""
+    expected_ids, found_ids = hf.input_ids, ours.input_ids
     ids_equal = expected_ids == found_ids
     failure = None
     if not ids_equal:
@@ -159,40 +195,56 @@ def verify_user_path(reference, src: str, dst: str | Path, image: Image.Image | 
         show = lambda ids: ids[at] if at < len(ids) else "end of prompt"  # noqa: E731
         failure = (f"input ids differ at position {at}: HF {show(expected_ids)}, Köprü {show(found_ids)} "
                    f"(HF {len(expected_ids)} ids, Köprü {len(found_ids)})")
-
-    comparable = dict(ours)
-    tiled = getattr(kopru_processor.high_resolution, "tiled", None) if kopru_processor.high_resolution else None
-    if tiled is not None and "aspect_ratio_ids" in hf_inputs:  # Mllama: Köprü's ids and masks in HF's layout
-        comparable.update({k: v for k, v in tiled.hf_inputs([images]).items() if k.startswith("aspect_ratio")})
-        comparable.pop("image_sizes", None)  # Köprü's are the images' sizes; HF's layout carries none
-    pixel_diff, pixels_compared, pixel_failure = compare_pixels(hf_inputs, comparable)
+    pixel_diff, pixels_compared, pixel_failure = compare_pixels(hf.pixels, ours.pixels)
     failure = failure or pixel_failure
+    vocab = min(hf.last_logits.shape[-1], ours.last_logits.shape[-1])  # Mllama: Köprü's 8 extra rows are never HF's
+    logit_diff = float((hf.last_logits[:vocab] - ours.last_logits[:vocab]).abs().max()) if ids_equal \
+        else float("nan")
+    if failure is None and logit_diff > TOLERANCE:
+        failure = f"last-position logits differ by up to {logit_diff:.3g} (tolerance {TOLERANCE})"
+    # Both are the answer before its stop token (`answer_tokens`). HF stops on its generation_config's eos only,
+    # Köprü also on the template's end-of-turn token: where HF goes on past one, the answers differ.
+    tokens_equal = hf.tokens == ours.tokens
+    if failure is None and not tokens_equal:
+        at = first_difference(hf.tokens, ours.tokens)
+        show = lambda ids: ids[at] if at < len(ids) else "stopped"  # noqa: E731
+        failure = f"greedy tokens differ at new token {at}: HF {show(hf.tokens)}, Köprü {show(ours.tokens)}"
+    return Verification(image_size=image_size, template=template, input_ids_equal=ids_equal,
+                        pixels_compared=pixels_compared, max_pixel_diff=pixel_diff, max_logit_diff=logit_diff,
+                        logits_compared="last prompt position", new_tokens=new_tokens, hf_tokens=hf.tokens,
+                        kopru_tokens=ours.tokens, tokens_equal=tokens_equal, failure=failure)
 
+
+@torch.no_grad()
+def verify_user_path(reference, src: str, dst: str | Path, image: Image.Image | None = None,
+                     new_tokens: int = 8, prompt_format: str | None = None) -> Verification:
+    """Run the chat question on `image` through HF (`reference` loaded from `src`) and through the conversion
+    saved at `dst`; see the module docstring. `prompt_format`: the HF prompt of a source without a chat template
+    (the converter's `PROMPT_FORMAT`)."""
+    from kopru.model import KopruForConditionalGeneration
+
+    image = verification_picture() if image is None else image
+    processor = AutoProcessor.from_pretrained(src)
+    prompt, template = hf_prompt(processor, src, prompt_format)
+    try:
+        hf_inputs = processor(images=[image], text=prompt, return_tensors="pt",
+                              add_special_tokens=hf_adds_special_tokens(prompt, getattr(processor, "tokenizer",
+                                                                                        processor)))
+    except ValueError as error:  # e.g. a template that prints no image token for the image part
+        raise ValueError(f"HF's processor (AutoProcessor from {src}) refuses the prompt {template} rendered for "
+                         f"one image part, {prompt!r}: {error}") from None
+    reference.eval()
     try:
         expected_logits = reference(**hf_inputs).logits[0, -1].float()
     except ValueError as error:  # the source's own processor settings do not fit its model
         raise ValueError(f"HF's own processor (AutoProcessor from {src}) and model disagree, so there is nothing "
                          f"to compare with: {error}") from None
-    found_logits = model(**ours).logits[0, -1].float()
-    vocab = min(expected_logits.shape[-1], found_logits.shape[-1])  # Mllama: Köprü's 8 extra rows are never HF's
-    logit_diff = float((expected_logits[:vocab] - found_logits[:vocab]).abs().max()) if ids_equal else float("nan")
-    if failure is None and logit_diff > TOLERANCE:
-        failure = f"last-position logits differ by up to {logit_diff:.3g} (tolerance {TOLERANCE})"
-
     generated = reference.generate(**hf_inputs, max_new_tokens=new_tokens, do_sample=False)
-    hf_tokens = generated[0, hf_inputs["input_ids"].shape[1]:].tolist()
-    engine = GenerationEngine(model, kopru_processor)
-    completion = engine.complete([kopru_prompt], [images], SamplingParams(max_new_tokens=new_tokens,
-                                                                          temperature=0.0))[0]
-    kopru_tokens = list(completion.token_ids)
-    # HF stops on its generation_config's eos only; Köprü also on the template's end-of-turn token. Both end on a
-    # stop token they share, so the shorter list is compared where it ends.
-    tokens_equal = hf_tokens == kopru_tokens
-    if failure is None and not tokens_equal:
-        at = first_difference(hf_tokens, kopru_tokens)
-        show = lambda ids: ids[at] if at < len(ids) else "stopped"  # noqa: E731
-        failure = f"greedy tokens differ at new token {at}: HF {show(hf_tokens)}, Köprü {show(kopru_tokens)}"
-    return Verification(image_size=image.size, template=template, input_ids_equal=ids_equal,
-                        pixels_compared=pixels_compared, max_pixel_diff=pixel_diff, max_logit_diff=logit_diff,
-                        logits_compared="last prompt position", new_tokens=new_tokens, hf_tokens=hf_tokens,
-                        kopru_tokens=kopru_tokens, tokens_equal=tokens_equal, failure=failure)
+    hf = UserPath(hf_inputs["input_ids"][0].tolist(), dict(hf_inputs), expected_logits,
+                  answer_tokens(generated[0, hf_inputs["input_ids"].shape[1]:].tolist(),
+                                reference.generation_config.eos_token_id))
+
+    dtype = next(reference.parameters()).dtype
+    model, kopru_processor = KopruForConditionalGeneration.from_pretrained(dst, dtype=dtype)
+    ours = kopru_user_path(model, kopru_processor, image, new_tokens, hf_keys=set(hf_inputs))
+    return compare_user_paths(hf, ours, image.size, template, new_tokens)
