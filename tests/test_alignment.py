@@ -99,6 +99,7 @@ def captions() -> list[Sample]:
 
 
 @pytest.mark.parametrize("strategy", ["projection", "qformer", "cross_attention"])
+@pytest.mark.slow
 def test_retrieval_untrained_model(build, captions: list[Sample], strategy: str) -> None:
     model, processor = build(strategy)
     n = len(captions)
@@ -109,6 +110,7 @@ def test_retrieval_untrained_model(build, captions: list[Sample], strategy: str)
     assert result["chance@1"] == pytest.approx(1 / n)
 
 
+@pytest.mark.slow
 def test_scores_match_a_plain_forward_pass(build, captions: list[Sample]) -> None:
     model, processor = build("projection")
     scores = caption_scores(model, processor, captions, batch_size=4)  # padded batches across rows
@@ -122,6 +124,7 @@ def test_scores_match_a_plain_forward_pass(build, captions: list[Sample]) -> Non
     assert scores[image, caption].item() == pytest.approx(-loss.item(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_identical_pairs_score_identically(build, captions: list[Sample]) -> None:
     model, processor = build("projection")
     samples = [captions[0], captions[1], captions[0]]  # a duplicated pair

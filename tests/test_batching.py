@@ -142,6 +142,7 @@ def test_pack_is_first_fit_decreasing() -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("llm", ["llama", "gpt2", "qwen2"])
+@pytest.mark.slow
 def test_packed_rows_match_the_samples_alone(build, make_image, llm: str) -> None:
     model, processor = build("projection", llm=llm)
     encoded = encode(processor, conversations(make_image))
@@ -178,6 +179,7 @@ def test_packed_loss_never_predicts_a_sample_from_the_one_before(llama, make_ima
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_packed_samples_do_not_attend_to_each_other(llama, make_image) -> None:
     model, processor = llama
     first, second = encode(processor, conversations(make_image)[:2])

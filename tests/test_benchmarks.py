@@ -20,11 +20,13 @@ def _run(*args: str, timeout: int = 300) -> str:
 
 
 @pytest.mark.parametrize("script", ["generation_benchmark.py", "serve_benchmark.py", "train_benchmark.py"])
+@pytest.mark.slow
 def test_benchmark_scripts_start(script):
     assert "usage:" in _run(f"benchmarks/{script}", "--help")
 
 
 @pytest.mark.parametrize("preset", ["tiny-llava", "tiny-blip2", "tiny-mllama"])
+@pytest.mark.slow
 def test_generation_benchmark_runs_at_tiny_size(preset):
     out = _run("benchmarks/generation_benchmark.py", "--preset", preset, "--skip-compiled", "--repeats", "1",
                "--batch", "1", "--threads", "1")

@@ -70,6 +70,7 @@ def test_interactive_conversation_keeps_history_and_images(saved, monkeypatch, c
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.slow
 def test_unreadable_image_is_a_clear_error_without_traceback(saved) -> None:
     root, _ = saved
     cases = {

@@ -62,6 +62,7 @@ def record_logits(llm):
 
 @pytest.mark.parametrize("llm", LLM_KINDS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.slow
 def test_greedy_engine_equals_the_reference_loop(build, images, strategy, llm) -> None:
     model, processor = visible_images(build, strategy, llm)
     batch = processor(PROMPTS, images, padding_side="left", add_special_tokens=False)
@@ -113,6 +114,7 @@ def test_high_resolution_engine_equals_the_reference_loop(build, strategy, mode)
 
 
 @pytest.mark.parametrize("llm", ["llama", "qwen2"])
+@pytest.mark.slow
 def test_greedy_text_only_equals_hf_generate(build, llm) -> None:
     model, processor = build("projection", llm)
     engine = GenerationEngine(model, processor)
@@ -127,6 +129,7 @@ def test_greedy_text_only_equals_hf_generate(build, llm) -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.slow
 def test_batched_equals_one_by_one(build, images, strategy) -> None:
     model, processor = visible_images(build, strategy)
     engine = GenerationEngine(model, processor, max_batch_size=4)
@@ -141,6 +144,7 @@ def test_batched_equals_one_by_one(build, images, strategy) -> None:
         [p.max_new_tokens for p, c in zip(params, together, strict=True) if c.finish_reason == "length"]
 
 
+@pytest.mark.slow
 def test_requests_beyond_max_batch_size_run_in_chunks(build, images) -> None:
     model, processor = visible_images(build, "projection")
     whole = GenerationEngine(model, processor, max_batch_size=8).complete(PROMPTS * 2, images * 2,
@@ -151,6 +155,7 @@ def test_requests_beyond_max_batch_size_run_in_chunks(build, images) -> None:
     assert whole[0] == whole[2] and whole[1] == whole[3]
 
 
+@pytest.mark.slow
 def test_cross_attention_image_keys_values_computed_once_per_request(build, images) -> None:
     model, processor = visible_images(build, "cross_attention")
     calls = {"k_proj": 0, "q_proj": 0}
@@ -185,6 +190,7 @@ def test_repetition_penalty_matches_hf_processor() -> None:
     assert by_hand.tolist() == [[1.0, -4.0, 3.0]]
 
 
+@pytest.mark.slow
 def test_repetition_penalty_end_to_end_equals_hf_generate(build) -> None:
     model, processor = build("projection", "llama")
     engine = GenerationEngine(model, processor)
@@ -213,6 +219,7 @@ def test_top_k_top_p_match_hf_warpers() -> None:
         assert torch.equal(ours[row:row + 1][~ours[row:row + 1].isinf()], expected[~expected.isinf()])
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_per_request_and_top_k_1_is_greedy(build, images) -> None:
     model, processor = visible_images(build, "qformer")
     engine = GenerationEngine(model, processor)
@@ -247,6 +254,7 @@ def test_invalid_sampling_parameters_are_named() -> None:
 # ---------------------------------------------------------------------------------- stops, text, streaming
 
 
+@pytest.mark.slow
 def test_stop_string_spanning_tokens_cuts_the_text(build, images) -> None:
     model, processor = visible_images(build, "projection")
     engine = GenerationEngine(model, processor)
@@ -418,6 +426,7 @@ def test_format_chat_uses_the_tokenizer_chat_template(build) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["projection", "cross_attention"])
+@pytest.mark.slow
 def test_decode_step_has_no_graph_breaks(build, images, strategy) -> None:
     model, processor = visible_images(build, strategy)
     engine = GenerationEngine(model, processor)

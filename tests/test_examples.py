@@ -83,6 +83,7 @@ def test_every_exercise_is_documented_in_both_languages():
 
 
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if not trained(s)])
+@pytest.mark.slow
 def test_exercise_prints_what_the_docs_say(script):
     check_documented(script, run(script))
 
@@ -100,6 +101,7 @@ CLAIMS = {
 
 @pytest.mark.trained
 @pytest.mark.parametrize("script", sorted(CLAIMS))
+@pytest.mark.slow
 def test_trained_exercise_teaches_what_the_docs_say(script, trained_seed, trained_figure):
     output = run(script, trained_seed)
     found = [m.groupdict() for m in CLAIMS[script].finditer(output)]

@@ -31,6 +31,7 @@ def _linear(i: int, o: int) -> int:
     return i * o + o
 
 
+@pytest.mark.slow
 def test_acceptance_llava_json_projector_and_positions(no_network, capsys):
     assert main(["explain", "--preset", "llava-1.5-7b", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -84,6 +85,7 @@ def test_reference_built_presets_agree_with_kopru_built_ones():
         4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
 
 
+@pytest.mark.slow
 def test_lesson_strategies_closed_form():
     """The three strategies over CLIP-L/336 + Vicuna-7B, against parameter formulas written out by hand."""
     d, ffn, layers = 4096, 11008, 32
@@ -141,6 +143,7 @@ def test_mllama_shapes_equal_a_meta_forward_of_the_hf_encoder():
     assert explanation.memory["cross_attention_kv"] == 2 * cross * 8 * 128 * 6404 * 2
 
 
+@pytest.mark.slow
 def test_flops_agree_with_the_two_n_rule():
     """Dense LLM FLOPs per token are 2 x the LLM's matmul weights (embedding lookup excluded, head included)."""
     e = explain(preset="llava-1.5-7b")
@@ -189,6 +192,7 @@ def test_tiny_model_shapes_and_counts_equal_a_real_forward(strategy, build, make
         assert explanation.trainable(recipe) == count_parameters(model)[0]
 
 
+@pytest.mark.slow
 def test_formats_and_diagram(tmp_path, no_network, capsys):
     diagram = tmp_path / "flow.png"
     assert main(["explain", "--preset", "cross-attention-clip-l-vicuna-7b", "--format", "markdown",

@@ -317,6 +317,7 @@ def test_pretrainer_on_a_kopru_model(build) -> None:
 
 
 @pytest.mark.trained
+@pytest.mark.slow
 def test_pretraining_learns_and_keeps_the_connector(build, tmp_path, one_thread, trained_seed,
                                                     trained_figure) -> None:
     model, processor = build("qformer", seed=trained_seed)

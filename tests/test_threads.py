@@ -53,6 +53,7 @@ def test_flag_reaches_torch_and_child_processes(restore_threads) -> None:
     assert os.environ["OMP_NUM_THREADS"] == "3"  # what `kopru compare`'s measuring child process inherits
 
 
+@pytest.mark.slow
 def test_fresh_process_default_env_and_flag() -> None:
     cpus = len(os.sched_getaffinity(0))
     assert 1 <= probe([]) <= cpus  # the idle CPUs: how many depends on the load at that moment

@@ -64,6 +64,7 @@ def test_config_json_round_trip(tmp_path):
 
 
 @pytest.mark.trained
+@pytest.mark.slow
 def test_demo_trains_generates_and_reloads(tmp_path, trained_seed, trained_figure):
     results = run_demo(tmp_path, steps=25, seed=trained_seed)
     assert [r.strategy for r in results] == ["projection", "qformer", "cross_attention"]
@@ -85,11 +86,13 @@ def test_cli_convert_reports_a_missing_source(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "kopru.cli", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout and "convert" in out.stdout
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_format(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kopru.cli", "convert", "--from", "gpt4", "a", "b"],
                           capture_output=True, text=True)

@@ -74,6 +74,7 @@ def test_packing_gives_the_losses_of_padded_batches(vision_dirs, llm_dirs, tmp_p
 
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_two_processes_give_the_losses_of_one(vision_dirs, llm_dirs, tmp_path, sharding):
     from kopru import KopruForConditionalGeneration
 
