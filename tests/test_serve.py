@@ -42,7 +42,7 @@ from kopru.cli import build_parser  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.serve import (  # noqa: E402
     APIError,
-    PixelBudget,
+    Budget,
     ServerLimits,
     ServerSecurity,
     create_app,
@@ -1124,13 +1124,31 @@ def test_defect7_cli_security_flags_and_exposure_warning(model_dir: Path, monkey
     assert ServerSecurity.for_bind("::1").exposure_warning("::1") is None
 
 
-def test_decoded_images_are_bounded_across_the_queue(engine) -> None:
+def test_images_and_bodies_are_bounded_across_requests(engine) -> None:
     """Must have: image decoding is bounded per request (the images-per-request and pixel limits) and across the
     queue: the pixels held by requests in progress may not exceed --max-queued-image-pixels; a request whose
-    images would is answered 429 (retry), before its images are decoded, and is served once room is made."""
-    limits = dataclasses.replace(LIMITS, max_queued_image_pixels=2 * 256 * 256)  # one request's worth
+    images would is answered 429 (retry), before its images are decoded, and is served once room is made. The
+    bodies being received are bounded together the same way (--max-pending-body-bytes)."""
+    limits = dataclasses.replace(LIMITS, max_queued_image_pixels=2 * 256 * 256,  # one request's worth of each
+                                 max_pending_body_bytes=LIMITS.max_request_bytes)
     side = SideServer(engine, limits)
     try:
+        # A body arriving slowly holds its bytes; another that would pass the total is refused meanwhile.
+        with socket.create_connection(("127.0.0.1", side.port), timeout=30) as slow:
+            slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: 900000\r\n\r\n" + b" " * 600_000)
+            deadline = time.monotonic() + 10
+            while metrics(side)["body_bytes_held"] < 600_000:
+                assert time.monotonic() < deadline, "the slow body's bytes were never counted"
+                time.sleep(0.02)
+            padded = {"model": MODEL_NAME, "messages": user_message("hi"), "max_tokens": 2, "pad": "x" * 500_000}
+            status, answer = post_chat(side.url, padded)
+            assert (status, answer["error"]["code"]) == (429, "server_busy"), answer
+        deadline = time.monotonic() + 10
+        while metrics(side)["body_bytes_held"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert post_chat(side.url, padded)[0] == 200
+
         big = data_url(drawn_image(1, size=256))
         holder = {"model": MODEL_NAME, "messages": user_message(QUESTIONS[0], big, big), "max_tokens": 200,
                   "temperature": 0, "stream": True}
@@ -1217,7 +1235,7 @@ def _chat_bodies(local_dir: Path) -> st.SearchStrategy:
 def test_fuzz_parse_chat_request_raises_only_api_errors(local_dir: Path) -> None:
     """Property: for any JSON value as the body, parse_chat_request returns a request or raises APIError with a 4xx
     status (nothing else escapes to become a 500), and every decoded pixel it reserved is given back."""
-    budget = PixelBudget(LIMITS.max_queued_image_pixels)
+    budget = Budget(LIMITS.max_queued_image_pixels, "decoded image pixels")
 
     @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.one_of(_chat_bodies(local_dir), _json_values))
@@ -1271,3 +1289,23 @@ def test_fuzz_the_server_never_answers_500(engine, local_dir: Path) -> None:
         assert metrics(side)["image_pixels_held"] == 0 and metrics(side)["worker_alive"]
     finally:
         side.stop()
+
+
+@pytest.mark.slow
+def test_soak_script_smoke(model_dir: Path, tmp_path: Path) -> None:
+    """scripts/soak_server.py for a few seconds: it starts `kopru serve` on the tiny model, tries every hostile kind
+    among good requests from the official client, and reports 0 lost, 0 wrong, no unexpected answer, with RSS
+    samples (the README's figures come from a longer run of it)."""
+    root = Path(__file__).resolve().parents[1]
+    summary_file = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, str(root / "scripts" / "soak_server.py"), "--model", str(model_dir), "--duration", "4",
+         "--good-clients", "2", "--hostile-clients", "1", "--slow-clients", "1", "--read-timeout-s", "1",
+         "--sample-s", "1", "--json", str(summary_file)],
+        env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = json.loads(summary_file.read_text())
+    assert summary["good_answered"] > 0 and (summary["good_lost"], summary["good_wrong"]) == (0, 0)
+    assert summary["hostile_unexpected"] == 0 and not summary["health_failures"]
+    assert len(summary["hostile_kinds"]) == 32, sorted(summary["hostile_kinds"])  # 29 kinds + 3 slow ones
+    assert summary["samples"] and summary["rss_mib_peak"] > 0

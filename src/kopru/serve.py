@@ -75,6 +75,7 @@ class ServerLimits:
     default_new_tokens: int = 256  # when the request names no max_tokens (less if the context is shorter)
     max_text_chars: int = 200_000  # characters of text (messages and stop strings), counted before tokenizing
     max_request_bytes: int = 32 * 1024 * 1024  # the JSON body (base64 images inflate by a third)
+    max_pending_body_bytes: int = 128 * 1024 * 1024  # bodies being received or parsed, all requests together
     max_json_depth: int = 32  # nesting of the JSON body (a chat request needs 6)
     max_json_items: int = 250_000  # ',', '[' and '{' bytes in the body: a bound on the values it parses into
     max_batch_size: int = 8  # requests generated together in one batch
@@ -97,6 +98,9 @@ class ServerLimits:
         if self.max_json_items <= self.max_text_chars:  # or text within its limit could trip the count
             raise ValueError(f"ServerLimits.max_json_items ({self.max_json_items}) must exceed max_text_chars "
                              f"({self.max_text_chars}): text full of commas counts towards it")
+        if self.max_pending_body_bytes < self.max_request_bytes:
+            raise ValueError(f"ServerLimits.max_pending_body_bytes ({self.max_pending_body_bytes}) must hold one "
+                             f"request's body: at least max_request_bytes ({self.max_request_bytes})")
         if self.max_queued_image_pixels < self.max_images_per_request * self.max_image_pixels:
             raise ValueError(f"ServerLimits.max_queued_image_pixels ({self.max_queued_image_pixels}) must hold one "
                              f"request's images: at least max_images_per_request x max_image_pixels = "
@@ -113,6 +117,8 @@ LIMIT_HELP = {
     "max_text_chars": "most characters of text in one request (messages and stop strings), checked before "
                       "tokenizing",
     "max_request_bytes": "largest request body in bytes",
+    "max_pending_body_bytes": "bytes of request bodies being received or parsed at once, all requests together; "
+                              "beyond, 429",
     "max_json_depth": "deepest nesting of the JSON body",
     "max_json_items": "most ',', '[' and '{' bytes in a body (they bound the number of JSON values parsed)",
     "max_batch_size": "most requests generated together",
@@ -226,47 +232,46 @@ def _shown(value: Any, width: int = 60) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ budget
-class PixelBudget:
-    """Decoded image pixels held by the requests in progress, against `ServerLimits.max_queued_image_pixels`.
+class Budget:
+    """A quantity the requests in progress hold together (decoded image pixels, request body bytes), against a
+    limit: each takes its share before it allocates it and gives it back when it is done, so that what the server
+    holds at once stays bounded however many requests arrive. Beyond the limit: 429, retry shortly."""
 
-    A request reserves an image's pixels from its header before decoding it and gives them back when it is
-    done (answered, failed or abandoned), so the decoded images the server holds at once stay bounded however
-    many requests are queued."""
-
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str) -> None:
         self.limit = limit
+        self.what = what
         self.used = 0
         self._lock = threading.Lock()
 
-    def reserve(self, pixels: int, where: str) -> None:
+    def reserve(self, amount: int, where: str) -> None:
         with self._lock:
-            if self.used + pixels > self.limit:
-                raise APIError(429, f"{where}: the server holds {self.used} decoded image pixels for other requests "
-                               f"and this image has {pixels}; the limit is {self.limit} in all; retry shortly",
+            if self.used + amount > self.limit:
+                raise APIError(429, f"{where}: the server holds {self.used} {self.what} for other requests and this "
+                               f"needs {amount} more; the limit is {self.limit} in all; retry shortly",
                                code="server_busy", kind="rate_limit_error")
-            self.used += pixels
+            self.used += amount
 
-    def release(self, pixels: int) -> None:
+    def release(self, amount: int) -> None:
         with self._lock:
-            self.used -= pixels
+            self.used -= amount
 
 
 @dataclass
 class Reservation:
-    """The pixels one request holds in a PixelBudget; `release` is safe to call more than once."""
+    """What one request holds in a Budget; `release` is safe to call more than once."""
 
-    budget: PixelBudget | None
-    pixels: int = 0
+    budget: Budget | None
+    amount: int = 0
 
-    def take(self, pixels: int, where: str) -> None:
+    def take(self, amount: int, where: str) -> None:
         if self.budget is not None:
-            self.budget.reserve(pixels, where)
-            self.pixels += pixels
+            self.budget.reserve(amount, where)
+            self.amount += amount
 
     def release(self) -> None:
-        if self.budget is not None and self.pixels:
-            self.budget.release(self.pixels)
-            self.pixels = 0
+        if self.budget is not None and self.amount:
+            self.budget.release(self.amount)
+            self.amount = 0
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -495,7 +500,7 @@ def _encodable(text: str, param: str) -> None:
 
 
 def parse_chat_request(body: Any, model_name: str, limits: ServerLimits, allow_local_dir: Path | None,
-                       vocab_size: int | None = None, budget: PixelBudget | None = None) -> ChatRequest:
+                       vocab_size: int | None = None, budget: Budget | None = None) -> ChatRequest:
     """Check the JSON body of POST /v1/chat/completions; decode its images (their pixels reserved in `budget`).
     `vocab_size` bounds top_k. Raises APIError, and nothing else, for any body."""
     if not isinstance(body, dict):
@@ -945,7 +950,8 @@ class ServerState:
     limits: ServerLimits
     allow_local_dir: Path | None
     security: ServerSecurity
-    budget: PixelBudget
+    budget: Budget  # decoded image pixels
+    body_budget: Budget  # request body bytes being received and parsed
     vocab_size: int | None
     created: int = field(default_factory=lambda: int(time.time()))
     active: int = 0
@@ -973,7 +979,8 @@ def create_app(engine: GenerationEngine, model_name: str, limits: ServerLimits |
         worker=BatchingWorker(engine, limits),
         model_name=model_name, limits=limits,
         allow_local_dir=Path(allow_local_dir).absolute() if allow_local_dir is not None else None,
-        security=security, budget=PixelBudget(limits.max_queued_image_pixels),
+        security=security, budget=Budget(limits.max_queued_image_pixels, "decoded image pixels"),
+        body_budget=Budget(limits.max_pending_body_bytes, "bytes of request bodies"),
         vocab_size=getattr(engine, "vocab_size", None),
     )
     page = resources.files("kopru").joinpath("web", DEMO_PAGE).read_text(encoding="utf-8")
@@ -1000,16 +1007,20 @@ def create_app(engine: GenerationEngine, model_name: str, limits: ServerLimits |
             raise APIError(413, f"the request body is {declared} bytes; the limit is {limits.max_request_bytes}",
                            code="request_too_large")
         body = bytearray()
+        held = Reservation(state.body_budget)  # bodies being received, across requests
         try:
             async for chunk in request.stream():
                 if len(body) + len(chunk) > limits.max_request_bytes:
                     raise APIError(413, f"the request body exceeds the limit of {limits.max_request_bytes} bytes",
                                    code="request_too_large")
+                held.take(len(chunk), "the request body")
                 body += chunk
+            return await asyncio.to_thread(decode_json_body, body, limits)  # off the event loop
         except ClientDisconnect:
             raise APIError(400, "the client closed the connection before the whole body arrived",
                            code="incomplete_body") from None
-        return await asyncio.to_thread(decode_json_body, body, limits)  # off the event loop
+        finally:
+            held.release()
 
     async def chat_completions(request: Request):
         if state.active >= limits.max_queued_requests:  # before reading and decoding anything
@@ -1020,6 +1031,7 @@ def create_app(engine: GenerationEngine, model_name: str, limits: ServerLimits |
                                            state.vocab_size, state.budget)
         except APIError as error:
             return error_response(error)
+        del body  # its data: URLs are decoded into `chat`: not kept for the whole generation
         if state.active >= limits.max_queued_requests:
             chat.reservation.release()
             return error_response(busy())
@@ -1130,7 +1142,8 @@ def create_app(engine: GenerationEngine, model_name: str, limits: ServerLimits |
 
     async def metrics(request: Request):
         return JSONResponse({**state.worker.metrics(), "active_requests": state.active,
-                             "image_pixels_held": state.budget.used, "worker_alive": state.worker.alive})
+                             "image_pixels_held": state.budget.used, "body_bytes_held": state.body_budget.used,
+                             "worker_alive": state.worker.alive})
 
     async def demo_page(request: Request):
         return HTMLResponse(page)
@@ -1280,6 +1293,6 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8000) -> None:
         app.state.kopru.worker.close()
 
 
-__all__ = ["APIError", "BatchingWorker", "ServerLimits", "ServerSecurity", "create_app", "decode_image",
+__all__ = ["APIError", "BatchingWorker", "Budget", "ServerLimits", "ServerSecurity", "create_app", "decode_image",
            "decode_json_body", "load_server", "parse_chat_request", "read_image_url", "read_local_file",
            "run_server", "served_model_name", "uvicorn_config"]
