@@ -70,7 +70,7 @@ class ServerLimits:
     max_image_bytes: int = 10 * 1024 * 1024  # one encoded image (after base64 decoding, or the file's size)
     max_image_pixels: int = 4096 * 4096  # width x height, read from the header before decoding
     max_images_per_request: int = 4  # image_url parts across all messages
-    max_queued_image_pixels: int = 8 * 4096 * 4096  # decoded pixels held by all admitted requests together
+    max_queued_image_pixels: int = 8 * 4096 * 4096  # decoded pixels held by all requests in progress together
     max_new_tokens: int = 512  # the most a request's max_tokens may ask for
     default_new_tokens: int = 256  # when the request names no max_tokens (less if the context is shorter)
     max_text_chars: int = 200_000  # characters of text (messages and stop strings), counted before tokenizing
@@ -81,7 +81,7 @@ class ServerLimits:
     max_batch_size: int = 8  # requests generated together in one batch
     batch_window_ms: float = 10.0  # how long the worker waits for more requests before starting a batch
     max_queued_requests: int = 64  # requests waiting for or in generation; more get 429
-    read_timeout_s: float = 30.0  # a request's headers and body must arrive within this of its first byte
+    read_timeout_s: float = 30.0  # for a request's headers and body, from the connection's opening (or last answer)
     max_connections: int = 256  # open connections (uvicorn's limit_concurrency); requests beyond get 503
 
     def __post_init__(self) -> None:
@@ -111,7 +111,7 @@ LIMIT_HELP = {
     "max_image_bytes": "largest encoded image in bytes",
     "max_image_pixels": "largest image as width x height, checked before decoding",
     "max_images_per_request": "most image_url parts in one request",
-    "max_queued_image_pixels": "decoded image pixels all admitted requests may hold together; beyond, 429",
+    "max_queued_image_pixels": "decoded image pixels all requests in progress may hold together; beyond, 429",
     "max_new_tokens": "largest max_tokens a request may ask for",
     "default_new_tokens": "max_tokens when a request names none",
     "max_text_chars": "most characters of text in one request (messages and stop strings), checked before "
