@@ -1287,10 +1287,13 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8000) -> None:
         bar = "!" * 100
         print(f"{bar}\n{warning}\n{bar}", file=sys.stderr, flush=True)
         logger.warning(warning)
+    server = uvicorn.Server(uvicorn_config(app, host, port))
     try:
-        uvicorn.Server(uvicorn_config(app, host, port)).run()
+        server.run()
     finally:
         app.state.kopru.worker.close()
+    if not server.started:  # e.g. the port is taken: uvicorn has said why; exit as uvicorn.run does
+        raise SystemExit(3)
 
 
 __all__ = ["APIError", "BatchingWorker", "Budget", "ServerLimits", "ServerSecurity", "create_app", "decode_image",
