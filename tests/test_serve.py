@@ -1100,7 +1100,12 @@ def test_defect7_cli_security_flags_and_exposure_warning(model_dir: Path, monkey
     from kopru.cli import _serve
 
     served = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.append(self.config))
+
+    def run(self, sockets=None) -> None:  # instead of serving: what would be served, with what settings
+        served.append(self.config)
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.delenv("KOPRU_API_KEY", raising=False)
     flags = ["serve", "--model", str(model_dir), "--allowed-host", "vlm.example", "--cors-origin",
              "https://app.example", "--read-timeout-s", "3", "--max-connections", "7"]
