@@ -1125,6 +1125,7 @@ def test_defect7_cli_security_flags_and_exposure_warning(model_dir: Path, monkey
         assert security.cors_origins == ("https://app.example",)
         assert config.limit_concurrency == 7 and config.http.read_timeout_s == 3.0
     assert ServerSecurity.for_bind("0.0.0.0").allowed_hosts is None  # another address, no names given: any Host
+    assert ServerSecurity(allowed_hosts=("*",)).host_allowed("anything.example:80")
     assert ServerSecurity.for_bind("127.0.0.1").allowed_hosts == ("localhost", "127.0.0.1", "::1")
     assert ServerSecurity.for_bind("::1").exposure_warning("::1") is None
 

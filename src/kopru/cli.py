@@ -245,8 +245,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                              "without either, no key)")
     parser.add_argument("--allowed-host", action="append", metavar="NAME",
                         help="a Host header value (name or address, no port) to answer besides localhost, 127.0.0.1 "
-                             "and ::1, against DNS rebinding; repeatable. Listening on a loopback address only those "
-                             "are answered; on another address any Host is, unless this names some")
+                             "and ::1, against DNS rebinding; repeatable; '*' for any. Listening on a loopback "
+                             "address only those are answered; on another address any Host is, unless this names "
+                             "some")
     parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                         help="a browser origin (e.g. https://app.example) allowed to call the API from its pages, "
                              "'*' for any; repeatable (default: none, CORS off)")

@@ -147,7 +147,7 @@ def is_loopback(host: str) -> bool:
 @dataclass
 class ServerSecurity:
     """Who may talk to the server. `allowed_hosts`: the Host header values accepted (names or addresses, no
-    port; None accepts any), against DNS rebinding: a web page on evil.example whose name is made to resolve to
+    port; None or "*" accepts any), against DNS rebinding: a web page on evil.example whose name is made to resolve to
     127.0.0.1 sends "Host: evil.example". `cors_origins`: browser origins allowed to read the answers ("*" for
     any); none by default. `api_key`: required as "Authorization: Bearer KEY" on /v1/... and /metrics."""
 
@@ -182,7 +182,7 @@ class ServerSecurity:
                 "on 127.0.0.1.")
 
     def host_allowed(self, host_header: str | None) -> bool:
-        if self.allowed_hosts is None:
+        if self.allowed_hosts is None or "*" in self.allowed_hosts:
             return True
         if not host_header:
             return False
