@@ -27,22 +27,8 @@ import torch
 import uvicorn
 from PIL import Image
 
-from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
-from kopru.pretrain_tiny import default_backbones
 from kopru.serve import ServerLimits, load_server
-from kopru.tiny import save_tiny_llm
-
-
-def tiny_model(root: Path) -> Path:
-    """The shipped pretrained tiny vision encoder, a random tiny Llama (answers run to max_tokens) and a random
-    projection connector, saved."""
-    llm = save_tiny_llm(root / "llm", "llama")
-    torch.manual_seed(0)
-    config = KopruConfig(vision=VisionTowerConfig(str(default_backbones()["vision"])), llm=str(llm),
-                         strategy="projection")
-    model, processor = KopruForConditionalGeneration.from_backbones(config)
-    model.save_pretrained(root / "model", processor)
-    return root / "model"
+from kopru.tiny import save_tiny_served_model
 
 
 def image_url(seed: int) -> str:
@@ -66,7 +52,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model_dir = Path(args.model) if args.model else tiny_model(Path(tempfile.mkdtemp(prefix="kopru-serve-bench-")))
+    model_dir = Path(args.model) if args.model else save_tiny_served_model(Path(tempfile.mkdtemp(prefix="kopru-serve-bench-")))
     limits = ServerLimits(max_batch_size=args.max_batch_size, max_new_tokens=max(args.max_tokens, 1),
                           default_new_tokens=min(256, max(args.max_tokens, 1)), batch_window_ms=20)
     app = load_server(model_dir, model_name="bench", limits=limits, device=args.device)

@@ -249,6 +249,15 @@ def test_invalid_sampling_parameters_are_named() -> None:
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens >= 1"):
         SamplingParams(max_new_tokens=0)
+    # NaN compares False with every bound: it must fail each check, not slip through (issue 13)
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        with pytest.raises(ValueError, match=f"{name}.*found nan"):
+            SamplingParams(**{name: float("nan")})
+    with pytest.raises(ValueError, match="finite repetition_penalty"):
+        SamplingParams(repetition_penalty=float("inf"))
+    for seed in (2**63, -(2**63) - 1):  # beyond what torch.Generator.manual_seed takes
+        with pytest.raises(ValueError, match="seed within 64-bit"):
+            SamplingParams(seed=seed)
 
 
 # ---------------------------------------------------------------------------------- stops, text, streaming

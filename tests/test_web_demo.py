@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig 
 from kopru.alignment import normalize_text  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
 from kopru.pretrain_tiny import default_backbones  # noqa: E402
-from kopru.serve import ServerLimits, load_server  # noqa: E402
+from kopru.serve import ServerLimits, ServerSecurity, create_app, load_server  # noqa: E402
 
 MODEL_NAME = "tiny-kopru-demo"
 QUESTION = "What colour is the shape?"
@@ -150,6 +151,33 @@ def test_server_error_is_shown(chromium: str, demo_server: RunningServer, tmp_pa
         assert ask(tools, QUESTION)[0]
     finally:
         tools.close()
+
+
+def test_page_asks_for_the_api_key(chromium: str, demo_server: RunningServer, tmp_path: Path) -> None:
+    """A server started with --api-key answers the page 401 until it has the key: the page then shows a key
+    field, and once the key is typed it names the model and answers as the engine does."""
+    engine = demo_server.app.state.kopru.worker.engine
+    keyed = RunningServer(create_app(engine, MODEL_NAME, ServerLimits(batch_window_ms=5),
+                                     security=ServerSecurity(api_key="page-key")))
+    image_file = tmp_path / "shape.png"
+    drawn_image(2, size=64).save(image_file)
+    answer = expected_answer(engine, image_file, QUESTION)
+    with urllib.request.urlopen(chromium + "/json/list", timeout=30) as response:
+        page = next(target for target in json.load(response) if target["type"] == "page")
+    tools = screenshot_script.DevTools(page["webSocketDebuggerUrl"])
+    try:
+        tools.call("Page.enable")
+        tools.call("Page.navigate", url=keyed.url + "/")
+        tools.wait_for("document.readyState === 'complete' && !document.getElementById('key-panel').hidden")
+        assert "API key" in tools.evaluate("document.getElementById('status').textContent")
+        tools.evaluate("const key = document.getElementById('api-key'); key.value = 'page-key'; "
+                       "key.dispatchEvent(new Event('change'))")
+        tools.wait_for(f"document.getElementById('model').textContent === {json.dumps(MODEL_NAME)}")
+        upload(tools, image_file, width=64)
+        assert ask(tools, QUESTION)[0] == answer
+    finally:
+        tools.close()
+        keyed.stop()
 
 
 def test_screenshot_script_measures_and_refuses_wrong_answers(chromium: str, demo_server: RunningServer,

@@ -230,12 +230,17 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import dataclasses
+    import os
 
-    from kopru.serve import ServerLimits, load_server, run_server
+    from kopru.serve import ServerLimits, ServerSecurity, load_server, run_server
 
     limits = ServerLimits(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServerLimits)})
+    api_key = args.api_key if args.api_key is not None else os.environ.get("KOPRU_API_KEY") or None
+    security = ServerSecurity.for_bind(args.host, api_key=api_key, allowed_hosts=args.allowed_host or (),
+                                       cors_origins=args.cors_origin or ())
     app = load_server(args.model, model_name=args.served_model_name, limits=limits, allow_local_dir=args.allow_local_dir,
-                      device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len)
+                      device=args.device, dtype=args.dtype, compile=args.compile, max_seq_len=args.max_seq_len,
+                      security=security)
     print(f"serving {app.state.kopru.model_name!r} on http://{args.host}:{args.port} "
           f"(OpenAI API under /v1, web demo at /)", flush=True)
     run_server(app, host=args.host, port=args.port)
@@ -252,7 +257,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="the id clients send as 'model' (vLLM's flag; default: the model folder's name, or for a "
                              "folder named final, latest or checkpoint-N the name kopru train stored in the model's "
                              "config, else the run folder's: runs/my-vlm/final is served as my-vlm)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; another address without an API key is warned "
+                             "about loudly)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=RUN_DTYPES, help="weights dtype (default: as saved)")
@@ -260,7 +267,20 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     parser.add_argument("--allow-local-dir",
                         help="serve image_url file:// URLs and paths under this directory (default: refuse local "
-                             "files, since any client could otherwise read images anywhere the server can)")
+                             "files, since any client could otherwise read images anywhere the server can); symbolic "
+                             "links under it are never followed")
+    parser.add_argument("--api-key",
+                        help="require 'Authorization: Bearer KEY' on /v1/... and /metrics, else 401 (default: the "
+                             "environment variable KOPRU_API_KEY, which keeps the key out of the process list; "
+                             "without either, no key)")
+    parser.add_argument("--allowed-host", action="append", metavar="NAME",
+                        help="a Host header value (name or address, no port) to answer besides localhost, 127.0.0.1 "
+                             "and ::1, against DNS rebinding; repeatable; '*' for any. Listening on a loopback "
+                             "address only those are answered; on another address any Host is, unless this names "
+                             "some")
+    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                        help="a browser origin (e.g. https://app.example) allowed to call the API from its pages, "
+                             "'*' for any; repeatable (default: none, CORS off)")
     for spec in dataclasses.fields(ServerLimits):
         parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=type(spec.default),
                             default=spec.default, help=f"{LIMIT_HELP[spec.name]} (default {spec.default})")
@@ -480,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="an OpenAI-compatible HTTP server (chat completions, streaming) with a web demo page",
         description="Serve a saved Köprü model: POST /v1/chat/completions (OpenAI format, images as data: URLs), "
                     "GET /v1/models, GET /health, GET /metrics, and a web demo at /. Concurrent requests are "
-                    "generated together in batches.",
+                    "generated together in batches. Every request is checked against the limits below before it "
+                    "reaches the model, and fails alone: a bad request is answered 4xx, a failure of the server "
+                    "5xx, and the others are served on.",
         parents=computes,
     )
     _add_serve_flags(serve)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -130,16 +131,19 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.max_new_tokens < 1:
+        # Written as "not (inside)": NaN compares False with everything and must fail every check, not pass it.
+        if not self.max_new_tokens >= 1:
             problems.append(f"max_new_tokens >= 1 (found {self.max_new_tokens})")
-        if self.temperature < 0:
-            problems.append(f"temperature >= 0 (found {self.temperature})")
-        if self.top_k < 0:
-            problems.append(f"top_k >= 0 (found {self.top_k})")
+        if not 0 <= self.temperature < math.inf:
+            problems.append(f"a finite temperature >= 0 (found {self.temperature})")
+        if not 0 <= self.top_k < 2**63:
+            problems.append(f"0 <= top_k < 2**63 (found {self.top_k})")
         if not 0 < self.top_p <= 1:
             problems.append(f"0 < top_p <= 1 (found {self.top_p})")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty > 0 (found {self.repetition_penalty})")
+        if not 0 < self.repetition_penalty < math.inf:
+            problems.append(f"a finite repetition_penalty > 0 (found {self.repetition_penalty})")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # what torch.Generator.manual_seed takes
+            problems.append(f"a seed within 64-bit signed integers (found {self.seed})")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -417,6 +421,11 @@ class GenerationEngine:
 
     # --------------------------------------------------------------------------------------------- public
     @property
+    def vocab_size(self) -> int:
+        """Rows of the LLM's output layer: the token ids generation can pick from."""
+        return self.llm.get_output_embeddings().weight.shape[0]
+
+    @property
     def context_window(self) -> int:
         """Prompt (images expanded) + answer tokens one sequence may hold."""
         return self._window
@@ -565,8 +574,7 @@ class GenerationEngine:
             raise ValueError(f"the prompts take {prompt_length} positions; the context window is {self._window}, "
                              "which leaves no room for an answer")
         cache_length = min(max(_next_power_of_two(prompt_length + budget), self.MIN_CACHE), self._window)
-        sampling = _BatchSampling.build(params, input_ids, attention_mask,
-                                        self.llm.get_output_embeddings().weight.shape[0])
+        sampling = _BatchSampling.build(params, input_ids, attention_mask, self.vocab_size)
 
         # ---- prefill: images encoded, the prompt written into the static cache, the first token sampled
         embeds, extra = self.model.prepare_inputs(input_ids, pixel_values, image_sizes=image_sizes)

@@ -75,7 +75,7 @@ def load_image(source: str | Path | bytes | bytearray | Image.Image, max_pixels:
         raise ImageTooLargeError(
             f"{name}: over the pixel limit of {max_pixels:,} (Pillow refused it first: {_pillow_text(error, name)}; "
             f"raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels to allow it)") from None
-    except (OSError, SyntaxError, struct.error) as error:  # a header cut short or damaged
+    except (OSError, SyntaxError, struct.error, ValueError) as error:  # a header cut short or damaged (PPM: ValueError)
         raise ValueError(f"{name}: expected a complete image header, found it truncated or corrupt "
                          f"({_pillow_text(error, name)})") from None
     with opened:

@@ -109,6 +109,11 @@ def validate_messages(messages: Any, *, text_placeholders: bool = True, resolve_
 
 
 def _check_text(text: str, placeholders: bool, at: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone UTF-16 surrogate ("\ud800" in JSON): no tokenizer can encode it
+        raise MessageError(f"{at}: expected text encodable as UTF-8, found a lone surrogate "
+                           f"{text[error.start]!r} at character {error.start}", at) from None
     if not placeholders and IMAGE_PLACEHOLDER in text:
         raise MessageError(f"{at}: found {IMAGE_PLACEHOLDER!r} typed in the text; expected images as image_url "
                            "parts (the text cannot carry one)", at)
@@ -130,6 +135,8 @@ def _image_source(part: dict, at: str) -> Any:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, str):  # a long text is cut before it is quoted, not after
+        value = value[:80]
     try:
         return json.dumps(value)[:80]
     except (TypeError, ValueError):
@@ -140,6 +147,14 @@ def images_of(messages: list[Message]) -> list[Any]:
     """The images the parts carry, in order (placeholders typed in text carry none: their images come apart)."""
     return [part["image"] for message in messages if isinstance(message["content"], list)
             for part in message["content"] if part["type"] == "image" and part["image"] is not None]
+
+
+def count_text_chars(messages: list[Message]) -> int:
+    """Characters of text in canonical messages (string content and text parts): what a server bounds before
+    anything is tokenized."""
+    return sum(len(message["content"]) if isinstance(message["content"], str) else
+               sum(len(part["text"]) for part in message["content"] if part["type"] == "text")
+               for message in messages)
 
 
 def count_images(messages: list[Message]) -> int:
@@ -416,6 +431,7 @@ __all__ = [
     "as_string_content",
     "chat_template_file",
     "count_images",
+    "count_text_chars",
     "end_of_turn_ids",
     "images_of",
     "render_prompt",

@@ -109,3 +109,22 @@ def save_tiny_llm(path: str | Path, kind: str = "llama", hidden: int = 64, layer
     _llm(kind, len(tokenizer), hidden, layers, tie).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def save_tiny_served_model(root: str | Path, seed: int = 0) -> Path:
+    """A small Köprü model to serve in tests, benchmarks and the soak script, saved as root/model: the shipped
+    pretrained tiny vision encoder, a random tiny Llama (`save_tiny_llm`, in root/llm) and a random projection
+    connector. A random LLM seldom ends its answer early, so answers run to max_tokens: long enough to be streamed
+    in many pieces and cut off mid-stream, and to tell one request's answer from another's."""
+    from kopru.config import KopruConfig, VisionTowerConfig
+    from kopru.model import KopruForConditionalGeneration
+    from kopru.pretrain_tiny import default_backbones
+
+    root = Path(root)
+    llm = save_tiny_llm(root / "llm", "llama", seed=seed)
+    torch.manual_seed(seed)
+    config = KopruConfig(vision=VisionTowerConfig(str(default_backbones()["vision"])), llm=str(llm),
+                         strategy="projection")
+    model, processor = KopruForConditionalGeneration.from_backbones(config)
+    model.save_pretrained(root / "model", processor)
+    return root / "model"
