@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +30,8 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     """A temporary folder beside `path` to write into; on success it replaces `path` in one rename, on failure it
     is removed, so a killed or failed write never leaves a half-written `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # the umask's usual folder mode (mkdtemp would make it 0700, unreadable to others)
     try:
         yield staging
         if path.exists():
