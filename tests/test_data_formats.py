@@ -413,8 +413,10 @@ def test_lone_surrogates_are_refused_by_name(processor, images: Path) -> None:
         {"id": "s", "conversations": [{"from": "human", "value": "hi \ud800"}, {"from": "gpt", "value": "x"}]}]),
         policy="skip")
     assert samples == [] and dict(report.counts) == {"unencodable_text": 1}
-    assert "turn 0: expected text with a UTF-8 form, found '\\ud800' at character 3" in report.examples[
+    assert "turn 0: expected text encodable as UTF-8, found a lone surrogate '\\ud800' at character 3" in report.examples[
         "unencodable_text"][0]
     built = Sample([{"role": "user", "content": "a\udfffb"}, {"role": "assistant", "content": "c"}], id="built")
-    with pytest.raises(SampleError, match=r"sample 'built': expected text with a UTF-8 form, found '\\udfff'"):
+    with pytest.raises(SampleError, match=r"sample 'built': messages\[0\]\.content: expected text encodable as "
+                       r"UTF-8, found a lone surrogate '\\udfff' at character 1") as refused:
         SampleEncoder(processor).encode_or_raise(built)
+    assert refused.value.reason == "unencodable_text"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kopru.data.formats import IMAGE_PLACEHOLDER
+from kopru.data.formats import IMAGE_PLACEHOLDER, lone_surrogate
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -53,6 +53,10 @@ class MessageError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class UnencodableTextError(MessageError):
+    """Text without a UTF-8 form (a lone surrogate): no tokenizer can encode it."""
 
 
 # ============================================================================================= validation
@@ -109,11 +113,8 @@ def validate_messages(messages: Any, *, text_placeholders: bool = True, resolve_
 
 
 def _check_text(text: str, placeholders: bool, at: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:  # a lone UTF-16 surrogate ("\ud800" in JSON): no tokenizer can encode it
-        raise MessageError(f"{at}: expected text encodable as UTF-8, found a lone surrogate "
-                           f"{text[error.start]!r} at character {error.start}", at) from None
+    if (problem := lone_surrogate(text)) is not None:
+        raise UnencodableTextError(f"{at}: expected text encodable as UTF-8, found {problem}", at)
     if not placeholders and IMAGE_PLACEHOLDER in text:
         raise MessageError(f"{at}: found {IMAGE_PLACEHOLDER!r} typed in the text; expected images as image_url "
                            "parts (the text cannot carry one)", at)

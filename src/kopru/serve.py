@@ -50,6 +50,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from kopru.data.formats import lone_surrogate
 from kopru.dtypes import torch_dtype
 from kopru.generation import GenerationEngine, SamplingParams, StreamEvent, format_chat
 from kopru.image_processing import ImageTooLargeError, load_image, scrub_object_reprs
@@ -492,12 +493,9 @@ def _number(body: dict, name: str, high: float | None = None) -> float | int | N
 
 
 def _encodable(text: str, param: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise APIError(400, f"'{param}' must be text encodable as UTF-8, found a lone surrogate "
-                       f"{text[error.start]!r} at character {error.start}", code="invalid_value",
-                       param=param) from None
+    if (problem := lone_surrogate(text)) is not None:
+        raise APIError(400, f"'{param}' must be text encodable as UTF-8, found {problem}", code="invalid_value",
+                       param=param)
 
 
 def parse_chat_request(body: Any, model_name: str, limits: ServerLimits, allow_local_dir: Path | None,

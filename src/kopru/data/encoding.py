@@ -43,6 +43,7 @@ from kopru.data.formats import (
     PLACEHOLDER_MISMATCH,
     TEMPLATE_ERROR,
     TOO_LONG,
+    UNENCODABLE_TEXT,
     UNREADABLE_IMAGE,
     Policy,
     SampleError,
@@ -56,6 +57,7 @@ from kopru.messages import (
     ChatTemplate,
     MessageError,
     Span,
+    UnencodableTextError,
     as_string_content,
     count_images,
     render_fallback,
@@ -213,6 +215,8 @@ class SampleEncoder:
         name = _name(sample)
         try:
             messages = validate_messages(sample.messages)
+        except UnencodableTextError as error:
+            raise SampleError(UNENCODABLE_TEXT, f"{name}: {error}") from None
         except MessageError as error:
             raise SampleError(MALFORMED, f"{name}: {error}") from None
         found = count_images(messages)

@@ -407,16 +407,20 @@ def _first_present(record: dict, keys: tuple[str, ...]) -> Any:
     return next((record[key] for key in keys if record.get(key) is not None), None)
 
 
-def check_text(text: str, where: str) -> None:
-    """Refuse text without a UTF-8 form (a lone surrogate, which JSON's \\ud800 escapes can produce): tokenizers
-    fail on it with a TypeError that names nothing."""
+def lone_surrogate(text: str) -> str | None:
+    """What keeps `text` from UTF-8 ("a lone surrogate '\\ud800' at character 3"; JSON's "\\ud800" escape gives
+    one, and tokenizers fail on it with a TypeError that names nothing), or None when it encodes."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise SampleError(
-            UNENCODABLE_TEXT, f"{where}: expected text with a UTF-8 form, found {text[error.start:error.end]!r} at "
-            f"character {error.start} ({error.reason})"
-        ) from None
+        return f"a lone surrogate {text[error.start]!r} at character {error.start}"
+    return None
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuse text without a UTF-8 form (`lone_surrogate`) before a tokenizer sees it."""
+    if (problem := lone_surrogate(text)) is not None:
+        raise SampleError(UNENCODABLE_TEXT, f"{where}: expected text encodable as UTF-8, found {problem}")
 
 
 _REPR = reprlib.Repr()
