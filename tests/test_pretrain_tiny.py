@@ -19,10 +19,13 @@ from kopru.pretrain_tiny import (
     REPORT_NAME,
     build_tiny_backbones,
     default_backbones,
+    object_targets,
+    patch_regions,
     pretrain_language,
     pretrain_vision,
     region_weights,
     render_chat,
+    shapes_targets,
     tiny_vision_encoder,
 )
 from kopru.vision import load_vision_encoder
@@ -167,6 +170,26 @@ def _probe_accuracies(encoder: PreTrainedModel, assets: dict[str, Path]) -> dict
     features = torch.einsum("bp,bpd->bd", pooling, patches)
     return {key: _nearest_centroid_accuracy(features, [str(g[key]) for g in groups])
             for key in ("colour", "shape", "count")}
+
+
+def test_object_targets_give_each_patch_its_cells_group() -> None:
+    # 64 px, 8 px patches: cell edges at 21 and 43 px; a patch belongs to the cell holding its centre.
+    cells = patch_regions(64).view(8, 8)
+    left, right, top, bottom, middle = (REGIONS.index(r) for r in ("left", "right", "top", "bottom", "middle"))
+    assert cells[3].tolist() == [left] * 3 + [middle] * 2 + [right] * 3
+    assert cells[:, 3].tolist() == [top] * 3 + [middle] * 2 + [bottom] * 3
+    assert cells[0, 0] == cells[7, 7] == -1  # corners are never used
+    scene = shapes_dataset(1, seed=2, languages=("en",), kind="caption", split="test")[0]
+    batch = shapes_targets([scene])
+    targets = object_targets(batch.regions, patch_regions(64))[0]  # [patches, 4]
+    for group in scene.meta["scene"]:
+        inside = patch_regions(64) == REGIONS.index(group["region"])
+        expected = [1 + SHAPES.index(group["shape"]), 1 + COLOURS.index(group["colour"]), group["count"],
+                    1 + REGIONS.index(group["region"])]
+        assert (targets[inside] == torch.tensor(expected)).all(), group
+    occupied = [REGIONS.index(g["region"]) for g in scene.meta["scene"]]
+    empty = ~torch.isin(patch_regions(64), torch.tensor(occupied))
+    assert (targets[empty][:, :3] == 0).all()  # no group: shape and colour "none", count 0
 
 
 @pytest.mark.trained
