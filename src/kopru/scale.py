@@ -86,7 +86,7 @@ class SpeedSetup:
     dtype: str = "float32"
     text_tokens: int = 16  # the question after the image
     new_tokens: int = 4  # per timed call: the prefill gives the first, the decode steps the rest
-    repeats: int = 5
+    repeats: int = 3
 
 
 SPEED_SETUPS: dict[str, SpeedSetup] = {s.name: s for s in [
