@@ -27,10 +27,10 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| projection | projection-mlp |" in printed and "report.md" in printed
     for name in ("report.md", "results.json", "quality_vs_image_tokens.png", "quality_vs_trainable_params.png",
-                 "latency.png", "loss_curves.png"):
+                 "accuracy_by_task.png", "latency.png", "loss_curves.png"):
         assert (output / name).stat().st_size > 0, name
     report = (output / "report.md").read_text()
-    assert "## Verdict" in report and "| Trainable parameters |" in report
+    assert "## Verdict" in report and "| Quality: projection above Q-Former |" in report
 
     entries = {e["strategy"]: e for e in json.loads(json_path.read_text())}
     assert set(entries) == {"projection", "qformer", "cross_attention"}
