@@ -1,5 +1,6 @@
-"""`kopru compare --preset micro` end to end: the report's structure, hand-counted image positions, and
-accuracies that are real measurements (an untrained connector scores at chance)."""
+"""`kopru compare --preset micro` end to end: the report's structure, hand-counted image positions, accuracies
+that are real measurements (an untrained connector scores at chance), and the verdict logic on constructed
+results: a clear win, a clear loss and an overlap."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import torch
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.cli import main
+from kopru.compare import RunResult, aggregate, quality_comparisons
 from kopru.data.builtin import builtin_dataset
 from kopru.data.encoding import SampleEncoder
 from kopru.evaluation import answer_accuracy
 from kopru.pretrain_tiny import default_backbones
+from kopru.report import bar_misses, halfway_bar, verdict_rows
+from kopru.significance import FAILS, HOLDS, INCONCLUSIVE
 
 
 def test_micro_preset_writes_the_report(tmp_path, capsys):
@@ -23,10 +27,10 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| projection | projection-mlp |" in printed and "report.md" in printed
     for name in ("report.md", "results.json", "quality_vs_image_tokens.png", "quality_vs_trainable_params.png",
-                 "latency.png", "loss_curves.png"):
+                 "accuracy_by_task.png", "latency.png", "loss_curves.png"):
         assert (output / name).stat().st_size > 0, name
     report = (output / "report.md").read_text()
-    assert "## Verdict" in report and "| Trainable parameters |" in report
+    assert "## Verdict" in report and "| Quality: projection above Q-Former |" in report
 
     entries = {e["strategy"]: e for e in json.loads(json_path.read_text())}
     assert set(entries) == {"projection", "qformer", "cross_attention"}
@@ -49,6 +53,17 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
         assert recall["n"] == 6 and all(0.0 <= recall[k] <= 1.0 for k in ("i2t@1", "i2t@5", "t2i@1", "t2i@5"))
         assert recall["i2t@5"] >= recall["i2t@1"] and recall["t2i@5"] >= recall["t2i@1"]
     assert "contrastive (ITC) head" in report
+
+    # Every quality comparison and the speed rows carry an interval and a scale; micro skips the lesson's scale.
+    results = json.loads((output / "results.json").read_text())
+    rows = {row["claim"]: row for row in verdict_rows(results)}
+    for claim in ("Quality: cross-attention above projection", "Quality: cross-attention above Q-Former",
+                  "Quality: projection above Q-Former", "Time to first token", "Decode speed"):
+        assert rows[claim]["interval"] and rows[claim]["scale"], claim
+        assert rows[claim]["verdict"] in (HOLDS, FAILS, INCONCLUSIVE)
+    assert rows["Structure at the lesson's scale"]["verdict"] == "not measured"
+    speed = results["speed"]["strategies"]
+    assert [speed[s]["llm_positions"] for s in ("projection", "qformer", "cross_attention")] == [18, 6, 3]
 
 
 @pytest.mark.trained
@@ -77,3 +92,87 @@ def test_the_same_seed_reproduces_the_numbers(tmp_path):
         assert a["accuracy_by_task"] == b["accuracy_by_task"]
     assert first["alignment"]["retrieval"] == second["alignment"]["retrieval"]
     assert first["alignment"]["itc_retrieval"] == second["alignment"]["itc_retrieval"]
+
+
+# --- the verdict logic on constructed results -----------------------------------------------------------------
+
+def _run(strategy: str, seed: int, correct: list[bool]) -> RunResult:
+    """A run that answered len(correct) English questions q0, q1, ... of task "t" (chance 1/4) as given."""
+    answers = [{"id": f"q{i}", "task": "t", "language": "en", "correct": c, "chance": 0.25}
+               for i, c in enumerate(correct)]
+    accuracy = {key: {"accuracy": sum(correct) / len(correct), "chance": 0.25, "n": len(correct)}
+                for key in ("t/en", "all/en")}
+    return RunResult(variant=strategy, strategy=strategy, stage1=False, seed=seed, trainable_params=1,
+                     total_params=2, image_positions=1, cross_attention_kv=0, train_seconds=1.0, ttft_ms=1.0,
+                     decode_tokens_per_s=1.0, peak_memory_mb=None, accuracy=accuracy, losses=[1.0],
+                     answers=answers)
+
+
+def _constructed(correct: dict[str, list[list[bool]]], ttft: dict[str, list[float]]) -> dict:
+    runs = [_run(strategy, seed, per_seed) for strategy, seeds in correct.items()
+            for seed, per_seed in enumerate(seeds)]
+    structure = {  # kopru explain's figures for the lesson presets (docs/explain.md)
+        "projection": {"trainable_align": 4_198_400, "llm_positions": 578, "cross_attention_kv": 0,
+                       "flops_per_image": 8.02e12, "kv_bytes_per_image": 578 * 524288, "dtype": "bfloat16"},
+        "qformer": {"trainable_align": 104_773_120, "llm_positions": 34, "cross_attention_kv": 0,
+                    "flops_per_image": 8.49e11, "kv_bytes_per_image": 34 * 524288, "dtype": "bfloat16"},
+        "cross_attention": {"trainable_align": 1_623_267_344, "llm_positions": 3, "cross_attention_kv": 576,
+                            "flops_per_image": 7.44e11, "kv_bytes_per_image": 3 * 524288 + 75497472,
+                            "dtype": "bfloat16"},
+    }
+    speed = {"setup": {"name": "constructed", "repeats": 3}, "device": "cpu", "threads": 1, "strategies": {
+        s: {"llm_positions": 1, "cross_attention_kv": 0,
+            "ttft_ms": {"median": sorted(v)[1], "min": min(v), "max": max(v), "values": v},
+            "decode_tokens_per_s": {"median": 10.0, "min": 9.0, "max": 11.0, "values": [9.0, 10.0, 11.0]}}
+        for s, v in ttft.items()}}
+    return {"preset": "constructed", "settings": {"seeds": [0, 1, 2], "eval_questions": 60},
+            "variants": aggregate(runs), "quality": quality_comparisons(runs), "lesson_scale": structure,
+            "speed": speed}
+
+
+def _swap_two_each_way(correct: list[bool]) -> list[bool]:
+    right = [i for i, c in enumerate(correct) if c][:2]
+    wrong = [i for i, c in enumerate(correct) if not c][:2]
+    return [not c if i in right + wrong else c for i, c in enumerate(correct)]
+
+
+def test_verdicts_on_a_clear_win_a_clear_loss_and_an_overlap():
+    rng = random.Random(0)
+    noisy = [[rng.random() < 0.5 for _ in range(60)] for _ in range(3)]
+    results = _constructed(
+        correct={"projection": [[True] * 55 + [False] * 5] * 3,  # 0.92 on every seed
+                 "qformer": noisy,  # about 0.5
+                 "cross_attention": [_swap_two_each_way(seed) for seed in noisy]},  # as many better as worse
+        ttft={"projection": [50.0, 52.0, 51.0], "qformer": [10.0, 11.0, 12.0], "cross_attention": [49.0, 53.0, 9.0]},
+    )
+    rows = {row["claim"]: row for row in verdict_rows(results)}
+    assert rows["Quality: projection above Q-Former"]["verdict"] == HOLDS  # a clear win
+    assert rows["Quality: cross-attention above projection"]["verdict"] == FAILS  # a clear loss
+    assert rows["Quality: cross-attention above Q-Former"]["verdict"] == INCONCLUSIVE  # overlapping intervals
+    # Projection's TTFT is clearly above Q-Former's but overlaps cross-attention's: not decisive.
+    assert rows["Time to first token"]["verdict"] == INCONCLUSIVE
+    for claim in ("Trainable parameters (stage 1)", "Image positions in the LLM context", "Compute per image",
+                  "KV-cache memory per image"):
+        assert rows[claim]["verdict"] == HOLDS and "Vicuna-7B" in rows[claim]["scale"], claim
+
+    # The same numbers with the roles swapped flip the decisive verdicts, and only those.
+    swapped = _constructed(
+        correct={"projection": [[rng.random() < 0.5 for _ in range(60)] for _ in range(3)],
+                 "qformer": [[True] * 55 + [False] * 5] * 3, "cross_attention": [[True] * 60] * 3},
+        ttft={"projection": [5.0, 6.0, 7.0], "qformer": [10.0, 11.0, 12.0], "cross_attention": [20.0, 30.0, 40.0]},
+    )
+    rows = {row["claim"]: row for row in verdict_rows(swapped)}
+    assert rows["Quality: projection above Q-Former"]["verdict"] == FAILS
+    assert rows["Quality: cross-attention above projection"]["verdict"] == HOLDS
+    assert rows["Time to first token"]["verdict"] == FAILS
+
+
+def test_the_halfway_bar_names_every_cell_below_it():
+    results = _constructed(correct={"projection": [[True] * 6 + [False] * 4] * 3,  # 0.6 < 0.625
+                                    "qformer": [[True] * 7 + [False] * 3] * 3,  # 0.7
+                                    "cross_attention": [[True] * 10] * 3},
+                           ttft={s: [1.0, 2.0, 3.0] for s in ("projection", "qformer", "cross_attention")})
+    assert halfway_bar(0.25) == 0.625
+    misses = bar_misses(results)
+    assert [(m["variant"], m["task"]) for m in misses] == [("projection", "t/en")]
+    assert misses[0]["short_by"] == pytest.approx(0.025)

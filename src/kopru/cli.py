@@ -394,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare", help="train and evaluate the strategies side by side; write a report with plots and a verdict",
+        description="Train the three strategies on the same data, backbones, budget and seeds, and judge the "
+                    "lesson's claims each at its scale: structure (trainable parameters, image positions, FLOPs, "
+                    "KV cache) at CLIP-L/336 + Vicuna-7B from kopru explain's arithmetic; speed (TTFT, decode) "
+                    "on a mid-size random-weight model (CLIP-B/14-336 + Qwen2-0.5B shapes on a CPU, the 7B on a "
+                    "GPU); quality from the trained tiny models with 95% bootstrap intervals over seeds and "
+                    "questions (holds / does not hold only when the interval excludes the other side).",
         parents=computes,
     )
     compare.add_argument("--preset", choices=["micro", "default", "full"], default="default",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kopru.significance import bootstrap_difference, bootstrap_mean
 from kopru.training import TrainConfig, train
 
 
@@ -61,17 +62,34 @@ class Preset:
     # Q-Former stage-1 steps of a separate seed-0 run that trains the ITC head for retrieval, for presets
     # whose Q-Former variants do not already run stage 1.
     itc_steps: int = 150
+    # Cross-lingual transfer: one seed-0 run per variant trained on each of these languages alone.
+    transfer_languages: tuple[str, ...] = ("en",)
+    # The lesson's structural claims at its own scale (kopru explain's arithmetic, about 15 s), and the speed
+    # claim on a mid-size random-weight model (a name in kopru.scale.SPEED_SETUPS; "auto": the 7B on a GPU,
+    # the 0.5B-shaped model on a CPU; None: not measured).
+    lesson_scale: bool = True
+    speed: str | None = "auto"
+    batch_size: int = 16
+    # Learning rates: the LLM's (when it trains) and, per strategy, the connector's. The gated cross-attention
+    # blocks start closed (tanh(0)) and their gates move by about one learning rate per Adam step, so they get
+    # a larger one to open within a short run.
+    lr: float = 1e-3
+    connector_lr: tuple[tuple[str, float], ...] = ()
 
+
+# Connector learning rates per strategy (the LLM's is Preset.lr): at the LLM's 1e-3 the cross-attention gates
+# had opened to |tanh(gate)| < 0.05 after 300 steps and its accuracy stayed near chance.
+CONNECTOR_LR = (("projection", 3e-3), ("qformer", 3e-3), ("cross_attention", 5e-3))
 
 PRESETS = {
     "micro": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0,), steps=6, stage1_steps=0,
                     train_scenes=24, eval_scenes=4, eval_questions=16, with_stage1=False,
-                    retrieval_captions=6, itc_steps=3),
+                    retrieval_captions=6, itc_steps=3, lesson_scale=False, speed="tiny"),
     "default": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0, 1, 2), steps=300, stage1_steps=0,
-                      train_scenes=600, eval_scenes=40, eval_questions=160, with_stage1=False,
-                      retrieval_captions=12),
-    "full": Preset(tuple(VARIANTS), (0, 1, 2), steps=600, stage1_steps=200, train_scenes=1000, eval_scenes=100,
-                   eval_questions=480, with_stage1=True),
+                      train_scenes=1200, eval_scenes=100, eval_questions=400, with_stage1=False,
+                      retrieval_captions=12, batch_size=32, connector_lr=CONNECTOR_LR),
+    "full": Preset(tuple(VARIANTS), (0, 1, 2), steps=600, stage1_steps=200, train_scenes=2000, eval_scenes=100,
+                   eval_questions=480, with_stage1=True, batch_size=32, connector_lr=CONNECTOR_LR),
 }
 
 
@@ -94,6 +112,7 @@ class RunResult:
     model_dir: str = ""
     train_languages: tuple[str, ...] = ("en", "tr")
     stage1_dir: str = ""  # the connector after stage 1 (with the ITC head for the Q-Former)
+    answers: list[dict[str, Any]] = field(default_factory=list)  # per held-out question (kopru.evaluation)
 
 
 def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stage1: bool,
@@ -119,6 +138,7 @@ def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stag
         train_seconds=seconds, ttft_ms=ttft, decode_tokens_per_s=decode, peak_memory_mb=memory,
         accuracy=summary.eval[-1]["accuracy"] if summary.eval else {}, losses=summary.losses,
         model_dir=summary.final_model, train_languages=tuple(train_languages), stage1_dir=init or "",
+        answers=summary.eval[-1].get("answers", []) if summary.eval else [],
     )
 
 
@@ -127,7 +147,13 @@ def _train_settings(variant: Variant, seed: int, preset: Preset, vision: str | N
     """What every run of a comparison shares: data, budget, optimiser, evaluation."""
     return dict(vision=vision, llm=llm, strategy=variant.strategy, connector=dict(variant.connector),
                 languages=list(train_languages), eval_languages=["en", "tr"],
-                batch_size=16, lr=1e-3, warmup_steps=10, eval_every=0, save_every=0, seed=seed,
+                batch_size=preset.batch_size, lr=preset.lr,
+                connector_lr=dict(preset.connector_lr).get(variant.strategy), warmup_steps=10, eval_every=0,
+                save_every=0, seed=seed,
+                # Batches by length are batches of one question template (one task, one language): the model then
+                # answers colour questions by the question's grammar ("is" -> yellow, "are" -> blue), not the
+                # image. Seed 0, cross-attention: colour 0.32 / 0.30 by length, 0.63 / 0.59 shuffled.
+                group_by_length=False,
                 train_data=train_data, eval_data=eval_data, builtin_train_size=preset.train_scenes,
                 builtin_eval_size=preset.eval_scenes, eval_questions=preset.eval_questions)
 
@@ -236,12 +262,18 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", *
                                           f"{preset.seeds[0]}", settings)
     transfer = []
     for name in tqdm(preset.variants, desc="cross-lingual transfer"):
-        for language in ("en", "tr"):
+        for language in preset.transfer_languages:
             transfer.append(run_variant(VARIANTS[name], preset.seeds[0], preset, output / "runs", False,
                                         train_languages=(language,), **data))
+    from kopru.scale import default_speed_setup, lesson_structure, measure_speed
+
+    speed_setup = default_speed_setup() if preset.speed == "auto" else preset.speed
     results = {"preset": preset_name, "settings": dataclasses.asdict(preset),
                "variants": aggregate(runs), "runs": [dataclasses.asdict(r) for r in runs],
-               "alignment": turkish_alignment(runs, transfer, preset, itc_stage1)}
+               "quality": quality_comparisons(runs),
+               "alignment": turkish_alignment(runs, transfer, preset, itc_stage1),
+               "lesson_scale": lesson_structure() if preset.lesson_scale else None,
+               "speed": measure_speed(speed_setup) if speed_setup else None}
     (output / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     from kopru.report import write_report
 
@@ -256,6 +288,18 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _correct_by_seed(group: list[RunResult], key: str) -> dict[int, list[float]]:
+    """{seed: 1.0 / 0.0 per held-out question} of the answers under `key` ("all/en", "shapes-count/tr", or
+    "all" for every question)."""
+    found = {}
+    for run in group:
+        values = [float(a["correct"]) for a in run.answers
+                  if key == "all" or key in (f"{a['task']}/{a['language']}", f"all/{a['language']}")]
+        if values:
+            found[run.seed] = values
+    return found
+
+
 def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
     """One entry per (variant, stage1): means and spreads over seeds."""
     groups: dict[tuple[str, bool], list[RunResult]] = {}
@@ -267,7 +311,11 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
         accuracy = {}
         for key in keys:
             mean, spread = _mean_spread([run.accuracy[key]["accuracy"] for run in group if key in run.accuracy])
-            accuracy[key] = {"mean": mean, "spread": spread, "chance": group[0].accuracy[key]["chance"]}
+            accuracy[key] = {"mean": mean, "spread": spread, "chance": group[0].accuracy[key]["chance"],
+                             "n": sum(run.accuracy[key]["n"] for run in group if key in run.accuracy)}
+            by_seed = _correct_by_seed(group, key)
+            if by_seed:  # the 95% interval over seeds and questions
+                accuracy[key]["interval"] = bootstrap_mean(by_seed)
         # Runs on data without reference answers (e.g. plain LLaVA conversations) have no accuracy.
         overall = _mean_spread([statistics.fmean(run.accuracy[k]["accuracy"] for k in run.accuracy
                                                  if k.startswith("all/")) for run in group
@@ -279,6 +327,7 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
             "trainable_params": first.trainable_params, "total_params": first.total_params,
             "image_positions": first.image_positions, "cross_attention_kv": first.cross_attention_kv,
             "accuracy": overall[0], "accuracy_spread": overall[1], "accuracy_by_task": accuracy,
+            "accuracy_interval": bootstrap_mean(_correct_by_seed(group, "all")) if group[0].answers else None,
             "train_seconds": _mean_spread([r.train_seconds for r in group]),
             "ttft_ms": _mean_spread([r.ttft_ms for r in group]),
             "decode_tokens_per_s": _mean_spread([r.decode_tokens_per_s for r in group]),
@@ -286,6 +335,46 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
             "losses": [r.losses for r in group],
         })
     return entries
+
+
+def quality_comparisons(runs: list[RunResult]) -> dict[str, Any]:
+    """Paired differences in held-out accuracy between every two strategies (each strategy's first variant
+    without stage 1), and each strategy's English minus Turkish accuracy, with 95% intervals (kopru.significance).
+    """
+    variant_of: dict[str, str] = {}
+    for run in runs:
+        if not run.stage1 and run.answers:
+            variant_of.setdefault(run.strategy, run.variant)
+    chosen = {strategy: [run for run in runs if run.variant == variant and not run.stage1 and run.answers]
+              for strategy, variant in variant_of.items()}
+    pairs = {}
+    strategies = list(chosen)
+    for i, a in enumerate(strategies):
+        for b in strategies[i + 1:]:
+            left, right = _paired_answers(chosen[a], chosen[b])
+            pairs[f"{a} - {b}"] = bootstrap_difference(left, right, paired=True)
+    language_gap = {}
+    for strategy, group in chosen.items():
+        english, turkish = _correct_by_seed(group, "all/en"), _correct_by_seed(group, "all/tr")
+        if english and turkish:
+            language_gap[strategy] = bootstrap_difference(english, turkish, paired=False)
+    return {"variants": {s: group[0].variant for s, group in chosen.items()}, "differences": pairs,
+            "language_gap": language_gap}
+
+
+def _paired_answers(a: list[RunResult], b: list[RunResult]) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+    """Both groups' correctness on the questions both answered, seed by seed, in the same order."""
+    left, right = {}, {}
+    others = {run.seed: {x["id"]: float(x["correct"]) for x in run.answers} for run in b}
+    for run in a:
+        if run.seed not in others:
+            continue
+        mine = {x["id"]: float(x["correct"]) for x in run.answers}
+        common = [i for i in mine if i in others[run.seed]]
+        if common:
+            left[run.seed] = [mine[i] for i in common]
+            right[run.seed] = [others[run.seed][i] for i in common]
+    return left, right
 
 
 def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: Preset,

@@ -19,11 +19,19 @@ def answer_accuracy(model, encoder: SampleEncoder, samples: list[Sample], batch_
     """{"<task>/<language>": {"accuracy", "chance", "n"}, "all/<language>": ...} for samples whose meta holds
     "answer" (and "choices" for the chance level). The prompt is each sample's conversation up to its last
     assistant turn, rendered as in training; decoding is greedy."""
+    return summarize_answers(answer_results(model, encoder, samples, batch_size, max_new_tokens))
+
+
+@torch.no_grad()
+def answer_results(model, encoder: SampleEncoder, samples: list[Sample], batch_size: int = 16,
+                   max_new_tokens: int = 8) -> list[dict[str, Any]]:
+    """One record per sample, in order: {"id", "task", "language", "correct", "chance"} (chance: 1 / the number of
+    `meta["choices"]`, NaN without them): what `summarize_answers` counts and what a paired comparison of two
+    models on the same questions resamples."""
     processor = encoder.processor
     model.eval()
-    hits: dict[str, list[bool]] = defaultdict(list)
-    chance: dict[str, list[float]] = defaultdict(list)
     device = model.device
+    records = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         prompts = [encoder.prompt(_until_last_answer(s.messages)) for s in chunk]
@@ -35,10 +43,21 @@ def answer_accuracy(model, encoder: SampleEncoder, samples: list[Sample], batch_
             language = sample.meta.get("language", "any")
             # Turkish-correct case folding, punctuation and number words ("Üç." == "3" == "üç").
             correct = normalize_text(answer, language) == normalize_text(str(sample.meta["answer"]), language)
-            for key in (f"{sample.meta.get('task', 'qa')}/{language}", f"all/{language}"):
-                hits[key].append(correct)
-                choices = sample.meta.get("choices")
-                chance[key].append(1.0 / len(choices) if choices else float("nan"))
+            choices = sample.meta.get("choices")
+            records.append({"id": sample.id, "task": sample.meta.get("task", "qa"), "language": language,
+                            "correct": correct, "chance": 1.0 / len(choices) if choices else float("nan")})
+    return records
+
+
+def summarize_answers(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-sample records of `answer_results` -> accuracy, chance level and count per task/language and
+    all/language."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    chance: dict[str, list[float]] = defaultdict(list)
+    for record in records:
+        for key in (f"{record['task']}/{record['language']}", f"all/{record['language']}"):
+            hits[key].append(record["correct"])
+            chance[key].append(record["chance"])
     return {key: {"accuracy": sum(v) / len(v), "chance": sum(chance[key]) / len(chance[key]), "n": len(v)}
             for key, v in sorted(hits.items())}
 

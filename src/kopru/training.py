@@ -685,7 +685,7 @@ def _micro_batches(dataset: EncodedDataset, indices: list[int], batch_size: int,
 def evaluate(model: KopruForConditionalGeneration, dataset: EncodedDataset, config: TrainConfig, pad_id: int,
              device: torch.device) -> dict[str, Any]:
     """Held-out token-weighted loss, and exact-match accuracy per task and language for QA samples."""
-    from kopru.evaluation import answer_accuracy
+    from kopru.evaluation import answer_results, summarize_answers
 
     model.eval()
     total, tokens = 0.0, 0
@@ -704,7 +704,9 @@ def evaluate(model: KopruForConditionalGeneration, dataset: EncodedDataset, conf
         # A fixed random subset: an evenly spaced one would alias with the data's task / language cycle.
         qa = random.Random(config.seed).sample(qa, config.eval_questions)
     if qa:
-        result["accuracy"] = answer_accuracy(model, dataset.encoder, qa, batch_size=config.batch_size)
+        # Per question too: comparisons of two models on the same questions are paired (kopru.report).
+        result["answers"] = answer_results(model, dataset.encoder, qa, batch_size=config.batch_size)
+        result["accuracy"] = summarize_answers(result["answers"])
     return result
 
 
