@@ -497,7 +497,7 @@ def write_report(results: dict[str, Any], output: Path) -> Path:
     text = [
         f"# Köprü strategy comparison (preset `{results['preset']}`)", "",
         f"Same data (built-in shapes questions, English + Turkish), same tiny pretrained backbones, "
-        f"{settings['steps']} steps of 16 per run, seeds {list(settings['seeds'])}; accuracy is exact match on "
+        f"{settings['steps']} steps of {settings['batch_size']} per run, seeds {list(settings['seeds'])}; accuracy is exact match on "
         f"{settings['eval_questions']} held-out questions per seed (scenes never seen in training; Turkish-aware "
         "normalisation), with 95% intervals from a bootstrap over seeds and questions.", "",
         results_table(results), "",
