@@ -53,9 +53,11 @@ def chromium():
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped pretrained tiny backbones with a random projection connector: short, readable answers."""
+    """The shipped pretrained tiny backbones with a random projection connector: short, readable answers. Seed 5:
+    its answer to the image alone is a caption of several words (with the shipped encoder, seeds 0-4 answer one
+    word), which the streaming test needs; the guard in that test says so if the backbones change."""
     backbones = default_backbones()
-    torch.manual_seed(0)
+    torch.manual_seed(5)
     config = KopruConfig(vision=VisionTowerConfig(str(backbones["vision"])), llm=str(backbones["llm"]),
                          strategy="projection")
     model, processor = KopruForConditionalGeneration.from_backbones(config)
