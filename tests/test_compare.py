@@ -21,6 +21,7 @@ from kopru.report import bar_misses, halfway_bar, verdict_rows
 from kopru.significance import FAILS, HOLDS, INCONCLUSIVE
 
 
+@pytest.mark.slow
 def test_micro_preset_writes_the_report(tmp_path, capsys):
     output, json_path = tmp_path / "report", tmp_path / "results.json"
     assert main(["compare", "--preset", "micro", "--output", str(output), "--json", str(json_path)]) == 0
@@ -81,6 +82,7 @@ def test_an_untrained_connector_scores_at_chance(trained_seed, trained_figure):
         assert abs(found - chance) < 0.1, (language, found, chance)
 
 
+@pytest.mark.slow
 def test_the_same_seed_reproduces_the_numbers(tmp_path):
     from kopru.compare import compare
 

@@ -321,6 +321,7 @@ def test_blip2_without_image_token_id_is_refused(blip2, monkeypatch) -> None:
 # ------------------------------------------------------------------------------------------- CLI, errors
 
 
+@pytest.mark.slow
 def test_cli_convert_json(llava, tmp_path: Path) -> None:
     _, src = llava
     dst = tmp_path / "kopru"

@@ -599,6 +599,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_serve_subcommand(model_dir: Path) -> None:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -1036,6 +1037,7 @@ def test_defect7_api_key_host_allow_list_media_type_and_cors(server: RunningServ
     assert http_exchange(server.url + "/v1/chat/completions", "OPTIONS", headers=preflight)[0] == 405
 
 
+@pytest.mark.slow
 def test_defect7_slow_clients_are_timed_out_and_connections_limited(engine) -> None:
     """Slow clients used to be kept for ever (1000 half-sent requests stayed open). Each request must now arrive
     whole within --read-timeout-s of the connection opening (a byte now and then does not extend it), and
