@@ -7,8 +7,10 @@ import json
 import os
 import sys
 
+from kopru.convert import CONVERTERS
 from kopru.dtypes import NAMES as DTYPE_NAMES
 from kopru.dtypes import RUN_DTYPES
+from kopru.export import TARGETS as EXPORT_TARGETS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -347,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="turn an HF LLaVA / BLIP-2 / Llama-3.2-Vision checkpoint into a Köprü model",
         parents=computes,
     )
-    convert.add_argument("--from", dest="source_format", required=True, choices=["llava", "llava_next", "blip2", "mllama"])
+    convert.add_argument("--from", dest="source_format", required=True, choices=sorted(CONVERTERS))
     convert.add_argument("src", help="HF checkpoint directory (or hub id when online)")
     convert.add_argument("dst", help="output directory for the Köprü model")
     convert.add_argument("--verify", action="store_true",
@@ -369,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "express is refused (exit 2) before anything is written.",
         parents=computes,
     )
-    export.add_argument("--to", dest="target", required=True, choices=["llava", "llava_next", "blip2", "mllama"])
+    export.add_argument("--to", dest="target", required=True, choices=sorted(EXPORT_TARGETS))
     export.add_argument("src", help="a saved Köprü model directory (save_pretrained, kopru train's final/)")
     export.add_argument("dst", help="output directory for the HF checkpoint (new or empty)")
     export.add_argument("--verify", action="store_true",

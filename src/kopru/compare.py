@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kopru.llm import context_window
 from kopru.significance import bootstrap_difference, bootstrap_mean
 from kopru.training import TrainConfig, train
 
@@ -398,7 +399,7 @@ def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: 
             texts = {lang: [m["content"].replace("<image>", "").strip() for s in questions + captions
                             if s.meta["language"] == lang for m in s.messages] for lang in ("en", "tr")}
             fertility = tokenizer_fertility(processor.tokenizer, texts)
-            context = getattr(model.llm.config, "max_position_embeddings", 2048)
+            context = context_window(model.llm.config) or 2048  # 2048 for an LLM that declares no window
         budget[name] = text_budget(fertility, context, run.image_positions)
     itc = {name: {lang: itc_retrieval(first[name].model_dir, stage1_dir, samples)
                   for lang, samples in by_language.items()}
