@@ -168,7 +168,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     data = {k: v for k, v in (("vision", args.vision), ("llm", args.llm), ("train_data", args.train_data),
                               ("eval_data", args.eval_data)) if v is not None}
-    results = compare(args.preset, args.output, **data)
+    results = compare(args.preset, args.output, workers=args.workers, **data)
     print(results_table(results))
     if args.json:
         entries = [{k: v for k, v in e.items() if k != "losses"} for e in results["variants"]]
@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="micro: < 1 min; default: one variant per strategy x 3 seeds; full: every variant")
     compare.add_argument("--output", default="runs/compare", help="report folder (default runs/compare)")
     compare.add_argument("--json", help="also write the per-variant results here")
+    compare.add_argument("--workers", type=_positive("workers"), default=None,
+                         help="training runs side by side, each in its own process with one thread (default: the "
+                              "thread count, see --threads); 1 runs them one after another in this process")
     compare.add_argument("--vision", help="vision encoder path / hub id (default: the built-in tiny one)")
     compare.add_argument("--llm", help="causal LM path / hub id (default: the built-in tiny one)")
     compare.add_argument("--train-data", help="training data file (default: builtin:shapes)")

@@ -501,6 +501,7 @@ def write_report(results: dict[str, Any], output: Path) -> Path:
         f"{settings['eval_questions']} held-out questions per seed (scenes never seen in training; Turkish-aware "
         "normalisation), with 95% intervals from a bootstrap over seeds and questions.", "",
         results_table(results), "",
+        _train_seconds_note(results.get("workers", 1)),
         "Peak memory: seed 0's saved model loaded in a fresh process generating 16 tokens (CUDA allocator peak on "
         "GPU; on CPU the process's peak resident set, which includes Python and torch, so compare strategies by "
         "their differences).", "",
@@ -515,6 +516,13 @@ def write_report(results: dict[str, Any], output: Path) -> Path:
     path = output / "report.md"
     path.write_text("\n".join(text))
     return path
+
+
+def _train_seconds_note(workers: int) -> str:
+    if workers > 1:
+        return (f"Train s: the wall time of one run (training and its held-out evaluation), mean ± spread over seeds, "
+                f"{workers} runs side by side, each in its own process with one thread.")
+    return "Train s: the wall time of one run (training and its held-out evaluation), mean ± spread over seeds."
 
 
 def _quality_table(results: dict[str, Any]) -> str:
