@@ -11,6 +11,7 @@ from kopru.convert import CONVERTERS
 from kopru.dtypes import NAMES as DTYPE_NAMES
 from kopru.dtypes import RUN_DTYPES
 from kopru.export import TARGETS as EXPORT_TARGETS
+from kopru.presets import preset_names
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -421,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=computes,
     )
     source = explain.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="a named preset (--list shows them)")
+    source.add_argument("--preset", choices=preset_names(),
+                        help="a published model's configuration (--list describes them; the same names as "
+                             "kopru budget --preset)")
     source.add_argument("--config", help="a Köprü config JSON file (kopru_config.json); backbones' config.json read")
     source.add_argument("--model", help="a saved Köprü model directory")
     source.add_argument("--list", action="store_true", help="list the presets")
@@ -449,7 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(run=_pretrain_tiny)
 
-    from kopru.budget import available_presets
     from kopru.image_processing import MAX_IMAGE_PIXELS
 
     budget = commands.add_parser(
@@ -460,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "status 1 when the images, --prompt-tokens and --max-new-tokens do not fit the context window.",
     )
     source = budget.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=available_presets(), help="a published model's real configuration")
+    source.add_argument("--preset", choices=preset_names(),
+                        help="a published model's configuration (the same names as kopru explain --preset)")
     source.add_argument("--model", help="a Köprü model directory or kopru_config.json (reads configs, no weights)")
     budget.add_argument("--image", action="append", required=True,
                         help="WIDTHxHEIGHT (e.g. 640x480) or an image file; repeat for several images")

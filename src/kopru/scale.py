@@ -21,7 +21,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from kopru.config import KopruConfig, VisionTowerConfig
-from kopru.explain import CLIP_L_336, PRESETS, VICUNA_7B, explain
+from kopru.explain import explain
+from kopru.presets import CLIP_L_336, PRESETS, VICUNA_7B
 from kopru.vision import VISION_BACKBONES, VisionTower
 
 STRATEGIES: tuple[str, ...] = ("projection", "qformer", "cross_attention")
