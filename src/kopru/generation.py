@@ -25,24 +25,6 @@ from kopru.llm import context_window
 from kopru.messages import end_of_turn_ids, images_of, render_prompt, validate_messages
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row of `logits` [B, V]; temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 @torch.inference_mode()
 def generate(
     model,
@@ -58,10 +40,13 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     image_sizes: torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
 ) -> torch.Tensor:
     """Returns the new tokens [batch, <= max_new_tokens]; a finished row is filled with `pad_token_id`
     (default: the LLM config's pad id, else the first eos id, else 0). A row stops at `eos_token_id` (default:
-    the LLM's generation config; `[]` never stops early).
+    the LLM's generation config; `[]` never stops early). Tokens are chosen by `Sampler`, the engine's sampler:
+    greedy unless `do_sample`; with one row and a generator seeded with s, the tokens the engine samples for a
+    request with seed s.
 
     Prompts must be left padded (`processor(..., padding_side="left")`).
     """
@@ -75,7 +60,11 @@ def generate(
         eos_token_id = llm.generation_config.eos_token_id
     eos = torch.tensor([] if eos_token_id is None else
                        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long, device=input_ids.device)
-    temperature = temperature if do_sample else 0.0
+    params = SamplingParams(max_new_tokens=max(max_new_tokens, 1), temperature=temperature if do_sample else 0.0,
+                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    batch = input_ids.shape[0]
+    sampler = Sampler.build([params] * batch, input_ids, attention_mask, llm.get_output_embeddings().weight.shape[0],
+                            generators=[generator] * batch)
     if pad_token_id is None:
         pad_token_id = llm.config.pad_token_id if llm.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
 
@@ -92,12 +81,11 @@ def generate(
         context = extra[CONTEXT_KWARG]
         step_extra[CONTEXT_KWARG] = context.for_positions(context.images_per_sample.unsqueeze(1))
 
-    batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     next_position = position_ids[:, -1:] + 1
     tokens = []
     for _ in range(max_new_tokens):
-        next_token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+        next_token = sampler.next_tokens(out.logits[:, -1].float())
         next_token = next_token.masked_fill(finished, pad_token_id)
         tokens.append(next_token)
         finished |= torch.isin(next_token, eos)
@@ -247,22 +235,26 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row: keep the `top_k` best tokens (0 = all), then the smallest set holding `top_p` of what is left;
-    the rest become -inf. `top_k` [B] long, `top_p` [B] float. No host synchronisation."""
+    """Per row: keep the `top_k` best tokens (0 = all; tokens tied with the k-th stay, as in HF's
+    TopKLogitsWarper), then the smallest set holding `top_p` of what is left; the rest become -inf.
+    `top_k` [B] long, `top_p` [B] float. No host synchronisation."""
     vocab = logits.shape[-1]
     ordered, order = torch.sort(logits, dim=-1, descending=True)
-    rank = torch.arange(vocab, device=logits.device)
-    keep_k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
-    ordered = ordered.masked_fill(rank >= keep_k, float("-inf"))
-    probs = ordered.softmax(-1)
+    keep_k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).unsqueeze(1)
+    cut = ordered < ordered.gather(1, keep_k - 1)
+    probs = ordered.masked_fill(cut, float("-inf")).softmax(-1)
     # Drop a token when the tokens ranked above it already hold top_p of the mass (the best one always stays).
-    drop = (probs.cumsum(-1) - probs >= top_p.unsqueeze(1)) | (rank >= keep_k)
+    drop = (probs.cumsum(-1) - probs >= top_p.unsqueeze(1)) | cut
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 @dataclass
-class _BatchSampling:
-    """The sampling parameters of one batch as device tensors, and the state the penalty needs."""
+class Sampler:
+    """The one sampler of both generation loops (the reference `generate` and the engine): per row, the repetition
+    penalty (HF's rule), then temperature, top-k and top-p (`filter_top_k_top_p`), then a draw by exponential race
+    from the row's own generator; temperature 0 is greedy, the argmax of the (penalised) logits. The sampling
+    parameters of one batch are held as device tensors, with the state the penalty needs; a new sampling option is
+    added here, once."""
 
     greedy_rows: torch.Tensor  # [B] bool
     temperature: torch.Tensor  # [B, 1]
@@ -275,7 +267,9 @@ class _BatchSampling:
 
     @classmethod
     def build(cls, params: list[SamplingParams], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              vocab: int) -> _BatchSampling:
+              vocab: int, generators: list[torch.Generator | None] | None = None) -> Sampler:
+        """`params` one per row of the left-padded `input_ids` (the penalty counts the prompt's tokens);
+        `generators` one per row (None: a generator seeded with each row's `seed`, the global RNG without one)."""
         device = input_ids.device
         batch = len(params)
         penalty = seen = None
@@ -283,13 +277,16 @@ class _BatchSampling:
             penalty = torch.tensor([[p.repetition_penalty] for p in params], device=device, dtype=torch.float32)
             seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
             seen.scatter_(1, input_ids.clamp(max=vocab - 1), attention_mask.bool())
-        generators = []
-        for p in params:
-            generator = None
-            if p.seed is not None and p.temperature > 0:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(p.seed)
-            generators.append(generator)
+        if generators is None:
+            generators = []
+            for p in params:
+                generator = None
+                if p.seed is not None and p.temperature > 0:
+                    generator = torch.Generator(device=device)
+                    generator.manual_seed(p.seed)
+                generators.append(generator)
+        elif len(generators) != batch:
+            raise ValueError(f"expected one generator (or None) per row ({batch}), found {len(generators)}")
         return cls(
             greedy_rows=torch.tensor([p.temperature == 0 for p in params], device=device),
             temperature=torch.tensor([[max(p.temperature, 1e-5)] for p in params], device=device),
@@ -574,7 +571,7 @@ class GenerationEngine:
             raise ValueError(f"the prompts take {prompt_length} positions; the context window is {self._window}, "
                              "which leaves no room for an answer")
         cache_length = min(max(_next_power_of_two(prompt_length + budget), self.MIN_CACHE), self._window)
-        sampling = _BatchSampling.build(params, input_ids, attention_mask, self.vocab_size)
+        sampling = Sampler.build(params, input_ids, attention_mask, self.vocab_size)
 
         # ---- prefill: images encoded, the prompt written into the static cache, the first token sampled
         embeds, extra = self.model.prepare_inputs(input_ids, pixel_values, image_sizes=image_sizes)
