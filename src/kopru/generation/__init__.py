@@ -1,0 +1,3 @@
+"""Generation: the reference loop, the serving engine, sampling, streaming text and chat formatting."""
+
+from kopru.generation.engine import *  # noqa: F403
