@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
 from kopru.connectors import Connector, strategy_class
 from kopru.connectors.cross_attention import CONTEXT_KWARG, check_blocks_ran
-from kopru.generation import generate as generate_tokens
+from kopru.generation.reference import generate as generate_tokens
 from kopru.high_resolution import ImagePlan, pack_anyres, packs_anyres_grid, plan_image, token_reduction
 from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
@@ -329,7 +329,7 @@ class KopruForConditionalGeneration(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """New tokens [batch, new]; see `kopru.generation.generate` for the options."""
+        """New tokens [batch, new]; see `kopru.generation.reference.generate` for the options."""
         return generate_tokens(self, input_ids, attention_mask, pixel_values, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ training
