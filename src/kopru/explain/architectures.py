@@ -1,395 +1,42 @@
-"""`kopru explain`: the architecture mathematics of a vision-language model, for its real configuration.
+"""How each family is explained: its meta model's components, stage shapes, image positions, FLOPs and KV cache.
 
-For a Köprü config, a saved Köprü model directory or a named preset (published HF configs written out below;
-nothing is downloaded) it reports:
-
-- the data flow from pixels to logits, stage by stage, with tensor shapes;
-- each component's total parameters and what trains in each recipe (align / instruct / single-stage / LoRA,
-  the rules of `kopru.recipes` applied to the model);
-- forward FLOPs per image and per text token;
-- the image's positions in the LLM context (and its cross-attention key/value length);
-- weight and KV-cache memory at a dtype, batch and context length.
-
-Every model is built on the `meta` device: parameters have shapes and no storage, so a 90B preset is explained
-in seconds on a laptop. Presets whose architecture Köprü builds itself (LLaVA-1.5, BLIP-2, the three
-strategies over one encoder + LLM) are explained from the Köprü model; LLaVA-NeXT (anyres newline embedding),
-Llama-3.2-Vision (tiled encoder with gated positional embeddings, cross-attention layers inside the text stack)
-and Qwen2-VL (windowless ViT with 2x2 merger, M-RoPE) from the HF reference model itself (the report says
-which). The tests check that each preset's parameter counts equal the HF reference class built from the same
-configs, and that the stage shapes equal those of a real forward pass of a tiny model.
-
-FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` over forward passes on meta tensors: matrix
-multiplications, convolutions and attention (2 per multiply-add); element-wise work, norms and softmax are not
-counted. The Qwen2-VL encoder cannot run on meta tensors (its attention splits on data-dependent lengths); its
-FLOPs are computed as 2 x weights x tokens for the matmuls plus 4 x tokens^2 x width per layer for attention.
-"""
+One function per `Preset.architecture` (`ARCHITECTURES`): Köprü's own models (any strategy, resolution mode and
+reduction) and the three HF reference families Köprü does not build itself (LLaVA-NeXT, Llama-3.2-Vision,
+Qwen2-VL). Each ends in `_finish`, which adds up FLOPs and memory the same way for all."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-import transformers
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
-from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
+from kopru.config import KopruConfig
 from kopru.connectors.cross_attention import CONTEXT_KWARG, ImageContext
 from kopru.dtypes import canonical_dtype, dtype_bytes
+from kopru.explain.flops import FlopTracer, SequenceCost, dense_flops
+from kopru.explain.parameters import (
+    build_kopru_meta,
+    build_reference,
+    components_of,
+    connector_groups,
+    linear_shape,
+    llm_groups,
+    lora_params,
+    params_of,
+    partition,
+    recipe_trainable,
+    roles_trained,
+)
+from kopru.explain.report import LORA_RANK, Explanation, ImageBudget, Stage
 from kopru.high_resolution import ImagePlan, plan_image
-from kopru.llm import attention_geometry, context_window, decoder_layers, kv_cache_bytes
-from kopru.presets import PRESETS, Preset, get_preset, hf_config, reference_config
-
-__all__ = [  # the preset table's names are re-exported: they were first published here
-    "FORMATS", "PRESETS", "RECIPES", "Explanation", "Preset", "Settings", "build_kopru_meta", "build_reference",
-    "count_flops", "draw_diagram", "explain", "get_preset", "hf_config", "human", "human_bytes", "list_presets",
-    "reference_config", "summary_table",
-]
+from kopru.llm import attention_geometry, context_window, kv_cache_bytes
+from kopru.presets import Preset
 from kopru.resolution import anyres_layout, smart_resize
 from kopru.tiling import optimal_tiled_canvas
 from kopru.tokens import cached_cross_attention_kv, connector_tokens, image_positions
-from kopru.vision import VISION_BACKBONES, VisionTower
-
-RECIPES: tuple[str, ...] = ("align", "instruct", "single-stage", "lora")
-FORMATS: tuple[str, ...] = ("text", "markdown", "json")
-LORA_RANK, LORA_ALPHA = 128, 256  # LLaVA-1.5's LoRA recipe
-
-def build_reference(preset: Preset) -> nn.Module:
-    """`preset`'s HF reference model on the meta device (no storage, no download)."""
-    model_class = getattr(transformers, preset.reference)
-    with torch.device("meta"):
-        return model_class(reference_config(preset))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Report structure
-
-
-@dataclass
-class Stage:
-    name: str
-    shape: list[int]
-    note: str = ""
-
-
-@dataclass
-class Component:
-    name: str
-    role: str  # "vision", "connector" or "llm"
-    params: int
-    trainable: dict[str, int | None]  # recipe -> trainable parameters (None: the recipe does not apply)
-
-
-@dataclass
-class ImageBudget:
-    image_size: tuple[int, int]  # (width, height) the figures are for
-    vision_tokens: int  # encoder tokens per image that reach the connector
-    llm_positions: int  # positions one image occupies in the LLM context
-    placeholders: int
-    markers: int
-    cross_attention_kv: int  # key/value positions per image behind cross-attention (0: spliced)
-    context: int
-    note: str = ""
-
-    @property
-    def context_share(self) -> float:
-        return self.llm_positions / self.context
-
-
-@dataclass
-class Explanation:
-    name: str
-    description: str
-    source: str
-    strategy: str
-    built_from: str
-    dtype: str
-    batch: int
-    images_per_sample: int
-    text_tokens: int
-    stages: list[Stage]
-    components: list[Component]
-    image: ImageBudget
-    flops: dict[str, float]
-    memory: dict[str, float]
-    notes: list[str]
-
-    @property
-    def total_params(self) -> int:
-        return sum(c.params for c in self.components if c.role != "adapter")
-
-    def trainable(self, recipe: str) -> int | None:
-        values = [c.trainable.get(recipe) for c in self.components]
-        return None if any(v is None for v in values) else sum(values)
-
-    def component(self, role: str) -> int:
-        return sum(c.params for c in self.components if c.role == role)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["image"]["context_share"] = self.image.context_share
-        data["total_params"] = self.total_params
-        data["params_by_role"] = {role: self.component(role) for role in ("vision", "connector", "llm")}
-        data["trainable"] = {recipe: self.trainable(recipe) for recipe in RECIPES}
-        return data
-
-    def format(self, fmt: str) -> str:
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
-        if fmt == "json":
-            return json.dumps(self.to_dict(), indent=1, ensure_ascii=False)
-        return _render(self, markdown=fmt == "markdown")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Building on the meta device
-
-
-def _config_value(config: PretrainedConfig, name: str, purpose: str, *fallbacks: str) -> Any:
-    """A config field a figure needs; a clear error naming it when the config lacks it."""
-    for key in (name, *fallbacks):
-        value = getattr(config, key, None)
-        if value is not None:
-            return value
-    names = " or ".join(repr(k) for k in (name, *fallbacks))
-    raise ValueError(f"the {config.model_type!r} config has no {names} field, which {purpose} needs")
-
-
-def _vision_encoder_class(vision_config: PretrainedConfig):
-    if vision_config.model_type not in VISION_BACKBONES:
-        raise ValueError(f"expected a vision encoder of type {sorted(VISION_BACKBONES)}, found "
-                         f"{vision_config.model_type!r}")
-    backbone = VISION_BACKBONES[vision_config.model_type]
-    return functools.partial(backbone.load_class(), **dict(backbone.load_kwargs))
-
-
-def build_kopru_meta(config: KopruConfig, vision_config: PretrainedConfig, llm_config: PretrainedConfig):
-    """A KopruForConditionalGeneration on the meta device from the encoder's and the LLM's configs."""
-    from kopru.model import KopruForConditionalGeneration
-
-    if config.image_token_id is None:  # no tokenizer here: any id names the placeholder (only shapes matter)
-        vocab = llm_config.vocab_size
-        config = dataclasses.replace(config, image_token_id=vocab - 1,
-                                     image_start_token_id=vocab - 2 if config.uses_markers else None,
-                                     image_end_token_id=vocab - 3 if config.uses_markers else None)
-    for name in ("image_size", "patch_size"):
-        _config_value(vision_config, name, "the vision token count")
-    with torch.device("meta"):
-        encoder = _vision_encoder_class(vision_config)(vision_config)
-        llm = AutoModelForCausalLM.from_config(llm_config)
-        return KopruForConditionalGeneration(config, VisionTower(encoder, config.vision), llm)
-
-
-def _partition(model: nn.Module, groups: Iterable[tuple[str, str, Iterable[nn.Parameter]]]
-               ) -> list[tuple[str, str, list[nn.Parameter]]]:
-    """Each parameter in the first group that holds it; groups left empty (a tied head) are dropped."""
-    seen: set[int] = set()
-    result = []
-    for name, role, params in groups:
-        mine = [p for p in params if id(p) not in seen]
-        seen.update(id(p) for p in mine)
-        if mine:
-            result.append((name, role, mine))
-    rest = [p for p in model.parameters() if id(p) not in seen]
-    if rest:
-        raise RuntimeError(f"{sum(p.numel() for p in rest)} parameters fall in no component")
-    return result
-
-
-def _params(module: nn.Module | None) -> list[nn.Parameter]:
-    return [] if module is None else list(module.parameters())
-
-
-def _linear_shape(layer: nn.Linear) -> str:
-    return f"{layer.in_features}->{layer.out_features}"
-
-
-def _projection_groups(connector) -> list[tuple[str, str, list[nn.Parameter]]]:
-    linears = [m for m in connector.modules() if isinstance(m, nn.Linear)]
-    text = ", GELU, ".join(f"Linear {_linear_shape(m)}" for m in linears)
-    return [(f"projector ({text})", "connector", _params(connector))]
-
-
-def _qformer_groups(connector) -> list[tuple[str, str, list[nn.Parameter]]]:
-    config = connector.qformer.config
-    return [
-        (f"Q-Former ({config.num_queries} queries x {config.hidden_size}, {config.num_layers} layers, "
-         f"cross-attention every {config.cross_attention_frequency})", "connector", _params(connector.qformer)),
-        (f"Q-Former -> LLM (Linear {_linear_shape(connector.projection)})", "connector",
-         _params(connector.projection)),
-    ]
-
-
-def _cross_attention_groups(connector) -> list[tuple[str, str, list[nn.Parameter]]]:
-    groups = []
-    if connector.resampler is not None:
-        groups.append((f"Perceiver resampler ({len(connector.resampler.layers)} layers, "
-                       f"{connector.resampler.latents.shape[0]} latents)", "connector", _params(connector.resampler)))
-    groups.append((f"image projection (Linear {_linear_shape(connector.projection)})", "connector",
-                   _params(connector.projection)))
-    groups.append((f"gated cross-attention blocks x{len(connector.blocks)} (before layers {connector.positions})",
-                   "connector", _params(connector.blocks)))
-    return groups
-
-
-# How each strategy's connector splits into named components (a strategy missing here is one component).
-CONNECTOR_COMPONENTS: dict[str, Callable[[nn.Module], list[tuple[str, str, list[nn.Parameter]]]]] = {
-    "projection": _projection_groups,
-    "qformer": _qformer_groups,
-    "cross_attention": _cross_attention_groups,
-}
-
-
-def _connector_groups(model) -> list[tuple[str, str, list[nn.Parameter]]]:
-    describe = CONNECTOR_COMPONENTS.get(model.config.strategy)
-    if describe is None:
-        return [(f"connector ({model.config.strategy})", "connector", _params(model.connector))]
-    return describe(model.connector)
-
-
-def _llm_groups(llm: nn.Module, prefix: str = "LLM") -> list[tuple[str, str, list[nn.Parameter]]]:
-    layers = decoder_layers(llm)
-    return [
-        (f"{prefix} input embeddings", "llm", _params(llm.get_input_embeddings())),
-        (f"{prefix} decoder layers x{len(layers)}", "llm", _params(layers)),
-        (f"{prefix} output head", "llm", _params(llm.get_output_embeddings())),
-        (f"{prefix} final norm / positions", "llm", _params(llm)),
-    ]
-
-
-def _recipe_trainable(model, lora_rank: int) -> tuple[dict[str, dict[int, bool]], int | None]:
-    """Per recipe, which parameters train (by id), applying `kopru.recipes.apply_recipe` to the meta model;
-    and the LoRA adapters' parameter count (None where the strategy refuses LoRA)."""
-    from kopru.recipes import LoraSettings, apply_recipe
-
-    trains: dict[str, dict[int, bool]] = {}
-    for recipe in ("align", "instruct", "single-stage"):
-        apply_recipe(model, recipe)
-        trains[recipe] = {id(p): p.requires_grad for p in model.parameters()}
-    if not model.connector.splices_into_text:
-        return trains, None
-    with torch.device("meta"), warnings.catch_warnings():  # peft's call of a deprecated transformers helper
-        warnings.simplefilter("ignore", FutureWarning)
-        apply_recipe(model, "instruct", LoraSettings(r=lora_rank, alpha=2 * lora_rank, dropout=0.0))
-    trains["lora"] = {id(p): p.requires_grad for p in model.parameters()}
-    adapters = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" in n)
-    model.llm = model.llm.unload()  # peft injects the adapters in place: take them out again
-    model.requires_grad_(False)
-    return trains, adapters
-
-
-@functools.cache
-def _roles_trained(strategy: str) -> dict[str, frozenset[str]]:
-    """For a strategy, the roles (vision / connector / llm) each recipe trains: `kopru.recipes` applied to a tiny
-    meta Köprü model of that strategy, so reference presets follow exactly the rules Köprü models do."""
-    vision = hf_config({"model_type": "clip_vision_model", "hidden_size": 8, "intermediate_size": 16,
-                        "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 8, "patch_size": 4})
-    llm = hf_config({"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
-                     "num_hidden_layers": 4, "num_attention_heads": 2})
-    connector = {"qformer": {"num_queries": 2, "hidden_size": 8, "num_layers": 1, "num_heads": 2,
-                             "intermediate_size": 16}}.get(strategy)
-    model = build_kopru_meta(KopruConfig(VisionTowerConfig("tiny"), "tiny", strategy, connector), vision, llm)
-    trains, _ = _recipe_trainable(model, lora_rank=2)
-    parts = {"vision": model.vision, "connector": model.connector, "llm": model.llm}
-    # The base parameters only: with LoRA, the adapters are counted apart (see _lora_params).
-    return {recipe: frozenset(role for role, module in parts.items()
-                              if any(trains[recipe][id(p)] for p in module.parameters()))
-            for recipe in trains}
-
-
-def _lora_params(modules: Iterable[nn.Module], exclude: set[int], rank: int) -> int:
-    """Parameters LoRA adds to every nn.Linear (peft's "all-linear": all but the output head): r x (in + out)."""
-    return sum(rank * (m.in_features + m.out_features) for module in modules for m in module.modules()
-               if isinstance(m, nn.Linear) and id(m) not in exclude)
-
-
-def _components(groups, trains: dict[str, dict[int, bool]] | None, roles: dict[str, frozenset[str]] | None,
-                lora_adapters: int | None, lora_rank: int) -> list[Component]:
-    components = []
-    for name, role, params in groups:
-        trainable: dict[str, int | None] = {}
-        for recipe in RECIPES:
-            if recipe == "lora" and lora_adapters is None:
-                trainable[recipe] = None
-            elif trains is not None:
-                trainable[recipe] = sum(p.numel() for p in params if trains[recipe][id(p)])
-            else:
-                trainable[recipe] = sum(p.numel() for p in params) if role in roles[recipe] else 0
-        components.append(Component(name, role, sum(p.numel() for p in params), trainable))
-    if lora_adapters is not None:
-        trainable = {recipe: 0 for recipe in RECIPES} | {"lora": lora_adapters}
-        components.append(Component(f"LoRA adapters (r={lora_rank}, every LLM Linear but the head; lora only)",
-                                    "adapter", lora_adapters, trainable))
-    return components
-
-
-# ------------------------------------------------------------------------------------------------------------
-# FLOPs
-
-
-def count_flops(run: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        run()
-    return counter.get_total_flops()
-
-
-@dataclass(frozen=True)
-class SequenceCost:
-    """Forward FLOPs of the LLM over L positions: fixed + per_position x L + attention x L^2 (full, not causal:
-    FlopCounterMode counts what SDPA is asked to compute)."""
-
-    fixed: float
-    per_position: float
-    attention: float
-
-    @classmethod
-    def fit(cls, run: Callable[[int], Any], lengths: tuple[int, int, int] = (8, 16, 24)) -> SequenceCost:
-        """Exact for any forward whose FLOPs are quadratic in the length; one-token calls are left out because
-        some models take another attention path for them."""
-        x1, x2, x3 = lengths
-        step = x2 - x1
-        if x3 - x2 != step:
-            raise ValueError(f"expected equally spaced lengths, found {lengths}")
-        f1, f2, f3 = (count_flops(functools.partial(run, length)) for length in lengths)
-        attention = (f3 - 2 * f2 + f1) / (2 * step**2)
-        per_position = (f2 - f1) / step - attention * (x1 + x2)
-        return cls(f1 - per_position * x1 - attention * x1**2, per_position, attention)
-
-    def per_token(self, context: int) -> float:
-        """One more token attending to `context` positions."""
-        return self.per_position + self.attention * context
-
-
-@dataclass(frozen=True)
-class FlopTracer:
-    """count / fit, or zeros when FLOPs are not wanted (Settings.flops=False)."""
-
-    enabled: bool = True
-
-    def count(self, run: Callable[[], Any]) -> float:
-        return float(count_flops(run)) if self.enabled else 0.0
-
-    def fit(self, run: Callable[[int], Any]) -> SequenceCost:
-        return SequenceCost.fit(run) if self.enabled else SequenceCost(0.0, 0.0, 0.0)
-
-
-def _dense_flops(modules: Iterable[nn.Module], tokens: int) -> float:
-    """2 x weights x tokens over the Linear / Conv layers of `modules` (each runs once per token)."""
-    weights = sum(m.weight.numel() for module in modules for m in module.modules()
-                  if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)))
-    return 2.0 * weights * tokens
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Architectures: how each family is built, which components it has, its stages, image budget, FLOPs, KV cache.
 
 
 @dataclass
@@ -454,10 +101,10 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
     tracer = FlopTracer(settings.flops)
     model = build_kopru_meta(config, vision_config, llm_config)
     vision, connector, llm = model.vision, model.connector, model.llm
-    groups = _partition(model, [("vision encoder", "vision", _params(vision.encoder)), *_connector_groups(model),
-                                *_llm_groups(llm)])
-    trains, adapters = _recipe_trainable(model, settings.lora_rank)
-    components = _components(groups, trains, None, adapters, settings.lora_rank)
+    groups = partition(model, [("vision encoder", "vision", params_of(vision.encoder)), *connector_groups(model),
+                                *llm_groups(llm)])
+    trains, adapters = recipe_trainable(model, settings.lora_rank)
+    components = components_of(groups, trains, None, adapters, settings.lora_rank)
 
     context = _context(target, settings)
     size = vision_config.image_size
@@ -618,16 +265,16 @@ def _explain_llava_next(target: Target, settings: Settings) -> Explanation:
     inner, vision_config, text_config = model.model, target.vision, target.text
     size, patch = vision_config.image_size, vision_config.patch_size
     per_side = size // patch
-    groups = _partition(model, [
-        ("vision encoder (CLIP-L/336)", "vision", _params(inner.vision_tower)),
-        (f"projector (Linear {_linear_shape(inner.multi_modal_projector.linear_1)}, GELU, Linear "
-         f"{_linear_shape(inner.multi_modal_projector.linear_2)})", "connector", _params(inner.multi_modal_projector)),
+    groups = partition(model, [
+        ("vision encoder (CLIP-L/336)", "vision", params_of(inner.vision_tower)),
+        (f"projector (Linear {linear_shape(inner.multi_modal_projector.linear_1)}, GELU, Linear "
+         f"{linear_shape(inner.multi_modal_projector.linear_2)})", "connector", params_of(inner.multi_modal_projector)),
         ("image_newline (one learned vector per grid row)", "connector", [inner.image_newline]),
         *_llm_groups_reference(inner.language_model, model.lm_head),
     ])
-    roles = _roles_trained(target.strategy)
-    lora = _lora_params([inner.language_model], set(), settings.lora_rank)
-    components = _components(groups, None, roles, lora, settings.lora_rank)
+    roles = roles_trained(target.strategy)
+    lora = lora_params([inner.language_model], set(), settings.lora_rank)
+    components = components_of(groups, None, roles, lora, settings.lora_rank)
 
     width, height = settings.image or target.default_image or (size, size)
     layout = anyres_layout(height, width, tile_size=size, patches_per_side=per_side,
@@ -674,10 +321,10 @@ def _llm_groups_reference(language_model: nn.Module, lm_head: nn.Module, skip: I
     skip = set(skip)
     layers = [layer for i, layer in enumerate(language_model.layers) if i not in skip]
     return [
-        (f"{name} input embeddings", "llm", _params(language_model.embed_tokens)),
+        (f"{name} input embeddings", "llm", params_of(language_model.embed_tokens)),
         (f"{name} decoder layers x{len(layers)}", "llm", [p for layer in layers for p in layer.parameters()]),
-        (f"{name} output head", "llm", _params(lm_head)),
-        (f"{name} final norm / rotary", "llm", _params(language_model)),
+        (f"{name} output head", "llm", params_of(lm_head)),
+        (f"{name} final norm / rotary", "llm", params_of(language_model)),
     ]
 
 
@@ -691,22 +338,22 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
     cross_layers = list(text_config.cross_attention_layers)
     cross = [inner.language_model.layers[i] for i in cross_layers]
     visual = inner.vision_model
-    groups = _partition(model, [
+    groups = partition(model, [
         ("vision encoder: patch + gated position/tile embeddings", "vision",
-         _params(visual.patch_embedding) + [visual.class_embedding] + _params(visual.gated_positional_embedding)
-         + _params(visual.pre_tile_positional_embedding) + _params(visual.post_tile_positional_embedding)
-         + _params(visual.layernorm_pre)),
-        (f"vision encoder: local layers x{len(visual.transformer.layers)}", "vision", _params(visual.transformer)),
+         params_of(visual.patch_embedding) + [visual.class_embedding] + params_of(visual.gated_positional_embedding)
+         + params_of(visual.pre_tile_positional_embedding) + params_of(visual.post_tile_positional_embedding)
+         + params_of(visual.layernorm_pre)),
+        (f"vision encoder: local layers x{len(visual.transformer.layers)}", "vision", params_of(visual.transformer)),
         (f"vision encoder: gated global layers x{len(visual.global_transformer.layers)}", "vision",
-         _params(visual.global_transformer) + _params(visual.layernorm_post)),
-        (f"projector (Linear {_linear_shape(inner.multi_modal_projector)})", "connector",
-         _params(inner.multi_modal_projector)),
+         params_of(visual.global_transformer) + params_of(visual.layernorm_post)),
+        (f"projector (Linear {linear_shape(inner.multi_modal_projector)})", "connector",
+         params_of(inner.multi_modal_projector)),
         (f"cross-attention layers x{len(cross)} (layers {cross_layers})", "connector",
          [p for layer in cross for p in layer.parameters()]),
         *_llm_groups_reference(inner.language_model, model.lm_head, skip=cross_layers),
     ])
-    roles = _roles_trained(target.strategy)
-    components = _components(groups, None, roles, None, settings.lora_rank)
+    roles = roles_trained(target.strategy)
+    components = components_of(groups, None, roles, None, settings.lora_rank)
 
     size, patch, max_tiles = vision_config.image_size, vision_config.patch_size, vision_config.max_num_tiles
     width, height = settings.image or target.default_image or (size, size)
@@ -780,16 +427,16 @@ def _explain_qwen2_vl(target: Target, settings: Settings) -> Explanation:
     model = build_reference(preset)
     inner, vision_config, text_config = model.model, model.config.vision_config, model.config.text_config
     visual = inner.visual
-    groups = _partition(model, [
+    groups = partition(model, [
         (f"vision encoder (patch embed + {len(visual.blocks)} blocks)", "vision",
-         _params(visual.patch_embed) + _params(visual.blocks)),
+         params_of(visual.patch_embed) + params_of(visual.blocks)),
         (f"patch merger (LayerNorm, 2x2 concat, MLP {vision_config.embed_dim * 4}->{vision_config.hidden_size})",
-         "connector", _params(visual.merger)),
+         "connector", params_of(visual.merger)),
         *_llm_groups_reference(inner.language_model, model.lm_head),
     ])
-    roles = _roles_trained(target.strategy)
-    lora = _lora_params([inner.language_model], set(), settings.lora_rank)
-    components = _components(groups, None, roles, lora, settings.lora_rank)
+    roles = roles_trained(target.strategy)
+    lora = lora_params([inner.language_model], set(), settings.lora_rank)
+    components = components_of(groups, None, roles, lora, settings.lora_rank)
 
     patch, merge, temporal = vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size
     width, height = settings.image or target.default_image
@@ -819,9 +466,9 @@ def _explain_qwen2_vl(target: Target, settings: Settings) -> Explanation:
     ]
     # The encoder's attention splits on data-dependent sequence lengths and cannot run on meta tensors: counted
     # as matmuls 2 x weights x tokens, attention 4 x tokens^2 x width per block.
-    vision_flops = tracer.enabled * (_dense_flops([visual.patch_embed, visual.blocks], patches)
+    vision_flops = tracer.enabled * (dense_flops([visual.patch_embed, visual.blocks], patches)
                                      + 4.0 * len(visual.blocks) * patches**2 * embed)
-    connector_flops = tracer.enabled * _dense_flops([visual.merger], tokens)
+    connector_flops = tracer.enabled * dense_flops([visual.merger], tokens)
 
     def run_text(length: int) -> None:
         positions = torch.zeros(3, 1, length, dtype=torch.long, device="meta")
@@ -843,232 +490,3 @@ ARCHITECTURES: dict[str, Callable[[Target, Settings], Explanation]] = {
     "mllama": _explain_mllama,
     "qwen2_vl": _explain_qwen2_vl,
 }
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Entry points
-
-
-def preset_target(preset: Preset) -> Target:
-    return Target(preset.name, preset.description, preset.source, preset.architecture, preset.strategy,
-                  hf_config(preset.vision), hf_config(preset.text), preset.kopru_config(), preset, preset.default_image)
-
-
-def config_target(config: KopruConfig, base: Path | None = None, name: str | None = None) -> Target:
-    """A Köprü config whose backbones are local HF directories (or hub ids, if online): their config.json
-    files are read, no weights."""
-    def resolve(path: str) -> str:
-        candidate = base / path if base is not None else None
-        return str(candidate) if candidate is not None and candidate.exists() else path
-
-    vision_path, llm_path = resolve(config.vision.name_or_path), resolve(config.llm)
-    vision_config = _read_config(vision_path, "vision encoder")
-    if vision_config.model_type not in VISION_BACKBONES:
-        sub = getattr(vision_config, "vision_config", None)
-        if sub is None or sub.model_type not in VISION_BACKBONES:
-            raise ValueError(f"expected a vision encoder of type {sorted(VISION_BACKBONES)} at {vision_path!r}, "
-                             f"found model_type {vision_config.model_type!r}")
-        vision_config = sub
-    llm_config = _read_config(llm_path, "LLM")
-    vocab = _vocab_with_image_tokens(llm_path, config)
-    if vocab is not None and vocab > llm_config.vocab_size:  # from_backbones grows the table by these rows
-        llm_config.vocab_size = vocab
-    return Target(name or f"{config.strategy} over {config.vision.name_or_path} + {config.llm}",
-                  f"Köprü {config.strategy} model", f"{vision_path} + {llm_path}", "kopru", config.strategy,
-                  vision_config, llm_config, config)
-
-
-def _read_config(path: str, what: str) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"expected the {what}'s config.json at {path!r}: {error}") from None
-
-
-def _vocab_with_image_tokens(llm_path: str, config: KopruConfig) -> int | None:
-    """The vocabulary after `add_image_tokens`, when the tokenizer is on disk (the LLM gains rows for them)."""
-    if not (Path(llm_path) / "tokenizer_config.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    from kopru.processing import add_image_tokens
-
-    return add_image_tokens(AutoTokenizer.from_pretrained(llm_path), dataclasses.replace(config))
-
-
-def model_dir_target(path: str | Path) -> Target:
-    """A saved Köprü model directory: its kopru_config.json and the backbones' config.json files."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"expected a Köprü model directory at {path}, found none")
-    if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"expected {CONFIG_FILE} in the model directory {path}, found "
-                                f"{sorted(p.name for p in path.iterdir())[:10] or 'an empty directory'}")
-    config = KopruConfig.load(path / CONFIG_FILE)
-    return config_target(config, base=path, name=path.name)
-
-
-def explain(preset: str | Preset | None = None, config: KopruConfig | str | Path | None = None,
-            model_dir: str | Path | None = None, settings: Settings | None = None, **options: Any) -> Explanation:
-    """Explain one model: a `preset` (a name from PRESETS or a Preset of your own), a Köprü `config` (object or
-    JSON file) or a saved `model_dir`.
-
-    `options` are `Settings` fields (dtype, batch, context, image=(width, height), images_per_sample,
-    text_tokens, lora_rank).
-    """
-    given = [x for x in (preset, config, model_dir) if x is not None]
-    if len(given) != 1:
-        raise ValueError(f"expected exactly one of preset, config or model_dir, found {len(given)}")
-    settings = dataclasses.replace(settings or Settings(), **options)
-    if preset is not None:
-        target = preset_target(preset if isinstance(preset, Preset) else get_preset(preset))
-    elif model_dir is not None:
-        target = model_dir_target(model_dir)
-    elif isinstance(config, KopruConfig):
-        target = config_target(config)
-    else:
-        config_path = Path(config)
-        target = config_target(KopruConfig.load(config_path), base=config_path.parent)
-    return ARCHITECTURES[target.architecture](target, settings)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Rendering
-
-
-def human(value: float, unit: str = "") -> str:
-    """1234567 -> '1.23 M' style, for FLOPs and bytes."""
-    for threshold, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:.2f} {suffix}{unit}"
-    return f"{value:.0f} {unit}".rstrip()
-
-
-def human_bytes(value: float) -> str:
-    for threshold, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if value >= threshold:
-            return f"{value / threshold:.2f} {suffix}"
-    return f"{value:.0f} B"
-
-
-def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return lines + ["| " + " | ".join(row) + " |" for row in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in rows]
-
-
-def _count(value: int | None) -> str:
-    return "n/a" if value is None else f"{value:,}"
-
-
-def _render(e: Explanation, markdown: bool) -> str:
-    h = (lambda text, level=2: f"{'#' * level} {text}") if markdown else (lambda text, level=2: f"\n{text}:")
-    out = [f"# {e.name}" if markdown else e.name, "", e.description, f"configs: {e.source}",
-           f"strategy: {e.strategy}; built from: {e.built_from} (meta device, nothing allocated)", ""]
-    out.append(h("Data flow"))
-    shape = (lambda s: "`[" + ", ".join(map(str, s)) + "]`") if markdown else (lambda s: str(s))
-    out += _table(["stage", "shape", "note"], [[s.name, shape(s.shape), s.note] for s in e.stages], markdown)
-    out += ["", h("Parameters")]
-    rows = [[c.name, c.role, f"{c.params:,}", *(_count(c.trainable[r]) for r in RECIPES)] for c in e.components]
-    rows.append(["total", "", f"{e.total_params:,}", *(_count(e.trainable(r)) for r in RECIPES)])
-    out += _table(["component", "role", "params", *(f"trainable: {r}" for r in RECIPES)], rows, markdown)
-    i = e.image
-    out += ["", h("Image positions")]
-    out += _table(["image", "encoder tokens", "LLM positions / image", "of which markers", "cross-attn K/V / image",
-                   f"share of a {i.context:,} context"],
-                  [[f"{i.image_size[0]}x{i.image_size[1]}", f"{i.vision_tokens:,}", f"{i.llm_positions:,}",
-                    str(i.markers), f"{i.cross_attention_kv:,}", f"{100 * i.context_share:.2f}%"]], markdown)
-    out += ["", i.note]
-    f = e.flops
-    out += ["", h("Forward FLOPs")]
-    out += ["not computed (flops=False)"] if not f else _table(["quantity", "FLOPs"], [
-        ["vision encoder per image", human(f["vision_per_image"])],
-        ["connector per image", human(f["connector_per_image"])],
-        ["LLM per image (its positions, dense)", human(f["llm_per_image"])],
-        ["total per image", human(f["per_image"])],
-        ["LLM per text token (dense)", human(f["llm_per_text_token_dense"])],
-        [f"LLM per text token at context {i.context:,}", human(f["per_text_token_at_context"])],
-    ], markdown)
-    m = e.memory
-    out += ["", h(f"Memory ({e.dtype}, batch {e.batch}, context {i.context:,})")]
-    out += _table(["what", "bytes"], [
-        ["weights", human_bytes(m["weights"])], ["KV cache (self-attention)", human_bytes(m["kv_cache"])],
-        ["cross-attention K/V", human_bytes(m["cross_attention_kv"])], ["total", human_bytes(m["total"])],
-    ], markdown)
-    out += ["", h("Notes")] + [f"- {note}" for note in e.notes]
-    return "\n".join(out) + "\n"
-
-
-_ROLE_COLOURS = {"vision": "#cfe2f3", "connector": "#fce5cd", "llm": "#d9ead3"}
-
-
-def _stage_role(stage: Stage) -> str:
-    name = stage.name.lower()
-    if name.startswith(("llm", "logits")):
-        return "llm"
-    if any(word in name for word in ("pixels", "patch", "encoder", "selected", "vision features")):
-        return "vision"
-    return "connector"
-
-
-def draw_diagram(e: Explanation, path: str | Path) -> Path:
-    """The data flow as a column of boxes, one per stage, shapes written on them (PNG or SVG by suffix)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch
-
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg"):
-        raise ValueError(f"expected a diagram path ending in .png or .svg, found {path.name!r}")
-    count = len(e.stages)
-    fig, ax = plt.subplots(figsize=(9, 1.05 * count + 1.4))
-    ax.set_xlim(0, 10)
-    ax.set_ylim(-0.6, count + 0.9)
-    ax.axis("off")
-    ax.text(5, count + 0.55, f"{e.name}: {e.strategy}", ha="center", fontsize=13, weight="bold")
-    ax.text(5, count + 0.2, f"{e.total_params:,} parameters; {e.image.llm_positions:,} LLM position(s) per image"
-            + (f", {e.image.cross_attention_kv:,} cross-attention K/V" if e.image.cross_attention_kv else ""),
-            ha="center", fontsize=9)
-    for index, stage in enumerate(e.stages):
-        y = count - 1 - index
-        role = _stage_role(stage)
-        ax.add_patch(FancyBboxPatch((0.6, y - 0.36), 8.8, 0.72, boxstyle="round,pad=0.02",
-                                    facecolor=_ROLE_COLOURS[role], edgecolor="#555555"))
-        ax.text(0.8, y + 0.12, stage.name, fontsize=10, weight="bold", va="center")
-        ax.text(9.2, y + 0.12, "[" + ", ".join(f"{d:,}" for d in stage.shape) + "]", fontsize=10, va="center",
-                ha="right", family="monospace")
-        ax.text(0.8, y - 0.18, stage.note[:110], fontsize=7.5, va="center", color="#333333")
-        if index:
-            ax.annotate("", xy=(5, y + 0.37), xytext=(5, y + 0.63), arrowprops={"arrowstyle": "->"})
-    handles = [FancyBboxPatch((0, 0), 1, 1, facecolor=c, edgecolor="#555555") for c in _ROLE_COLOURS.values()]
-    ax.legend(handles, ["vision encoder", "connector", "LLM"], loc="lower center", ncol=3, frameon=False,
-              bbox_to_anchor=(0.5, -0.02), fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def summary_table(names: Iterable[str] | None = None, **options: Any) -> str:
-    """One markdown row per preset: counts per recipe, image positions, FLOPs per image, weights."""
-    header = ["preset", "built from", "total params", "trainable: align", "trainable: instruct",
-              f"trainable: LoRA r={options.get('lora_rank', LORA_RANK)}", "LLM positions / image",
-              "cross-attn K/V / image", "FLOPs / image", f"weights {options.get('dtype', 'bfloat16')}"]
-    rows = []
-    for name in names or PRESETS:
-        e = explain(preset=name, **options)
-        rows.append([name, e.built_from, f"{e.total_params:,}", _count(e.trainable("align")),
-                     _count(e.trainable("instruct")), _count(e.trainable("lora")), f"{e.image.llm_positions:,}",
-                     f"{e.image.cross_attention_kv:,}", human(e.flops["per_image"]) if e.flops else "n/a",
-                     human_bytes(e.memory["weights"])])
-    return "\n".join(_table(header, rows, markdown=True)) + "\n"
-
-
-def list_presets() -> str:
-    return "\n".join(f"{p.name:34s} {p.description}" for p in PRESETS.values())
-
