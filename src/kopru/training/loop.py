@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 from tqdm import tqdm
 
-from kopru.checkpoint import (
+from kopru.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -48,7 +48,7 @@ from kopru.data.formats import SKIP_REASONS, SampleError, SkipReport
 from kopru.data.sample import Sample, samples_fingerprint
 from kopru.llm import context_window
 from kopru.model import KopruForConditionalGeneration
-from kopru.recipes import (
+from kopru.training.recipes import (
     LoraSettings,
     OptimizerSettings,
     apply_recipe,
@@ -631,7 +631,7 @@ QFORMER_HEADS_FILE = "qformer_heads.safetensors"
 def _qformer_stage1(model: KopruForConditionalGeneration, processor, config: TrainConfig, trainable: int,
                     total: int) -> TrainSummary:
     """BLIP-2 stage 1 on captions: one process, no checkpoints (a short phase before align / instruct)."""
-    from kopru.qformer_pretraining import QFormerPretrainer, pretrain_qformer
+    from kopru.training.qformer_stage1 import QFormerPretrainer, pretrain_qformer
 
     report = SkipReport()
     samples = load_data(config.train_data, config, "train", report)
