@@ -20,7 +20,7 @@ from kopru.explain.report import RECIPES, Component
 from kopru.llm import decoder_layers
 from kopru.model import KopruForConditionalGeneration
 from kopru.presets import Preset, hf_config, reference_config
-from kopru.recipes import LoraSettings, apply_recipe
+from kopru.training.recipes import LoraSettings, apply_recipe
 from kopru.vision import VISION_BACKBONES, VisionTower
 
 
@@ -144,7 +144,7 @@ def llm_groups(llm: nn.Module, prefix: str = "LLM") -> list[tuple[str, str, list
 
 
 def recipe_trainable(model, lora_rank: int) -> tuple[dict[str, dict[int, bool]], int | None]:
-    """Per recipe, which parameters train (by id), applying `kopru.recipes.apply_recipe` to the meta model;
+    """Per recipe, which parameters train (by id), applying `kopru.training.recipes.apply_recipe` to the meta model;
     and the LoRA adapters' parameter count (None where the strategy refuses LoRA)."""
     trains: dict[str, dict[int, bool]] = {}
     for recipe in ("align", "instruct", "single-stage"):

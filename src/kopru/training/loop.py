@@ -33,6 +33,13 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 from tqdm import tqdm
 
+from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
+from kopru.data.encoding import EncodedSample, SampleEncoder
+from kopru.data.formats import SKIP_REASONS, SampleError, SkipReport
+from kopru.data.sample import Sample, samples_fingerprint
+from kopru.llm import context_window
+from kopru.model import KopruForConditionalGeneration
 from kopru.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -41,13 +48,6 @@ from kopru.training.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from kopru.config import KopruConfig, VisionTowerConfig
-from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
-from kopru.data.encoding import EncodedSample, SampleEncoder
-from kopru.data.formats import SKIP_REASONS, SampleError, SkipReport
-from kopru.data.sample import Sample, samples_fingerprint
-from kopru.llm import context_window
-from kopru.model import KopruForConditionalGeneration
 from kopru.training.recipes import (
     LoraSettings,
     OptimizerSettings,
