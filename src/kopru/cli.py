@@ -15,7 +15,7 @@ from kopru.presets import preset_names
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kopru.demo import format_results, run_demo
+    from kopru.lesson.demo import format_results, run_demo
 
     print("Köprü demo: three strategies on tiny local backbones (a 2-layer CLIP-style ViT, a 4-layer Llama).")
     results = run_demo(args.workdir, steps=args.steps, seed=args.seed)
@@ -164,8 +164,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kopru.compare import compare
-    from kopru.report import results_table
+    from kopru.lesson.compare import compare
+    from kopru.lesson.report import results_table
 
     data = {k: v for k, v in (("vision", args.vision), ("llm", args.llm), ("train_data", args.train_data),
                               ("eval_data", args.eval_data)) if v is not None}
@@ -182,7 +182,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _pretrain_tiny(args: argparse.Namespace) -> int:
     import time
 
-    from kopru.pretrain_tiny import build_tiny_backbones, iter_report_lines
+    from kopru.lesson.pretrain_tiny import build_tiny_backbones, iter_report_lines
 
     start = time.perf_counter()
     import torch

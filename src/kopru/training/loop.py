@@ -204,7 +204,7 @@ def build_model(config: TrainConfig) -> tuple[KopruForConditionalGeneration, Any
     else:
         vision, llm = config.vision, config.llm
         if vision is None:
-            from kopru.pretrain_tiny import default_backbones
+            from kopru.lesson.pretrain_tiny import default_backbones
 
             defaults = default_backbones()
             vision, llm = str(defaults["vision"]), str(defaults["llm"])

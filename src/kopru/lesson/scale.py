@@ -116,7 +116,7 @@ def _config(fields: dict[str, Any]):
 
 
 def _tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
-    from kopru.tiny import tiny_tokenizer
+    from kopru.lesson.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     if len(tokenizer) + 3 > vocab_size:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kopru.significance import FAILS, HOLDS, INCONCLUSIVE, all_of, judge, separated
+from kopru.lesson.significance import FAILS, HOLDS, INCONCLUSIVE, all_of, judge, separated
 
 STRATEGIES = ("projection", "qformer", "cross_attention")
 NAMES = {"projection": "projection", "qformer": "Q-Former", "cross_attention": "cross-attention"}

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from kopru.llm import context_window
-from kopru.significance import bootstrap_difference, bootstrap_mean
+from kopru.lesson.significance import bootstrap_difference, bootstrap_mean
 from kopru.training import TrainConfig, train
 
 
@@ -202,7 +202,7 @@ def measure_peak_memory(model_dir: str, new_tokens: int = 16) -> float | None:
     process so that nothing this process allocated before (training, other variants) counts: CUDA's allocator
     peak on GPU, else the process's peak resident set (Linux; Python, torch and the weights included, so compare
     variants by their differences). None where it cannot be read."""
-    code = f"from kopru.compare import _peak_memory_child; _peak_memory_child({model_dir!r}, {new_tokens})"
+    code = f"from kopru.lesson.compare import _peak_memory_child; _peak_memory_child({model_dir!r}, {new_tokens})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measuring peak memory of {model_dir} failed:\n{done.stderr[-2000:]}")
@@ -266,7 +266,7 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", *
         for language in preset.transfer_languages:
             transfer.append(run_variant(VARIANTS[name], preset.seeds[0], preset, output / "runs", False,
                                         train_languages=(language,), **data))
-    from kopru.scale import default_speed_setup, lesson_structure, measure_speed
+    from kopru.lesson.scale import default_speed_setup, lesson_structure, measure_speed
 
     speed_setup = default_speed_setup() if preset.speed == "auto" else preset.speed
     results = {"preset": preset_name, "settings": dataclasses.asdict(preset),
@@ -276,7 +276,7 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", *
                "lesson_scale": lesson_structure() if preset.lesson_scale else None,
                "speed": measure_speed(speed_setup) if speed_setup else None}
     (output / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    from kopru.report import write_report
+    from kopru.lesson.report import write_report
 
     write_report(results, output)
     return results
@@ -420,7 +420,7 @@ def itc_retrieval(model_dir: str, stage1_dir: str, samples: list) -> dict[str, f
     """Recall@1/5 with the Q-Former's contrastive head: the stage-1 Q-Former and heads put onto the backbones of
     the saved model at `model_dir`, scored over the same caption samples as the caption-likelihood ranking."""
     from kopru.model import KopruForConditionalGeneration
-    from kopru.qformer_pretraining import QFormerPretrainer, retrieval_recall
+    from kopru.training.qformer_stage1 import QFormerPretrainer, retrieval_recall
     from kopru.training import QFORMER_HEADS_FILE
 
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)

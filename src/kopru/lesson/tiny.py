@@ -118,7 +118,7 @@ def save_tiny_served_model(root: str | Path, seed: int = 0) -> Path:
     in many pieces and cut off mid-stream, and to tell one request's answer from another's."""
     from kopru.config import KopruConfig, VisionTowerConfig
     from kopru.model import KopruForConditionalGeneration
-    from kopru.pretrain_tiny import default_backbones
+    from kopru.lesson.pretrain_tiny import default_backbones
 
     root = Path(root)
     llm = save_tiny_llm(root / "llm", "llama", seed=seed)
