@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kopru.llm import context_window
 from kopru.lesson.significance import bootstrap_difference, bootstrap_mean
+from kopru.llm import context_window
 from kopru.training import TrainConfig, train
 
 
@@ -420,8 +420,8 @@ def itc_retrieval(model_dir: str, stage1_dir: str, samples: list) -> dict[str, f
     """Recall@1/5 with the Q-Former's contrastive head: the stage-1 Q-Former and heads put onto the backbones of
     the saved model at `model_dir`, scored over the same caption samples as the caption-likelihood ranking."""
     from kopru.model import KopruForConditionalGeneration
-    from kopru.training.qformer_stage1 import QFormerPretrainer, retrieval_recall
     from kopru.training import QFORMER_HEADS_FILE
+    from kopru.training.qformer_stage1 import QFormerPretrainer, retrieval_recall
 
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)
     model.load_connector(stage1_dir)

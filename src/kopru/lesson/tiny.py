@@ -117,8 +117,8 @@ def save_tiny_served_model(root: str | Path, seed: int = 0) -> Path:
     connector. A random LLM seldom ends its answer early, so answers run to max_tokens: long enough to be streamed
     in many pieces and cut off mid-stream, and to tell one request's answer from another's."""
     from kopru.config import KopruConfig, VisionTowerConfig
-    from kopru.model import KopruForConditionalGeneration
     from kopru.lesson.pretrain_tiny import default_backbones
+    from kopru.model import KopruForConditionalGeneration
 
     root = Path(root)
     llm = save_tiny_llm(root / "llm", "llama", seed=seed)

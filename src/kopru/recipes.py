@@ -1,8 +1,0 @@
-"""Moved to `kopru.training.recipes`. This import path keeps working: it is that same module (not a copy), so
-attributes set or patched through either name are seen through both."""
-
-import sys
-
-from kopru.training import recipes
-
-sys.modules[__name__] = recipes
