@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig, AutoTokenizer
+
 from kopru.alignment import text_budget, tokenizer_fertility
 from kopru.config import CONFIG_FILE, KopruConfig
 from kopru.dtypes import dtype_bytes
@@ -236,8 +238,6 @@ def load_preset(name: str) -> BudgetModel:
 def load_kopru_model(path: str | Path) -> BudgetModel:
     """A Köprü model directory (with kopru_config.json) or a config file; its backbones' configs are read (no
     weights), relative paths resolved against the config's folder as `KopruForConditionalGeneration` does."""
-    from transformers import AutoConfig
-
 
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
@@ -298,8 +298,6 @@ def _kopru_rule(config: Any, encoder_config: Any) -> ImageRule:
 
 
 def _tokenizer_or_none(llm_path: str) -> Any:
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(llm_path)
     except (OSError, ValueError):  # no tokenizer files beside the LLM: the text counts are left out

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
@@ -488,8 +489,6 @@ def _grow_embeddings(llm: PreTrainedModel, vocab: int) -> None:
 
 
 def _read_metadata(file: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     if not file.is_file():
         raise FileNotFoundError(f"expected connector weights at {file}, found nothing")
     with safe_open(str(file), "pt") as handle:

@@ -19,9 +19,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from kopru.alignment import caption_retrieval, text_budget, tokenizer_fertility
+from kopru.data.builtin import builtin_dataset
+from kopru.lesson.report import write_report
+from kopru.lesson.scale import default_speed_setup, lesson_structure, measure_speed
 from kopru.lesson.significance import bootstrap_difference, bootstrap_mean
 from kopru.llm import context_window
-from kopru.training import TrainConfig, train
+from kopru.model import KopruForConditionalGeneration
+from kopru.training import QFORMER_HEADS_FILE, TrainConfig, train
+from kopru.training.qformer_stage1 import QFormerPretrainer, retrieval_recall
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,6 @@ def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stag
     summary = train(TrainConfig(**common, recipe="single-stage", max_steps=preset.steps, init_connector=init,
                                 output_dir=str(run_dir / "single-stage")))
     seconds = time.perf_counter() - started
-    from kopru.model import KopruForConditionalGeneration
 
     model, processor = KopruForConditionalGeneration.from_pretrained(summary.final_model)
     ttft, decode = measure_latency(model, processor)
@@ -211,8 +216,6 @@ def measure_peak_memory(model_dir: str, new_tokens: int = 16) -> float | None:
 
 
 def _peak_memory_child(model_dir: str, new_tokens: int) -> None:
-    from kopru.model import KopruForConditionalGeneration
-
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)
     if torch.cuda.is_available():
         model.cuda()
@@ -266,7 +269,6 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", *
         for language in preset.transfer_languages:
             transfer.append(run_variant(VARIANTS[name], preset.seeds[0], preset, output / "runs", False,
                                         train_languages=(language,), **data))
-    from kopru.lesson.scale import default_speed_setup, lesson_structure, measure_speed
 
     speed_setup = default_speed_setup() if preset.speed == "auto" else preset.speed
     results = {"preset": preset_name, "settings": dataclasses.asdict(preset),
@@ -276,7 +278,6 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", *
                "lesson_scale": lesson_structure() if preset.lesson_scale else None,
                "speed": measure_speed(speed_setup) if speed_setup else None}
     (output / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    from kopru.lesson.report import write_report
 
     write_report(results, output)
     return results
@@ -382,9 +383,6 @@ def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: 
                       itc_stage1: dict[str, str] | None = None) -> dict[str, Any]:
     """Tokenizer fertility and its cost in text budget, caption retrieval per language (caption likelihood for
     every variant; the Q-Former's ITC head for the stage-1 connectors in `itc_stage1`), cross-lingual transfer."""
-    from kopru.alignment import caption_retrieval, text_budget, tokenizer_fertility
-    from kopru.data.builtin import builtin_dataset
-    from kopru.model import KopruForConditionalGeneration
 
     first = {run.variant: run for run in runs if run.seed == runs[0].seed and not run.stage1}
     captions = builtin_dataset("shapes", max(preset.retrieval_captions, 2), split="test", kind="caption")
@@ -419,9 +417,6 @@ def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: 
 def itc_retrieval(model_dir: str, stage1_dir: str, samples: list) -> dict[str, float]:
     """Recall@1/5 with the Q-Former's contrastive head: the stage-1 Q-Former and heads put onto the backbones of
     the saved model at `model_dir`, scored over the same caption samples as the caption-likelihood ranking."""
-    from kopru.model import KopruForConditionalGeneration
-    from kopru.training import QFORMER_HEADS_FILE
-    from kopru.training.qformer_stage1 import QFormerPretrainer, retrieval_recall
 
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)
     model.load_connector(stage1_dir)
