@@ -30,7 +30,7 @@ from kopru.explain.parameters import (
     recipe_trainable,
     roles_trained,
 )
-from kopru.explain.report import LORA_RANK, Explanation, ImageBudget, Stage
+from kopru.explain.report import LORA_RANK, Component, Explanation, ImageBudget, Stage
 from kopru.high_resolution import ImagePlan, plan_image
 from kopru.llm import attention_geometry, context_window, kv_cache_bytes
 from kopru.presets import Preset
@@ -92,6 +92,30 @@ def _kv_bytes(layers: int, config: PretrainedConfig, positions: int, settings: S
     return float(kv_cache_bytes(positions, layers, kv_heads, head_dim, dtype_bytes(settings.dtype), settings.batch))
 
 
+def _memory(text_config: PretrainedConfig, context: int, settings: Settings, self_layers: int,
+            cross_layers: int = 0, cross_positions: int = 0) -> dict[str, float]:
+    """The KV cache of a full context in the self-attention layers, and the images' K/V (`cross_positions` per
+    sequence) in the cross-attention layers."""
+    return {"kv_cache": _kv_bytes(self_layers, text_config, context, settings),
+            "cross_attention_kv": _kv_bytes(cross_layers, text_config, cross_positions, settings)
+            if cross_positions else 0.0}
+
+
+def _image_size(target: Target, settings: Settings, size: int | None) -> tuple[int, int]:
+    """(width, height) the figures are for: --image, else the preset's default, else the encoder's `size` square."""
+    chosen = settings.image or target.default_image or ((size, size) if size else None)
+    if chosen is None:
+        raise ValueError(f"{target.name}: expected an image size (--image WIDTHxHEIGHT); the encoder has no base size")
+    return chosen
+
+
+def _reference_components(target: Target, settings: Settings, groups,
+                          lora_modules: list[nn.Module] | None) -> list[Component]:
+    """Components of an HF reference model: what each recipe trains, by the roles `kopru.training.recipes` trains in
+    a Köprü model of the same strategy; LoRA on every Linear of `lora_modules` (None: the strategy has no LoRA)."""
+    lora = None if lora_modules is None else lora_params(lora_modules, set(), settings.lora_rank)
+    return components_of(groups, None, roles_trained(target.strategy), lora, settings.lora_rank)
+
 def _shape(*dims: int) -> list[int]:
     return [int(d) for d in dims]
 
@@ -108,7 +132,7 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
 
     context = _context(target, settings)
     size = vision_config.image_size
-    width, height = settings.image or target.default_image or (size, size)
+    width, height = _image_size(target, settings, size)
     plan = plan_image(config, vision_config, height, width)  # the processor's and the model's own plan
     count = image_positions(config, vision_config, width, height)
     features_out = connector_tokens(config, plan)  # connector vectors per image, all passes together
@@ -209,9 +233,8 @@ def _explain_kopru(target: Target, settings: Settings) -> Explanation:
 
     llm_cost = tracer.fit(run_llm)
     kv_positions = cached_kv * settings.images_per_sample  # what the cache holds
-    memory = {"kv_cache": _kv_bytes(llm_config.num_hidden_layers, llm_config, context, settings),
-              "cross_attention_kv": _kv_bytes(len(getattr(connector, "blocks", [])), llm_config, kv_positions,
-                                              settings) if kv_positions else 0.0}
+    memory = _memory(llm_config, context, settings, llm_config.num_hidden_layers,
+                     len(getattr(connector, "blocks", [])), kv_positions)
     notes = ["explained from the Köprü model (KopruForConditionalGeneration on the meta device)"]
     return _finish(target, settings, model, "Köprü model", stages, components, budget, vision_flops,
                    connector_flops, llm_cost, memory, notes)
@@ -272,11 +295,9 @@ def _explain_llava_next(target: Target, settings: Settings) -> Explanation:
         ("image_newline (one learned vector per grid row)", "connector", [inner.image_newline]),
         *_llm_groups_reference(inner.language_model, model.lm_head),
     ])
-    roles = roles_trained(target.strategy)
-    lora = lora_params([inner.language_model], set(), settings.lora_rank)
-    components = components_of(groups, None, roles, lora, settings.lora_rank)
+    components = _reference_components(target, settings, groups, [inner.language_model])
 
-    width, height = settings.image or target.default_image or (size, size)
+    width, height = _image_size(target, settings, size)
     layout = anyres_layout(height, width, tile_size=size, patches_per_side=per_side,
                            pinpoints=tuple(tuple(p) for p in model.config.image_grid_pinpoints))
     crops = 1 + layout.tiles[0] * layout.tiles[1]
@@ -308,8 +329,7 @@ def _explain_llava_next(target: Target, settings: Settings) -> Explanation:
     connector_flops = tracer.count(lambda: inner.multi_modal_projector(features))
     llm_cost = tracer.fit(lambda length: model.lm_head(inner.language_model(
         inputs_embeds=torch.empty(1, length, dim, device="meta")).last_hidden_state))
-    memory = {"kv_cache": _kv_bytes(text_config.num_hidden_layers, text_config, context, settings),
-              "cross_attention_kv": 0.0}
+    memory = _memory(text_config, context, settings, text_config.num_hidden_layers)
     notes = ["explained from the HF reference model LlavaNextForConditionalGeneration on the meta device (a Köprü "
              "projection model with resolution mode 'anyres' converts from it with the same parameters)"]
     return _finish(target, settings, model, "HF LlavaNextForConditionalGeneration", stages, components, budget,
@@ -352,11 +372,10 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
          [p for layer in cross for p in layer.parameters()]),
         *_llm_groups_reference(inner.language_model, model.lm_head, skip=cross_layers),
     ])
-    roles = roles_trained(target.strategy)
-    components = components_of(groups, None, roles, None, settings.lora_rank)
+    components = _reference_components(target, settings, groups, None)  # cross_attention: no LoRA
 
     size, patch, max_tiles = vision_config.image_size, vision_config.patch_size, vision_config.max_num_tiles
-    width, height = settings.image or target.default_image or (size, size)
+    width, height = _image_size(target, settings, size)
     canvas_height, canvas_width = optimal_tiled_canvas(height, width, max_tiles, size)
     tiles = (canvas_height // size) * (canvas_width // size)
     per_tile = (size // patch) ** 2 + 1
@@ -410,9 +429,7 @@ def _explain_mllama(target: Target, settings: Settings) -> Explanation:
 
     cost = tracer.fit(run_text)  # `fixed` = the cross-attention K/V projections, counted with the connector
     self_layers = text_config.num_hidden_layers - len(cross)
-    memory = {"kv_cache": _kv_bytes(self_layers, text_config, context, settings),
-              "cross_attention_kv": _kv_bytes(len(cross), text_config, settings.images_per_sample * kv_length,
-                                              settings)}
+    memory = _memory(text_config, context, settings, self_layers, len(cross), settings.images_per_sample * kv_length)
     notes = ["explained from the HF reference model MllamaForConditionalGeneration on the meta device: Köprü's "
              "conversion tiles images as HF does (K/V for the real tiles only) and keeps 8 extra lm_head rows (+8 x hidden parameters)"]
     return _finish(target, settings, model, "HF MllamaForConditionalGeneration", stages, components, budget,
@@ -434,12 +451,10 @@ def _explain_qwen2_vl(target: Target, settings: Settings) -> Explanation:
          "connector", params_of(visual.merger)),
         *_llm_groups_reference(inner.language_model, model.lm_head),
     ])
-    roles = roles_trained(target.strategy)
-    lora = lora_params([inner.language_model], set(), settings.lora_rank)
-    components = components_of(groups, None, roles, lora, settings.lora_rank)
+    components = _reference_components(target, settings, groups, [inner.language_model])
 
     patch, merge, temporal = vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size
-    width, height = settings.image or target.default_image
+    width, height = _image_size(target, settings, None)
     new_height, new_width = smart_resize(height, width, factor=patch * merge)
     patches = (new_height // patch) * (new_width // patch)
     tokens = patches // merge**2
@@ -476,8 +491,7 @@ def _explain_qwen2_vl(target: Target, settings: Settings) -> Explanation:
                                            position_ids=positions).last_hidden_state)
 
     cost = tracer.fit(run_text)
-    memory = {"kv_cache": _kv_bytes(text_config.num_hidden_layers, text_config, context, settings),
-              "cross_attention_kv": 0.0}
+    memory = _memory(text_config, context, settings, text_config.num_hidden_layers)
     notes = ["explained from the HF reference model Qwen2VLForConditionalGeneration on the meta device: Köprü has "
              "no Qwen2-VL encoder; its encoder FLOPs are computed, not traced"]
     return _finish(target, settings, model, "HF Qwen2VLForConditionalGeneration", stages, components, budget,
