@@ -14,19 +14,19 @@ from pathlib import Path
 from kopru.budget import aspect_size, available_presets, format_bytes, load_preset, plan_budget
 
 TABLE_SIZES = [(224, 224), (336, 336), (640, 480), (672, 672), (1280, 720), (1920, 1080), (3840, 2160)]
-STYLES = {  # preset -> (colour, strategy label)
-    "llava-1.5": ("tab:blue", "projection, fixed 336 px"),
-    "llava-next": ("tab:orange", "projection, anyres"),
-    "qwen2-vl": ("tab:green", "projection, dynamic"),
-    "blip-2": ("tab:red", "qformer"),
-    "llama-3.2-vision": ("tab:purple", "cross_attention"),
+STYLES = {  # the presets drawn (one per resolution rule): preset -> (colour, strategy label)
+    "llava-1.5-7b": ("tab:blue", "projection, fixed 336 px"),
+    "llava-next-7b": ("tab:orange", "projection, anyres"),
+    "qwen2-vl-7b": ("tab:green", "projection, dynamic"),
+    "blip-2-opt-2.7b": ("tab:red", "qformer"),
+    "llama-3.2-11b-vision": ("tab:purple", "cross_attention"),
 }
 
 
 def curves(aspect: tuple[int, int], long_sides: range) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """Per preset: long sides, LLM positions, cross-attention K/V positions (0 where spliced)."""
+    """Per drawn preset: long sides, LLM positions, cross-attention K/V positions (0 where spliced)."""
     result = {}
-    for name in available_presets():
+    for name in STYLES:
         model = load_preset(name)
         sides, tokens, kv = [], [], []
         for side in long_sides:
@@ -48,7 +48,7 @@ def plot(out: Path) -> Path:
     figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for axis, aspect, title in ((axes[0], (1, 1), "square images"), (axes[1], (16, 9), "16:9 images")):
         for name, (sides, tokens, kv) in curves(aspect, range(28, 4097, 4)).items():
-            colour, strategy = STYLES.get(name, (None, ""))
+            colour, strategy = STYLES[name]
             axis.plot(sides, tokens, color=colour, label=f"{name} ({strategy}): LLM positions", linewidth=1.8)
             if any(kv):
                 axis.plot(sides, kv, color=colour, linestyle="--", label=f"{name}: cross-attention K/V")

@@ -36,7 +36,9 @@ from kopru.budget import (
     plan_budget,
     plan_largest_resolution,
 )
-from kopru.cli import main
+from kopru.cli import build_parser, main
+from kopru.explain import explain
+from kopru.presets import PRESETS
 from kopru.tiny import tiny_tokenizer
 
 
@@ -56,15 +58,16 @@ def budget_json(*args: str, exit_code: int = 0) -> dict:
 # --------------------------------------------------------------------------------------------- acceptance
 
 def test_acceptance_numbers_through_the_cli() -> None:
-    llava_next = budget_json("--preset", "llava-next", "--image", "672x672")
+    llava_next = budget_json("--preset", "llava-next-7b", "--image", "672x672")
     assert [(e["width"], e["height"], e["tokens"]) for e in llava_next["images"]] == [(672, 672, 2928)]
-    qwen = budget_json("--preset", "qwen2-vl", "--image", "1920x1080")
-    assert [(e["width"], e["height"], e["tokens"]) for e in qwen["images"]] == [(1920, 1080, 1222)]
+    qwen = budget_json("--preset", "qwen2-vl-7b", "--image", "1920x1080")
+    # 1222 image pads (HF's count) + <|vision_start|> and <|vision_end|>, which hold context positions too
+    assert [(e["width"], e["height"], e["tokens"]) for e in qwen["images"]] == [(1920, 1080, 1224)]
     assert qwen["images"][0]["encoder_input"] == [1316, 728]  # REFERENCE: 1080x1920 (h x w) -> 728x1316
 
 
 def test_json_structure_for_several_images() -> None:
-    result = budget_json("--preset", "llava-next", "--image", "640x480", "--image", "336x336", "--image", "1920x1080",
+    result = budget_json("--preset", "llava-next-7b", "--image", "640x480", "--image", "336x336", "--image", "1920x1080",
                          "--dtype", "float16", "--batch", "2", exit_code=1)  # 1: they do not fit together
     assert isinstance(result["images"], list) and len(result["images"]) == 3
     for entry in result["images"]:
@@ -81,7 +84,29 @@ def test_json_structure_for_several_images() -> None:
 
 
 def test_presets_listed() -> None:
-    assert available_presets() == ["blip-2", "llama-3.2-vision", "llava-1.5", "llava-next", "qwen2-vl"]
+    # One table for both commands: budget's presets are explain's, under the same names.
+    assert available_presets() == sorted(PRESETS)
+    assert {"blip-2-opt-2.7b", "llama-3.2-11b-vision", "llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b"} <= set(PRESETS)
+    choices = {name: next(action.choices for action in parser._actions if "--preset" in action.option_strings)
+               for name, parser in build_parser()._subparsers._group_actions[0].choices.items()
+               if name in ("explain", "budget")}
+    assert choices["explain"] == choices["budget"] == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_budget_presets_equal_explains_arithmetic(name) -> None:
+    """Every budget preset's numbers are what `kopru explain` computes for the same architecture: the image's
+    LLM positions and cached cross-attention K/V (at a non-square size, where anyres / dynamic / tiles differ),
+    the context window, and the KV-cache bytes of a full context and of the image's K/V."""
+    model = load_preset(name)
+    explained = explain(preset=name, image=(640, 480), flops=False)
+    positions = model.image_positions(640, 480)
+    assert (positions.tokens, positions.cached_kv) == (explained.image.llm_positions,
+                                                       explained.image.cross_attention_kv)
+    assert model.llm.context_window == explained.image.context
+    assert model.llm.kv_bytes(explained.image.context, 0, 2, 1) == explained.memory["kv_cache"]  # bfloat16
+    assert model.llm.kv_bytes(0, positions.cached_kv, 2, 1) == explained.memory["cross_attention_kv"]
+    assert (model.strategy, model.description) == (explained.strategy, explained.description)
 
 
 # ----------------------------------------------------------------------------------- counts against HF
@@ -98,17 +123,17 @@ def test_presets_equal_hf_processors(width, height) -> None:
     """llava-next = HF LlavaNextProcessor._get_number_of_features; qwen2-vl = HF smart_resize's grid;
     llama-3.2-vision tiles = HF get_optimal_tiled_canvas."""
     processor = _HF_LLAVA_NEXT
-    assert load_preset("llava-next").image_positions(width, height).tokens == processor._get_number_of_features(
+    assert load_preset("llava-next-7b").image_positions(width, height).tokens == processor._get_number_of_features(
         height, width, 336, 336)
-    qwen = load_preset("qwen2-vl")
+    qwen = load_preset("qwen2-vl-7b")
     if max(width, height) / min(width, height) <= 200:
         new_height, new_width = hf_smart_resize(height, width, factor=28, min_pixels=56 * 56,
                                                 max_pixels=28 * 28 * 1280)
-        assert qwen.image_positions(width, height).tokens == (new_height // 28) * (new_width // 28)
+        assert qwen.image_positions(width, height).tokens == (new_height // 28) * (new_width // 28) + 2  # markers
     canvas = get_optimal_tiled_canvas(height, width, 4, 560)
     assert mllama_canvas(height, width) == (canvas[0] // 560, canvas[1] // 560)
     tiles = (canvas[0] // 560) * (canvas[1] // 560)
-    positions = load_preset("llama-3.2-vision").image_positions(width, height)
+    positions = load_preset("llama-3.2-11b-vision").image_positions(width, height)
     assert (positions.tokens, positions.cross_attention_kv, positions.cached_kv) == (1, tiles * 1601, 4 * 1601)
 
 
@@ -117,27 +142,27 @@ _HF_LLAVA_NEXT = hf_llava_next_processor()
 
 def test_fixed_presets_ignore_the_size() -> None:
     for width, height in ((1, 1), (640, 480), (4000, 30)):
-        assert load_preset("llava-1.5").image_positions(width, height).tokens == 576
-        assert load_preset("blip-2").image_positions(width, height).tokens == 32
+        assert load_preset("llava-1.5-7b").image_positions(width, height).tokens == 576
+        assert load_preset("blip-2-opt-2.7b").image_positions(width, height).tokens == 32
 
 
 # ------------------------------------------------------------------------------------------- KV cache
 
 def test_kv_cache_bytes_by_hand() -> None:
     # LLaVA-1.5-7B: 576 positions x 32 layers x (K, V) x 32 heads x 128 dims x 2 bytes.
-    llava = plan_budget(load_preset("llava-1.5"), [(640, 480)], "bfloat16", 1).images[0]
+    llava = plan_budget(load_preset("llava-1.5-7b"), [(640, 480)], "bfloat16", 1).images[0]
     assert llava.kv_cache_bytes == 576 * 32 * 2 * 32 * 128 * 2 == 301_989_888
     # float32, batch 4: 2 x 4 times as much.
-    assert plan_budget(load_preset("llava-1.5"), [(640, 480)], "float32", 4).images[0].kv_cache_bytes == 8 * 301_989_888
-    # Qwen2-VL-7B, 1222 positions x 28 layers x 2 x 4 KV heads x 128 x 2 bytes.
-    qwen = plan_budget(load_preset("qwen2-vl"), [(1920, 1080)], "bf16", 1).images[0]
-    assert qwen.kv_cache_bytes == 1222 * 28 * 2 * 4 * 128 * 2 == 70_074_368
+    assert plan_budget(load_preset("llava-1.5-7b"), [(640, 480)], "float32", 4).images[0].kv_cache_bytes == 8 * 301_989_888
+    # Qwen2-VL-7B, 1224 positions (1222 + 2 markers) x 28 layers x 2 x 4 KV heads x 128 x 2 bytes.
+    qwen = plan_budget(load_preset("qwen2-vl-7b"), [(1920, 1080)], "bf16", 1).images[0]
+    assert qwen.kv_cache_bytes == 1224 * 28 * 2 * 4 * 128 * 2 == 70_189_056
     # Llama-3.2-11B-Vision: 1 text position in the 32 self-attention layers, plus the image's 4 x 1601 K/V in the
     # 8 cross-attention layers (HF pads every image to 4 tiles, so even a 1-tile image caches 6404).
     for size in ((1920, 1080), (300, 300)):
-        mllama = plan_budget(load_preset("llama-3.2-vision"), [size], "bfloat16", 1).images[0]
+        mllama = plan_budget(load_preset("llama-3.2-11b-vision"), [size], "bfloat16", 1).images[0]
         assert mllama.kv_cache_bytes == 1 * 32 * 2 * 8 * 128 * 2 + 6404 * 8 * 2 * 8 * 128 * 2 == 209_977_344
-    small = plan_budget(load_preset("llama-3.2-vision"), [(300, 300)]).images[0]
+    small = plan_budget(load_preset("llama-3.2-11b-vision"), [(300, 300)]).images[0]
     assert (small.tokens, small.cross_attention_kv, small.cross_attention_kv_cached) == (1, 1601, 6404)
 
 
@@ -145,16 +170,16 @@ def test_kv_cache_bytes_by_hand() -> None:
 
 def tokens_of(preset: str, width: int, height: int) -> int | None:
     """Positions by an independent route (HF's functions), None where the model refuses the size."""
-    if preset == "qwen2-vl":
+    if preset == "qwen2-vl-7b":
         if max(width, height) / min(width, height) > 200:
             return None
         new_height, new_width = hf_smart_resize(height, width, 28, 56 * 56, 28 * 28 * 1280)
-        return (new_height // 28) * (new_width // 28)
+        return (new_height // 28) * (new_width // 28) + 2  # <|vision_start|>, <|vision_end|>
     return _HF_LLAVA_NEXT._get_number_of_features(height, width, 336, 336)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["qwen2-vl", "llava-next"]), st.integers(16, 2000), st.integers(16, 2000),
+@given(st.sampled_from(["qwen2-vl-7b", "llava-next-7b"]), st.integers(16, 2000), st.integers(16, 2000),
        st.integers(1, 3000))
 def test_planned_size_fits_and_one_step_larger_does_not(preset, width, height, max_tokens) -> None:
     max_pixels = 1_000_000  # keeps the scan short; the property holds for any limit
@@ -181,20 +206,20 @@ def test_planned_size_fits_and_one_step_larger_does_not(preset, width, height, m
 
 
 def test_planning_examples_and_context_share() -> None:
-    qwen = load_preset("qwen2-vl")
+    qwen = load_preset("qwen2-vl-7b")
     plan = plan_largest_resolution(qwen, 1920, 1080, 500)
     assert plan.tokens <= 500 < qwen.image_positions(*aspect_size(plan.width + 1, 1920, 1080)).tokens
     assert not plan.unbounded
     # Fixed-size and saturating models: everything fits, up to the pixel limit.
-    assert plan_largest_resolution(load_preset("llava-1.5"), 640, 480, 1000).unbounded
-    assert plan_largest_resolution(load_preset("llava-next"), 640, 480, 3000).unbounded
-    result = budget_json("--preset", "llava-next", "--image", "640x480", "--max-context-share", "0.5")
+    assert plan_largest_resolution(load_preset("llava-1.5-7b"), 640, 480, 1000).unbounded
+    assert plan_largest_resolution(load_preset("llava-next-7b"), 640, 480, 3000).unbounded
+    result = budget_json("--preset", "llava-next-7b", "--image", "640x480", "--max-context-share", "0.5")
     planned = result["images"][0]["planned"]
     assert planned["max_tokens"] == 2048 and planned["tokens"] <= 2048
     assert (planned["width"], planned["height"]) == (448, 336)
-    with pytest.raises(ValueError, match=r"blip-2: no 640x480-shaped image fits in 31 positions; the fewest "
+    with pytest.raises(ValueError, match=r"blip-2-opt-2.7b: no 640x480-shaped image fits in 31 positions; the fewest "
                                          r"positions any size takes is 32"):
-        plan_largest_resolution(load_preset("blip-2"), 640, 480, 31)
+        plan_largest_resolution(load_preset("blip-2-opt-2.7b"), 640, 480, 31)
 
 
 # -------------------------------------------------------------------------------------------- refusal
@@ -202,21 +227,21 @@ def test_planning_examples_and_context_share() -> None:
 def test_check_fits_refuses_with_the_numbers() -> None:
     assert check_fits(4096, 100, [2928], 1000) == 68
     with pytest.raises(ContextOverflowError,
-                       match=r"llava-next's context window of 4,096 positions: 100 text tokens \+ 2,928 image "
+                       match=r"llava-next-7b's context window of 4,096 positions: 100 text tokens \+ 2,928 image "
                              r"positions \(1 image\(s\): 2,928\) \+ 1,100 new tokens = 4,128, 32 over"):
-        check_fits(4096, 100, [2928], 1100, "llava-next")
-    assert check_prompt_fits(load_preset("qwen2-vl"), 1000, [(1920, 1080)] * 2, 512) == 32768 - 1000 - 2444 - 512
+        check_fits(4096, 100, [2928], 1100, "llava-next-7b")
+    assert check_prompt_fits(load_preset("qwen2-vl-7b"), 1000, [(1920, 1080)] * 2, 512) == 32768 - 1000 - 2448 - 512
     with pytest.raises(ValueError, match="non-negative"):
         check_fits(4096, -1)
 
 
 def test_cli_refuses_a_prompt_that_cannot_fit() -> None:
-    code, out, _ = run_cli("--preset", "blip-2", "--image", "640x480", "--prompt-tokens", "2000",
+    code, out, _ = run_cli("--preset", "blip-2-opt-2.7b", "--image", "640x480", "--prompt-tokens", "2000",
                            "--max-new-tokens", "100")
     assert code == 1
-    assert ("does not fit: the prompt does not fit blip-2's context window of 2,048 positions: 2,000 text tokens + "
+    assert ("does not fit: the prompt does not fit blip-2-opt-2.7b's context window of 2,048 positions: 2,000 text tokens + "
             "32 image positions (1 image(s): 32) + 100 new tokens = 2,132, 84 over") in out
-    code, out, _ = run_cli("--preset", "blip-2", "--image", "640x480", "--prompt-tokens", "1900",
+    code, out, _ = run_cli("--preset", "blip-2-opt-2.7b", "--image", "640x480", "--prompt-tokens", "1900",
                            "--max-new-tokens", "100")
     assert code == 0 and "does not fit" not in out
 
@@ -224,16 +249,16 @@ def test_cli_refuses_a_prompt_that_cannot_fit() -> None:
 # ------------------------------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--preset", "qwen2-vl", "--image", "640"], "expected an image size WIDTHxHEIGHT such as 640x480"),
-    (["--preset", "qwen2-vl", "--image", "640x"], "found '640x'"),
-    (["--preset", "qwen2-vl", "--image=-5x3"], "found '-5x3'"),
-    (["--preset", "qwen2-vl", "--image", "1.5x2"], "found '1.5x2'"),
-    (["--preset", "qwen2-vl", "--image", "0x480"], "at least 1x1 pixels, found 0x480"),
-    (["--preset", "qwen2-vl", "--image", "100000x100000"],
+    (["--preset", "qwen2-vl-7b", "--image", "640"], "expected an image size WIDTHxHEIGHT such as 640x480"),
+    (["--preset", "qwen2-vl-7b", "--image", "640x"], "found '640x'"),
+    (["--preset", "qwen2-vl-7b", "--image=-5x3"], "found '-5x3'"),
+    (["--preset", "qwen2-vl-7b", "--image", "1.5x2"], "found '1.5x2'"),
+    (["--preset", "qwen2-vl-7b", "--image", "0x480"], "at least 1x1 pixels, found 0x480"),
+    (["--preset", "qwen2-vl-7b", "--image", "100000x100000"],
      "100000x100000 = 10,000,000,000 pixels is over the limit of 89,478,485"),
-    (["--preset", "qwen2-vl", "--image", "1x300"], "aspect ratio of at most 200, found 300.0"),
-    (["--preset", "qwen2-vl", "--image", "640x480", "--max-context-share", "1.5"], r"context share in \(0, 1\]"),
-    (["--preset", "llava-1.5", "--image", "640x480", "--batch", "0"], "batch of at least 1"),
+    (["--preset", "qwen2-vl-7b", "--image", "1x300"], "aspect ratio of at most 200, found 300.0"),
+    (["--preset", "qwen2-vl-7b", "--image", "640x480", "--max-context-share", "1.5"], r"context share in \(0, 1\]"),
+    (["--preset", "llava-1.5-7b", "--image", "640x480", "--batch", "0"], "batch of at least 1"),
     (["--model", "/nonexistent/model", "--image", "640x480"], "expected a Köprü model directory"),
 ])
 def test_bad_input_is_a_clear_error(args, message) -> None:
@@ -250,11 +275,11 @@ def test_image_files_as_input(tmp_path) -> None:
     exif[0x0112] = 6  # stored 640 x 480, shown rotated: 480 x 640
     Image.new("RGB", (640, 480)).save(photo, exif=exif)
     assert parse_image_size(str(photo)) == (480, 640)
-    result = budget_json("--preset", "qwen2-vl", "--image", str(photo))
+    result = budget_json("--preset", "qwen2-vl-7b", "--image", str(photo))
     assert (result["images"][0]["width"], result["images"][0]["height"]) == (480, 640)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    code, _, err = run_cli("--preset", "qwen2-vl", "--image", str(broken))
+    code, _, err = run_cli("--preset", "qwen2-vl-7b", "--image", str(broken))
     assert code == 2 and f"image file {broken}" in err and "truncated or corrupt" in err
 
 
@@ -294,8 +319,8 @@ def test_saved_kopru_model_directory(build, tmp_path) -> None:
     planned = load_kopru_model(tmp_path / "saved")
     assert planned.strategy == "qformer" and planned.tokenizer is not None
     assert load_budget_model(tmp_path / "saved").strategy == "qformer"  # a path: the model; a name: the preset
-    assert load_budget_model("qwen2-vl").name == "qwen2-vl"
-    with pytest.raises(ValueError, match=r"unknown budget preset 'qwen3'; expected one of \['blip-2'"):
+    assert load_budget_model("qwen2-vl-7b").name == "qwen2-vl-7b"
+    with pytest.raises(ValueError, match=r"unknown budget preset 'qwen3'; expected one of \['blip-2-opt-2.7b'"):
         load_budget_model("qwen3")
     assert planned.image_positions(1920, 1080).tokens == count_image_tokens(model.config, NUM_PATCHES).llm_positions
 
@@ -372,10 +397,10 @@ def test_generation_refuses_an_overlong_request_before_the_model_runs(build, mak
 
 
 def test_pixel_limit_is_configurable() -> None:
-    code, _, err = run_cli("--preset", "qwen2-vl", "--image", "12000x9000")
+    code, _, err = run_cli("--preset", "qwen2-vl-7b", "--image", "12000x9000")
     assert code == 2 and "12000x9000 = 108,000,000 pixels is over the limit of 89,478,485" in err
-    result = budget_json("--preset", "qwen2-vl", "--image", "12000x9000", "--max-image-pixels", "200000000")
-    assert result["images"][0]["tokens"] == 1230  # smart_resize to 1148x840 (max 1280 tokens)
+    result = budget_json("--preset", "qwen2-vl-7b", "--image", "12000x9000", "--max-image-pixels", "200000000")
+    assert result["images"][0]["tokens"] == 1232  # smart_resize to 1148x840 (max 1280 tokens), + 2 markers
     assert result["images"][0]["encoder_input"] == [1148, 840]
 
 

@@ -219,6 +219,36 @@ def test_top_k_top_p_match_hf_warpers() -> None:
         assert torch.equal(ours[row:row + 1][~ours[row:row + 1].isinf()], expected[~expected.isinf()])
 
 
+def test_top_k_keeps_ties_with_the_kth_as_hf() -> None:
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    ours = filter_top_k_top_p(logits, torch.tensor([2, 1]), torch.tensor([1.0, 1.0]))
+    expected = torch.cat([TopKLogitsWarper(k)(None, logits[row:row + 1].clone()) for row, k in enumerate([2, 1])])
+    assert torch.equal(ours.isinf(), expected.isinf())
+    assert ours.isinf().sum(-1).tolist() == [1, 0]  # 3, 2, 2 stay; four equal logits all stay
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0.0}, {"temperature": 1.0, "top_k": 5},
+                                     {"temperature": 1.0, "top_p": 0.8}, {"temperature": 0.7},
+                                     {"temperature": 1.0, "top_k": 8, "top_p": 0.9, "repetition_penalty": 1.3}])
+def test_reference_loop_and_engine_sample_the_same_tokens(build, images, options) -> None:
+    """One sampler for both loops: from the same prompt (so the same logits, to 1e-5) and the same seed, the
+    reference loop (a generator seeded with s) and the engine (a request with seed s) pick the same tokens, for
+    greedy, top-k, top-p, temperature and the repetition penalty."""
+    model, processor = visible_images(build, "projection")
+    prompt, own_images = PROMPTS[1], images[1]
+    batch = processor([prompt], [own_images], padding_side="left", add_special_tokens=False)
+    sampled = options["temperature"] > 0
+    reference = model.generate(**batch, max_new_tokens=8, eos_token_id=[], do_sample=sampled,
+                               generator=torch.Generator().manual_seed(11), **options)[0].tolist()
+    params = SamplingParams(max_new_tokens=8, seed=11, ignore_eos=True, **options)
+    [completion] = GenerationEngine(model, processor).complete([prompt], [own_images], params)
+    assert completion.token_ids == reference
+    if sampled:  # the case samples: another seed picks other tokens
+        other = model.generate(**batch, max_new_tokens=8, eos_token_id=[], do_sample=True,
+                               generator=torch.Generator().manual_seed(12), **options)[0].tolist()
+        assert other != reference
+
+
 @pytest.mark.slow
 def test_sampling_is_seeded_per_request_and_top_k_1_is_greedy(build, images) -> None:
     model, processor = visible_images(build, "qformer")

@@ -227,7 +227,8 @@ def test_bad_input_names_what_is_missing(tmp_path, capsys, llm_dirs):
         explain(preset="llava-1.5-7b", dtype="fp12")
     # A figure whose config field is missing: the error names the field and what needs it.
     target_config = transformers.PretrainedConfig()  # a config with no context length in it
-    from kopru.explain import Settings, _context, preset_target
+    from kopru.explain import Settings, preset_target
+    from kopru.explain.architectures import _context
 
     target = preset_target(get_preset("llava-1.5-7b"))
     target.text = target_config

@@ -737,7 +737,7 @@ def test_a_dead_worker_is_reported_and_restarted(engine, monkeypatch: pytest.Mon
     """Must have: an error in the worker's own loop answers the request it held (500) and the loop goes on; if the
     thread dies all the same, its request gets 503, /health answers 503 until a new worker runs, and then
     requests are answered right again."""
-    monkeypatch.setattr(serve, "WORKER_RESTART_S", 0.0, raising=False)  # (raising=False: run on older code too)
+    monkeypatch.setattr(serve.worker, "WORKER_RESTART_S", 0.0)
     side = SideServer(engine)
     worker = side.app.state.kopru.worker
     restart_now = threading.Event()
@@ -843,7 +843,7 @@ def test_defect3_json_is_parsed_off_the_event_loop(server: RunningServer, monkey
             time.sleep(1.5)
             return real_loads(data, **kwargs)
 
-    monkeypatch.setattr(serve, "json", SlowJson)
+    monkeypatch.setattr(serve.parsing, "json", SlowJson)
     body = {"model": MODEL_NAME, "messages": user_message("hi"), "max_tokens": 2, "temperature": 0}
     with ThreadPoolExecutor(1) as pool:
         posted = pool.submit(post_chat, server.url, body)

@@ -154,7 +154,7 @@ def test_warmup_then_cosine():
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(vision_dirs, llm_dirs, tmp_path, monkeypatch):
-    from kopru import training
+    from kopru.training import loop as training
 
     real = training._all_reduce_sum
     calls = {"n": 0}

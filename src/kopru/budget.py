@@ -28,13 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig, AutoTokenizer
+
 from kopru.alignment import text_budget, tokenizer_fertility
 from kopru.config import CONFIG_FILE, KopruConfig
 from kopru.dtypes import dtype_bytes
 from kopru.high_resolution import plan_image
 from kopru.image_processing import MAX_IMAGE_PIXELS, load_image
 from kopru.llm import attention_geometry, context_window, kv_cache_bytes
-from kopru.resolution import anyres_layout, smart_resize
+from kopru.presets import PRESETS, Preset, hf_config, preset_names
+from kopru.resolution import QWEN2_VL_MAX_PIXELS, QWEN2_VL_MIN_PIXELS, anyres_layout, smart_resize
 from kopru.tiling import optimal_tiled_canvas
 from kopru.tokens import cached_cross_attention_kv, image_positions
 
@@ -123,16 +126,18 @@ def anyres_rule(tile_size: int = 336, patches_per_side: int = 24) -> ImageRule:
     return rule
 
 
-def dynamic_rule(patch_size: int = 14, merge_size: int = 2, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> ImageRule:
-    """Qwen2-VL dynamic resolution (`kopru.resolution.smart_resize`, aspect ratio at most 200)."""
+def dynamic_rule(patch_size: int = 14, merge_size: int = 2, min_pixels: int = QWEN2_VL_MIN_PIXELS,
+                 max_pixels: int = QWEN2_VL_MAX_PIXELS, markers: int = 0) -> ImageRule:
+    """Qwen2-VL dynamic resolution (`kopru.resolution.smart_resize`, aspect ratio at most 200); `markers`
+    positions around the merged patches."""
     factor = patch_size * merge_size
 
     def rule(width: int, height: int) -> ImagePositions:
         new_height, new_width = smart_resize(height, width, factor, min_pixels, max_pixels)
         rows, columns = new_height // factor, new_width // factor
-        return ImagePositions(rows * columns, encoder_input=(new_width, new_height),
-                              layout=f"resized to {new_width}x{new_height}, {rows}x{columns} merged patches")
+        around = f" + {markers} markers" if markers else ""
+        return ImagePositions(rows * columns + markers, encoder_input=(new_width, new_height),
+                              layout=f"resized to {new_width}x{new_height}, {rows}x{columns} merged patches{around}")
     return rule
 
 
@@ -159,70 +164,73 @@ def tiles_rule(tile_size: int = 560, patch_size: int = 14, max_tiles: int = 4) -
 
 
 # ------------------------------------------------------------------------------------------------- presets
-
-BUDGET_PRESETS: dict[str, Callable[[], BudgetModel]] = {}
-
-
-def register_preset(name: str) -> Callable[[Callable[[], BudgetModel]], Callable[[], BudgetModel]]:
-    def register(build: Callable[[], BudgetModel]) -> Callable[[], BudgetModel]:
-        BUDGET_PRESETS[name] = build
-        return build
-    return register
+# The presets are kopru.presets' table, the one `kopru explain` builds: each model here is derived from the same
+# configs (the LLM's cache geometry and context window, the image rule), under the same name.
 
 
-# Llama-2-7B / Vicuna-7B-v1.5 (the LLM of LLaVA-1.5-7B and LLaVA-NeXT-7B "vicuna"): 32 layers, 32 heads of 128,
-# no grouped-query attention, 4096 positions.
-_VICUNA_7B = LLMShape(layers=32, kv_heads=32, head_dim=128, context_window=4096)
+def _mllama_budget(vision: Any, text: Any) -> tuple[LLMShape, ImageRule]:
+    # The text stack holds self-attention layers and, at `cross_attention_layers`, layers whose K/V hold the image.
+    kv_heads, head_dim = attention_geometry(text)
+    cross = len(text.cross_attention_layers)
+    llm = LLMShape(text.num_hidden_layers - cross, kv_heads, head_dim, _window(text), cross, kv_heads, head_dim)
+    return llm, tiles_rule(vision.image_size, vision.patch_size, vision.max_num_tiles)
 
 
-@register_preset("llava-1.5")
-def _llava_15() -> BudgetModel:
-    return BudgetModel("llava-1.5", "LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 patches, CLS dropped) + Vicuna-7B",
-                       "projection", "fixed", _VICUNA_7B, fixed_rule(576, 336))
+def _llava_next_budget(vision: Any, text: Any) -> tuple[LLMShape, ImageRule]:
+    return _plain_llm(text), anyres_rule(vision.image_size, vision.image_size // vision.patch_size)
 
 
-@register_preset("llava-next")
-def _llava_next() -> BudgetModel:
-    return BudgetModel("llava-next", "LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): anyres 336-px tiles + Vicuna-7B",
-                       "projection", "anyres", _VICUNA_7B, anyres_rule())
+def _qwen2_vl_budget(vision: Any, text: Any) -> tuple[LLMShape, ImageRule]:
+    # <|vision_start|> and <|vision_end|> around the image pads hold positions too, as Köprü's markers do.
+    return _plain_llm(text), dynamic_rule(vision.patch_size, vision.spatial_merge_size, markers=2)
 
 
-@register_preset("blip-2")
-def _blip_2() -> BudgetModel:
-    # OPT-2.7B (blip2-opt-2.7b): 32 layers, 32 heads x 80 (hidden 2560), 2048 positions.
-    return BudgetModel("blip-2", "BLIP-2 OPT-2.7B: EVA ViT-g/14 at 224 px, 32 Q-Former queries + OPT-2.7B",
-                       "qformer", "fixed", LLMShape(layers=32, kv_heads=32, head_dim=80, context_window=2048),
-                       fixed_rule(32, 224))
+# Presets built from an HF reference family (Preset.architecture): their resolution mode and how the budget
+# reads their configs. Köprü-built presets go through the Köprü model's own counting (`_kopru_rule`).
+REFERENCE_BUDGETS: dict[str, tuple[str, Callable[[Any, Any], tuple[LLMShape, ImageRule]]]] = {
+    "llava_next": ("anyres", _llava_next_budget),
+    "mllama": ("tiles", _mllama_budget),
+    "qwen2_vl": ("dynamic", _qwen2_vl_budget),
+}
 
 
-@register_preset("llama-3.2-vision")
-def _llama_32_vision() -> BudgetModel:
-    # 40 text layers = 32 self-attention + 8 cross-attention (3, 8, ..., 38); 8 KV heads of 128; 131,072 positions.
-    llm = LLMShape(layers=32, kv_heads=8, head_dim=128, context_window=131_072, cross_attention_layers=8,
-                   cross_kv_heads=8, cross_head_dim=128)
-    return BudgetModel("llama-3.2-vision", "Llama-3.2-11B-Vision: up to 4 tiles of 560 px (1601 K/V each) through "
-                       "8 cross-attention layers", "cross_attention", "tiles", llm, tiles_rule())
+def _window(text: Any) -> int:
+    window = context_window(text)
+    if not window:
+        raise ValueError(f"the LLM config ({text.model_type}) names no max_position_embeddings / n_positions; "
+                         f"expected a context window to plan against")
+    return window
 
 
-@register_preset("qwen2-vl")
-def _qwen2_vl() -> BudgetModel:
-    # Qwen2-7B: 28 layers, 4 KV heads of 128 (hidden 3584 / 28 heads), 32,768 positions. Pixel range: the HF
-    # Qwen2VLImageProcessor default (56*56 .. 28*28*1280, at most 1280 tokens); the released checkpoint's
-    # preprocessor_config allows up to 28*28*16384.
-    return BudgetModel("qwen2-vl", "Qwen2-VL-7B: dynamic resolution, 14-px patches merged 2x2, 4..1280 tokens",
-                       "projection", "dynamic", LLMShape(layers=28, kv_heads=4, head_dim=128, context_window=32_768),
-                       dynamic_rule())
+def _plain_llm(text: Any) -> LLMShape:
+    kv_heads, head_dim = attention_geometry(text)
+    return LLMShape(text.num_hidden_layers, kv_heads, head_dim, _window(text))
+
+
+def preset_model(preset: Preset) -> BudgetModel:
+    """The planner's view of a preset of `kopru.presets` (the table `kopru explain` uses)."""
+    vision, text = hf_config(preset.vision), hf_config(preset.text)
+    config = preset.kopru_config()
+    if config is not None:
+        llm, rule, resolution = _llm_shape(text, config), _kopru_rule(config, vision), config.resolution.mode
+    elif preset.architecture in REFERENCE_BUDGETS:
+        resolution, derive = REFERENCE_BUDGETS[preset.architecture]
+        llm, rule = derive(vision, text)
+    else:
+        raise ValueError(f"preset {preset.name!r}: expected architecture 'kopru' or one of "
+                         f"{sorted(REFERENCE_BUDGETS)}, found {preset.architecture!r}")
+    return BudgetModel(preset.name, preset.description, preset.strategy, resolution, llm, rule)
 
 
 def available_presets() -> list[str]:
-    return sorted(BUDGET_PRESETS)
+    return preset_names()
 
 
 def load_preset(name: str) -> BudgetModel:
-    if name not in BUDGET_PRESETS:
+    if name not in PRESETS:
         raise ValueError(f"unknown budget preset {name!r}; expected one of {available_presets()} or a Köprü model "
                          f"directory / kopru_config.json")
-    return BUDGET_PRESETS[name]()
+    return preset_model(PRESETS[name])
 
 
 # ---------------------------------------------------------------------------------------- Köprü models
@@ -230,8 +238,6 @@ def load_preset(name: str) -> BudgetModel:
 def load_kopru_model(path: str | Path) -> BudgetModel:
     """A Köprü model directory (with kopru_config.json) or a config file; its backbones' configs are read (no
     weights), relative paths resolved against the config's folder as `KopruForConditionalGeneration` does."""
-    from transformers import AutoConfig
-
 
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
@@ -261,10 +267,7 @@ def _resolve(root: Path, name: str) -> str:
 def _llm_shape(llm_config: Any, config: Any) -> LLMShape:
     heads = llm_config.num_attention_heads
     kv_heads, head_dim = attention_geometry(llm_config)
-    context = context_window(llm_config)
-    if not context:
-        raise ValueError(f"the LLM config ({llm_config.model_type}) names no max_position_embeddings / n_positions; "
-                         f"expected a context window to plan against")
+    context = _window(llm_config)
     layers = llm_config.num_hidden_layers
     if config.strategy != "cross_attention":
         return LLMShape(layers, kv_heads, head_dim, context)
@@ -295,8 +298,6 @@ def _kopru_rule(config: Any, encoder_config: Any) -> ImageRule:
 
 
 def _tokenizer_or_none(llm_path: str) -> Any:
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(llm_path)
     except (OSError, ValueError):  # no tokenizer files beside the LLM: the text counts are left out
@@ -305,7 +306,7 @@ def _tokenizer_or_none(llm_path: str) -> Any:
 
 def load_budget_model(name_or_path: str | Path) -> BudgetModel:
     """A preset name, or a Köprü model directory / config file."""
-    if str(name_or_path) in BUDGET_PRESETS:
+    if str(name_or_path) in PRESETS:
         return load_preset(str(name_or_path))
     if Path(name_or_path).exists():
         return load_kopru_model(name_or_path)

@@ -11,13 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TextIO
 
+import torch
 from PIL import Image
+from transformers.utils import logging as hf_logging
 
 from kopru.data.formats import IMAGE_PLACEHOLDER
 from kopru.dtypes import torch_dtype
 from kopru.generation import GenerationEngine, SamplingParams, format_chat
 from kopru.image_processing import load_image, scrub_object_reprs
 from kopru.messages import Message
+from kopru.model import KopruForConditionalGeneration
 
 HELP = "commands: /image PATH (attach to the next message), /reset (new conversation), /quit"
 
@@ -136,11 +139,6 @@ def sampling_from_args(args) -> SamplingParams:
 
 def load_engine(model_dir: str, device: str | None = None, dtype: str | None = None, compile: bool = False,
                 max_seq_len: int | None = None) -> GenerationEngine:
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from kopru.model import KopruForConditionalGeneration
-
     hf_logging.disable_progress_bar()  # the answer streams to the terminal: no loading bars around it
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,19 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import time
 
-from kopru.convert import CONVERTERS
+import torch
+import torch.distributed as dist
+
+from kopru.budget import (
+    SAMPLE_TEXTS,
+    format_budget,
+    load_kopru_model,
+    load_preset,
+    max_tokens_for_share,
+    parse_image_size,
+    plan_budget,
+)
+from kopru.chat import load_engine, read_image, run_chat, sampling_from_args
+from kopru.convert import CONVERTERS, convert
 from kopru.dtypes import NAMES as DTYPE_NAMES
 from kopru.dtypes import RUN_DTYPES
+from kopru.explain import draw_diagram, explain, list_presets, summary_table
 from kopru.export import TARGETS as EXPORT_TARGETS
+from kopru.export import export
+from kopru.image_processing import MAX_IMAGE_PIXELS
+from kopru.lesson.compare import compare
+from kopru.lesson.demo import format_results, run_demo
+from kopru.lesson.pretrain_tiny import build_tiny_backbones, iter_report_lines
+from kopru.lesson.report import results_table
+from kopru.presets import preset_names
+from kopru.serve import LIMIT_HELP, ServerLimits, ServerSecurity, load_server, run_server
+from kopru.threads import configure_threads
+from kopru.training import TrainConfig, read_config_file, train
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from kopru.demo import format_results, run_demo
-
     print("Köprü demo: three strategies on tiny local backbones (a 2-layer CLIP-style ViT, a 4-layer Llama).")
     results = run_demo(args.workdir, steps=args.steps, seed=args.seed)
     print(format_results(results))
@@ -25,8 +49,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from kopru.convert import convert
-
     report = convert(args.source_format, args.src, args.dst, verify=args.verify, seed=args.seed)
     if args.json:
         print(json.dumps(report))
@@ -44,8 +66,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from kopru.export import export
-
     report = export(args.target, args.src, args.dst, verify=args.verify, overwrite=args.overwrite,
                     new_tokens=args.new_tokens)
     verify = report.get("verify")
@@ -84,8 +104,6 @@ def _tokens(count: int) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kopru.training import TrainConfig, read_config_file, train
-
     overrides = {name: getattr(args, name) for name in _train_fields() if getattr(args, name) is not None}
     base = read_config_file(args.config) if args.config else {}
     summary = train(TrainConfig(**{**base, **overrides}))
@@ -98,7 +116,6 @@ def _train(args: argparse.Namespace) -> int:
 def end_distributed() -> None:
     """Under torchrun: wait for every process, then tear the process group down. A process that exits with its
     group alive can abort (SIGABRT) in the group's destructor once its peers have closed their connections."""
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -122,20 +139,15 @@ def format_summary(summary) -> str:
 
 
 def _train_fields():
-    import dataclasses
-
-    from kopru.training import TrainConfig
-
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; a given flag overrides the config file."""
-    import json as _json
 
     def parse_json(text: str):
         try:
-            return _json.loads(text)
+            return json.loads(text)
         except ValueError:
             return text
 
@@ -163,9 +175,6 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kopru.compare import compare
-    from kopru.report import results_table
-
     data = {k: v for k, v in (("vision", args.vision), ("llm", args.llm), ("train_data", args.train_data),
                               ("eval_data", args.eval_data)) if v is not None}
     results = compare(args.preset, args.output, workers=args.workers, **data)
@@ -179,12 +188,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _pretrain_tiny(args: argparse.Namespace) -> int:
-    import time
-
-    from kopru.pretrain_tiny import build_tiny_backbones, iter_report_lines
-
     start = time.perf_counter()
-    import torch
 
     # `main` chose the thread count (--threads, OMP_NUM_THREADS or the default rule): keep it while training.
     paths = build_tiny_backbones(args.out, seed=args.seed, num_threads=torch.get_num_threads())
@@ -194,16 +198,6 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from kopru.budget import (
-        SAMPLE_TEXTS,
-        format_budget,
-        load_kopru_model,
-        load_preset,
-        max_tokens_for_share,
-        parse_image_size,
-        plan_budget,
-    )
-
     model = load_preset(args.preset) if args.preset else load_kopru_model(args.model)
     sizes = [parse_image_size(text, args.max_image_pixels) for text in args.image]
     max_tokens = args.max_tokens
@@ -217,8 +211,6 @@ def _budget(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from kopru.chat import load_engine, read_image, run_chat, sampling_from_args
-
     params = sampling_from_args(args)  # bad settings and unreadable images are refused before the model loads
     images = [read_image(path) for path in args.image or []]
     engine = load_engine(args.model, args.device, args.dtype, args.compile, args.max_seq_len)
@@ -231,11 +223,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import dataclasses
-    import os
-
-    from kopru.serve import ServerLimits, ServerSecurity, load_server, run_server
-
     limits = ServerLimits(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(ServerLimits)})
     api_key = args.api_key if args.api_key is not None else os.environ.get("KOPRU_API_KEY") or None
     security = ServerSecurity.for_bind(args.host, api_key=api_key, allowed_hosts=args.allowed_host or (),
@@ -250,10 +237,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    import dataclasses
-
-    from kopru.serve import LIMIT_HELP, ServerLimits
-
     parser.add_argument("--model", required=True, help="a saved Köprü model directory")
     parser.add_argument("--served-model-name", "--model-name", dest="served_model_name",
                         help="the id clients send as 'model' (vLLM's flag; default: the model folder's name, or for a "
@@ -289,9 +272,6 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from kopru.budget import parse_image_size
-    from kopru.explain import draw_diagram, explain, list_presets, summary_table
-
     if args.list:
         print(list_presets())
         return 0
@@ -424,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=computes,
     )
     source = explain.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="a named preset (--list shows them)")
+    source.add_argument("--preset", choices=preset_names(),
+                        help="a published model's configuration (--list describes them; the same names as "
+                             "kopru budget --preset)")
     source.add_argument("--config", help="a Köprü config JSON file (kopru_config.json); backbones' config.json read")
     source.add_argument("--model", help="a saved Köprü model directory")
     source.add_argument("--list", action="store_true", help="list the presets")
@@ -452,9 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(run=_pretrain_tiny)
 
-    from kopru.budget import available_presets
-    from kopru.image_processing import MAX_IMAGE_PIXELS
-
     budget = commands.add_parser(
         "budget", help="LLM positions, context share and KV-cache memory per image; the largest size that fits",
         description="Token budget of images on a published model (--preset) or a Köprü model (--model). KV-cache "
@@ -463,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "status 1 when the images, --prompt-tokens and --max-new-tokens do not fit the context window.",
     )
     source = budget.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=available_presets(), help="a published model's real configuration")
+    source.add_argument("--preset", choices=preset_names(),
+                        help="a published model's configuration (the same names as kopru explain --preset)")
     source.add_argument("--model", help="a Köprü model directory or kopru_config.json (reads configs, no weights)")
     budget.add_argument("--image", action="append", required=True,
                         help="WIDTHxHEIGHT (e.g. 640x480) or an image file; repeat for several images")
@@ -525,7 +505,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if hasattr(args, "threads"):  # a command that runs a model: before any of it runs
-            from kopru.threads import configure_threads
 
             configure_threads(args.threads)
         return args.run(args)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kopru.connectors import strategy_class
+
 
 @dataclass
 class VisionTowerConfig:
@@ -120,8 +122,6 @@ class KopruConfig:
     __nested__ = {"resolution": ResolutionConfig}
 
     def __post_init__(self) -> None:
-        from kopru.connectors import strategy_class
-
         connector_cls = strategy_class(self.strategy)
         if self.connector is None:
             self.connector = connector_cls.config_class()

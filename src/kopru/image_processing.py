@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.utils import cached_file
 
 CONFIG_NAME = "preprocessor_config.json"
 _RESAMPLE = {int(mode): mode for mode in Image.Resampling}  # PIL codes as HF configs store them
@@ -245,8 +246,6 @@ def _locate(name_or_path: str | Path, filename: str) -> Path | None:
     if Path(name_or_path).is_dir():
         local = Path(name_or_path) / filename
         return local if local.is_file() else None
-    from transformers.utils import cached_file
-
     try:
         found = cached_file(str(name_or_path), filename, _raise_exceptions_for_missing_entries=False)
     except OSError:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
@@ -22,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
 from kopru.connectors import Connector, strategy_class
 from kopru.connectors.cross_attention import CONTEXT_KWARG, check_blocks_ran
-from kopru.generation import generate as generate_tokens
+from kopru.generation.reference import generate as generate_tokens
 from kopru.high_resolution import ImagePlan, pack_anyres, packs_anyres_grid, plan_image, token_reduction
 from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
@@ -329,7 +330,7 @@ class KopruForConditionalGeneration(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """New tokens [batch, new]; see `kopru.generation.generate` for the options."""
+        """New tokens [batch, new]; see `kopru.generation.reference.generate` for the options."""
         return generate_tokens(self, input_ids, attention_mask, pixel_values, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ training
@@ -488,8 +489,6 @@ def _grow_embeddings(llm: PreTrainedModel, vocab: int) -> None:
 
 
 def _read_metadata(file: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     if not file.is_file():
         raise FileNotFoundError(f"expected connector weights at {file}, found nothing")
     with safe_open(str(file), "pt") as handle:

@@ -27,6 +27,8 @@ import math
 import os
 from collections.abc import MutableMapping
 
+import torch
+
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -58,8 +60,6 @@ def default_threads(cpus: int | None = None, load: float | None = None) -> int:
 
 def configure_threads(requested: int | None, environ: MutableMapping[str, str] | None = None) -> tuple[int, str]:
     """Set torch's intra-op thread count by the rule in the module docstring; returns (threads, why)."""
-    import torch
-
     environ = os.environ if environ is None else environ
     if requested is not None:
         if requested < 1:

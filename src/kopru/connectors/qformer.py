@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from kopru.connectors.base import Connector, register_strategy
 from kopru.paths import check_exists
@@ -262,8 +262,6 @@ def load_bert_weights(qformer: QFormer, name_or_path: str) -> list[str]:
     the query LayerNorm from BERT's embedding LayerNorm. Cross-attention and the query tokens have no BERT
     counterpart and stay random. Returns the names of our parameters that stayed random.
     """
-    from transformers import AutoConfig, AutoModel
-
     check_exists(name_or_path, "qformer init_from")
     try:
         bert_config = AutoConfig.from_pretrained(name_or_path)

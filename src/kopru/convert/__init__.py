@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
+from kopru.convert.verify import NoChatTemplate, verification_picture, verify_user_path
 from kopru.model import KopruForConditionalGeneration
 from kopru.paths import check_exists
 
@@ -61,7 +62,6 @@ def user_path_report(reference, src: str, dst: str | Path, sizes=VERIFY_SIZES,
     """`kopru.convert.verify` on each size: {"passed", "failure" (the first divergence), "checks": [...]}; a
     source without a chat template and without a family `prompt_format` has no HF prompt to compare with and is
     reported as skipped."""
-    from kopru.convert.verify import NoChatTemplate, verification_picture, verify_user_path
 
     checks = []
     for width, height in sizes:

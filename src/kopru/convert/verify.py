@@ -26,6 +26,9 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor
 
+from kopru.generation import GenerationEngine, SamplingParams, format_chat
+from kopru.model import KopruForConditionalGeneration
+
 QUESTION = "What is shown?"
 TOLERANCE = 1e-4  # float32 sums in another order; anything a preprocessing or prompt difference makes is larger
 DEFAULT_SIZE = (200, 120)  # (width, height): non-square, neither side a multiple of any tile size in use
@@ -163,7 +166,6 @@ def kopru_user_path(model, processor, image: Image.Image, new_tokens: int, hf_ke
     last-position logits and `GenerationEngine`'s greedy tokens. `hf_keys`: the keys HF's processor returned,
     so that Mllama's tiles are laid out as HF's. `image_first`: the image in front of the whole rendered prompt
     (BLIP-2's processor puts its query tokens there) instead of where the message has it."""
-    from kopru.generation import GenerationEngine, SamplingParams, format_chat
 
     model.eval()
     if image_first:
@@ -221,7 +223,6 @@ def verify_user_path(reference, src: str, dst: str | Path, image: Image.Image | 
     """Run the chat question on `image` through HF (`reference` loaded from `src`) and through the conversion
     saved at `dst`; see the module docstring. `prompt_format`: the HF prompt of a source without a chat template
     (the converter's `PROMPT_FORMAT`)."""
-    from kopru.model import KopruForConditionalGeneration
 
     image = verification_picture() if image is None else image
     processor = AutoProcessor.from_pretrained(src)

@@ -22,6 +22,8 @@ from typing import Any
 from transformers import AutoConfig
 
 from kopru.config import KopruConfig
+from kopru.export.verify import verify_export
+from kopru.model import KopruForConditionalGeneration
 from kopru.paths import atomic_directory
 
 TARGETS = {"llava": "kopru.export.llava", "llava_next": "kopru.export.llava_next", "blip2": "kopru.export.blip2",
@@ -89,15 +91,12 @@ def export(target: str, src: str | Path, dst: str | Path, verify: bool = False, 
     report: dict[str, Any] = {"to": target, "src": str(src), "dst": str(dst), "hf_class": module.HF_CLASS.__name__,
                               "strategy": config.strategy, **_write(module, src, dst)}
     if verify:
-        from kopru.export.verify import verify_export
-
         report["verify"] = verify_export(target, src, dst, new_tokens=new_tokens)
     return report
 
 
 def _write(module, src: Path, dst: Path) -> dict[str, Any]:
     """Load, build and save; the models are released on return (verify reloads both sides from disk)."""
-    from kopru.model import KopruForConditionalGeneration  # the model is only loaded once nothing refuses
 
     model, processor = KopruForConditionalGeneration.from_pretrained(src)
     hf_model, hf_processor = module.build(model, processor)

@@ -25,12 +25,12 @@ from kopru.export.common import (
     refuse_unless,
 )
 from kopru.export.llava import exported_tokenizer
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from kopru.model import KopruForConditionalGeneration
-    from kopru.processing import KopruProcessor
 
 HF_CLASS = Blip2ForConditionalGeneration
 IMAGE_TOKEN = "<image>"  # the token Blip2Processor writes (unless the tokenizer names another)

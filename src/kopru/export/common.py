@@ -12,18 +12,17 @@ import torch
 from transformers import AutoImageProcessor, GenerationConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from kopru.convert.common import kopru_weights, rename
+from kopru.convert.common import WeightNames, kopru_weights, rename
 from kopru.export import ExportRefused
 from kopru.image_processing import CONFIG_NAME, ImagePreprocessor
 from kopru.messages import end_of_turn_ids
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
     from transformers.image_processing_utils import BaseImageProcessor
 
-    from kopru.convert.common import WeightNames
-    from kopru.model import KopruForConditionalGeneration
-    from kopru.processing import KopruProcessor
 
 # Keys of a saved backbone config that are bookkeeping (HF writes them afresh) or, as the dtype, said once at the top.
 _NOT_VALUES = ("architectures", "_name_or_path", "transformers_version", "dtype")

@@ -25,13 +25,13 @@ from kopru.export.common import (
     image_settings,
     refuse_unless,
 )
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
 from kopru.vision import VISION_BACKBONES
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from kopru.model import KopruForConditionalGeneration
-    from kopru.processing import KopruProcessor
 
 HF_CLASS = LlavaForConditionalGeneration
 # Encoders HF's LLaVA runs as its vision tower (AutoModel of the vision config, hidden states by index).

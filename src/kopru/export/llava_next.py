@@ -17,12 +17,12 @@ from kopru.export import llava
 from kopru.export.chat_template import exported_chat_template
 from kopru.export.common import config_values, generation_config, hf_image_processor, hf_model, hf_state
 from kopru.high_resolution import anyres_pinpoints
+from kopru.model import KopruForConditionalGeneration
+from kopru.processing import KopruProcessor
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from kopru.model import KopruForConditionalGeneration
-    from kopru.processing import KopruProcessor
 
 HF_CLASS = LlavaNextForConditionalGeneration
 

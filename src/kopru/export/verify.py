@@ -32,6 +32,7 @@ from kopru.convert.verify import (
     kopru_user_path,
     verification_picture,
 )
+from kopru.model import KopruForConditionalGeneration
 
 # Run as `python -c HF_SCRIPT DST QUESTION NEW_TOKENS THREADS OUT IMAGE...`; writes OUT/result.json and, per
 # image k, OUT/k.safetensors (the processor's tensors and the last-position logits).
@@ -103,7 +104,6 @@ def verify_export(target: str, src: str | Path, dst: str | Path, new_tokens: int
                   sizes=VERIFY_SIZES) -> dict[str, Any]:
     """{"passed", "failure" (the first divergence, with its picture), "hf": what the HF process reported,
     "layout", "checks": one `Verification.as_dict()` per picture}."""
-    from kopru.model import KopruForConditionalGeneration
 
     images = [verification_picture(width, height) for width, height in sizes]
     hf, hf_sides = hf_user_paths(Path(dst), images, new_tokens)

@@ -7,7 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kopru.significance import FAILS, HOLDS, INCONCLUSIVE, all_of, judge, separated
+import numpy as np
+
+from kopru.lesson.significance import FAILS, HOLDS, INCONCLUSIVE, all_of, judge, separated
 
 STRATEGIES = ("projection", "qformer", "cross_attention")
 NAMES = {"projection": "projection", "qformer": "Q-Former", "cross_attention": "cross-attention"}
@@ -237,11 +239,10 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot(results: dict[str, Any], output: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # lazily: a heavy import, needed only when the plots are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     variants = results["variants"]
     files = []

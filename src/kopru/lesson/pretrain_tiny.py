@@ -77,7 +77,7 @@ from kopru.data.synthetic import (
 from kopru.image_processing import CONFIG_NAME as PREPROCESSOR_CONFIG
 from kopru.threads import default_threads
 
-ASSETS_DIR = Path(__file__).parent / "assets" / "tiny"
+ASSETS_DIR = Path(__file__).parents[1] / "assets" / "tiny"
 DEFAULT_SEED = 0
 REPORT_NAME = "pretrain_report.json"
 VISION_STEPS = 800

@@ -29,11 +29,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kopru.checkpoint import (
+from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
+from kopru.data.builtin import builtin_dataset
+from kopru.data.encoding import EncodedSample, SampleEncoder
+from kopru.data.formats import SKIP_REASONS, SampleError, SkipReport, load_samples
+from kopru.data.sample import Sample, samples_fingerprint
+from kopru.evaluation import answer_results, summarize_answers
+from kopru.lesson.pretrain_tiny import default_backbones
+from kopru.llm import context_window, decoder_layers
+from kopru.model import KopruForConditionalGeneration
+from kopru.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -41,14 +53,8 @@ from kopru.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from kopru.config import KopruConfig, VisionTowerConfig
-from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
-from kopru.data.encoding import EncodedSample, SampleEncoder
-from kopru.data.formats import SKIP_REASONS, SampleError, SkipReport
-from kopru.data.sample import Sample, samples_fingerprint
-from kopru.llm import context_window
-from kopru.model import KopruForConditionalGeneration
-from kopru.recipes import (
+from kopru.training.qformer_stage1 import QFormerPretrainer, pretrain_qformer
+from kopru.training.recipes import (
     LoraSettings,
     OptimizerSettings,
     apply_recipe,
@@ -156,8 +162,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".toml":
         data = tomllib.loads(path.read_text())
     elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
         data = yaml.safe_load(path.read_text()) or {}
     else:
         raise ValueError(f"expected a .yaml, .yml or .toml config file, found {path.name}")
@@ -204,8 +208,6 @@ def build_model(config: TrainConfig) -> tuple[KopruForConditionalGeneration, Any
     else:
         vision, llm = config.vision, config.llm
         if vision is None:
-            from kopru.pretrain_tiny import default_backbones
-
             defaults = default_backbones()
             vision, llm = str(defaults["vision"]), str(defaults["llm"])
         kopru_config = KopruConfig(
@@ -220,14 +222,11 @@ def build_model(config: TrainConfig) -> tuple[KopruForConditionalGeneration, Any
 
 def load_data(spec: str, config: TrainConfig, split: str, report: SkipReport) -> list[Sample]:
     if spec.startswith("builtin:"):
-        from kopru.data.builtin import builtin_dataset
-
         size = config.builtin_train_size if split == "train" else config.builtin_eval_size
         kind = "caption" if template_for(config.recipe) == "plain" else "qa"
         languages = config.languages if split == "train" else config.eval_languages or config.languages
         return builtin_dataset(spec.removeprefix("builtin:"), size, split=split, seed=config.seed,
                                languages=tuple(languages), kind=kind)
-    from kopru.data.formats import load_samples
 
     samples, file_report = load_samples(spec, image_root=config.image_root, policy=config.skip_policy)
     report.counts.update(file_report.counts)
@@ -631,7 +630,6 @@ QFORMER_HEADS_FILE = "qformer_heads.safetensors"
 def _qformer_stage1(model: KopruForConditionalGeneration, processor, config: TrainConfig, trainable: int,
                     total: int) -> TrainSummary:
     """BLIP-2 stage 1 on captions: one process, no checkpoints (a short phase before align / instruct)."""
-    from kopru.qformer_pretraining import QFormerPretrainer, pretrain_qformer
 
     report = SkipReport()
     samples = load_data(config.train_data, config, "train", report)
@@ -685,7 +683,6 @@ def _micro_batches(dataset: EncodedDataset, indices: list[int], batch_size: int,
 def evaluate(model: KopruForConditionalGeneration, dataset: EncodedDataset, config: TrainConfig, pad_id: int,
              device: torch.device) -> dict[str, Any]:
     """Held-out token-weighted loss, and exact-match accuracy per task and language for QA samples."""
-    from kopru.evaluation import answer_results, summarize_answers
 
     model.eval()
     total, tokens = 0.0, 0
@@ -728,8 +725,6 @@ def _save_final(model: KopruForConditionalGeneration, processor, config: TrainCo
 
 def _gather_full_weights(model: KopruForConditionalGeneration) -> None:
     """Replace FSDP's sharded parameters by full plain tensors (the run is over) so that save_pretrained works."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     for name, tensor in full.items():
         module_name, _, attribute = name.rpartition(".")
@@ -742,16 +737,13 @@ def _wrap(model: KopruForConditionalGeneration, config: TrainConfig, world: int,
     if world == 1:
         return model
     if config.fsdp:
+        # Lazily: torch < 2.6, which pyproject allows, has no torch.distributed.fsdp.fully_shard.
         from torch.distributed.fsdp import fully_shard
-
-        from kopru.llm import decoder_layers
 
         for layer in decoder_layers(model.llm):
             fully_shard(layer)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

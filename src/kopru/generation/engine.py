@@ -1,14 +1,14 @@
-"""Generation for all three strategies: left-padded batches, several images per prompt, greedy or sampled.
+"""The serving engine: batched, streaming generation for a `KopruForConditionalGeneration` of any strategy.
 
-Images are encoded once, at prefill. For `cross_attention` the image keys/values of every gated block are
-computed then and reused by each decoding step (`ImageContext`), as is the decode-step visibility mask.
+A pre-allocated (static) key/value cache, one decode step with fixed shapes that torch.compile can capture whole,
+per-request sampling on device (`kopru.generation.sampling`), stop strings and streaming text
+(`kopru.generation.streaming`). `kopru.generation.reference.generate` is the simple loop it is tested against.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -17,139 +17,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers import PreTrainedModel, StaticCache
 
-from kopru.budget import check_generation_fits
 from kopru.connectors.cross_attention import CONTEXT_KWARG, check_blocks_ran
+from kopru.generation.sampling import Sampler, SamplingParams
+from kopru.generation.streaming import IncrementalDetokenizer, StopStringMatcher
 from kopru.llm import context_window
-from kopru.messages import end_of_turn_ids, images_of, render_prompt, validate_messages
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row of `logits` [B, V]; temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
-@torch.inference_mode()
-def generate(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    generator: torch.Generator | None = None,
-    image_sizes: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Returns the new tokens [batch, <= max_new_tokens]; a finished row is filled with `pad_token_id`
-    (default: the LLM config's pad id, else the first eos id, else 0). A row stops at `eos_token_id` (default:
-    the LLM's generation config; `[]` never stops early).
-
-    Prompts must be left padded (`processor(..., padding_side="left")`).
-    """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("generation expects left-padded prompts: found padding at the end of a row")
-    check_generation_fits(model, input_ids, attention_mask, max_new_tokens)  # refused before the model runs
-    llm = model.llm
-    if eos_token_id is None:
-        eos_token_id = llm.generation_config.eos_token_id
-    eos = torch.tensor([] if eos_token_id is None else
-                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long, device=input_ids.device)
-    temperature = temperature if do_sample else 0.0
-    if pad_token_id is None:
-        pad_token_id = llm.config.pad_token_id if llm.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
-
-    embeds, extra = model.prepare_inputs(input_ids, pixel_values, image_sizes=image_sizes)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=llm.config)
-    cache_kwargs = {model._cache_argument: cache}
-    out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-              logits_to_keep=1, **cache_kwargs, **extra)
-    check_blocks_ran(extra)
-    step_extra = {}
-    if CONTEXT_KWARG in extra:
-        # Every new token comes after all of the prompt's images.
-        context = extra[CONTEXT_KWARG]
-        step_extra[CONTEXT_KWARG] = context.for_positions(context.images_per_sample.unsqueeze(1))
-
-    batch = input_ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    next_position = position_ids[:, -1:] + 1
-    tokens = []
-    for _ in range(max_new_tokens):
-        next_token = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
-        next_token = next_token.masked_fill(finished, pad_token_id)
-        tokens.append(next_token)
-        finished |= torch.isin(next_token, eos)
-        if bool(finished.all()) or len(tokens) == max_new_tokens:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        out = llm(input_ids=next_token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                  use_cache=True, **cache_kwargs, **step_extra)
-        next_position = next_position + 1
-    if not tokens:
-        return input_ids.new_zeros(batch, 0)
-    return torch.stack(tokens, dim=1)
-
-
-# ================================================================================================ engine
-# A serving engine on top of the same model: a pre-allocated (static) key/value cache, one decode step with
-# fixed shapes that torch.compile can capture whole, per-request sampling on device, stop strings and
-# streaming text. `generate` above stays the simple reference loop the engine is tested against.
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no top-k cut
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0  # as HF's RepetitionPenaltyLogitsProcessor, over prompt + generated tokens
-    stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
-    seed: int | None = None
-    ignore_eos: bool = False  # keep going past eos (benchmarks that need exactly max_new_tokens)
-
-    def __post_init__(self) -> None:
-        problems = []
-        # Written as "not (inside)": NaN compares False with everything and must fail every check, not pass it.
-        if not self.max_new_tokens >= 1:
-            problems.append(f"max_new_tokens >= 1 (found {self.max_new_tokens})")
-        if not 0 <= self.temperature < math.inf:
-            problems.append(f"a finite temperature >= 0 (found {self.temperature})")
-        if not 0 <= self.top_k < 2**63:
-            problems.append(f"0 <= top_k < 2**63 (found {self.top_k})")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"0 < top_p <= 1 (found {self.top_p})")
-        if not 0 < self.repetition_penalty < math.inf:
-            problems.append(f"a finite repetition_penalty > 0 (found {self.repetition_penalty})")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # what torch.Generator.manual_seed takes
-            problems.append(f"a seed within 64-bit signed integers (found {self.seed})")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            problems.append(f"stop strings to be non-empty strings (found {self.stop!r})")
-        if problems:
-            raise ValueError("invalid sampling parameters: expected " + "; ".join(problems))
+from kopru.messages import end_of_turn_ids
 
 
 @dataclass
@@ -167,153 +41,6 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)  # the generated ids (eos not included)
-
-
-class IncrementalDetokenizer:
-    """Token ids in, text out, one token at a time, such that the pieces concatenate to the decoded whole.
-
-    A byte-level BPE can split one character (Turkish "ş" is two UTF-8 bytes) across tokens: text is held back
-    while its decoding ends in the replacement character. A few prompt tokens are decoded as left context, since
-    SentencePiece-style tokenizers decode a leading word differently at the start of a text.
-    """
-
-    CONTEXT_TOKENS = 5
-
-    def __init__(self, tokenizer, prompt_ids: list[int]) -> None:
-        self.tokenizer = tokenizer
-        self.ids = list(prompt_ids[-self.CONTEXT_TOKENS:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        """Whatever is still held back (an incomplete character at the very end is emitted as decoded)."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
-        if len(text) > len(prefix) and (final or not text.endswith("\ufffd")):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix):]
-        return ""
-
-
-class StopStringMatcher:
-    """Accumulates text, cuts it at the first stop string (which may span tokens), and holds back only the tail
-    that could still turn into one."""
-
-    def __init__(self, stop: list[str]) -> None:
-        self.stop = list(stop)
-        self.longest = max((len(s) for s in self.stop), default=0)
-        self.text = ""
-        self.sent = 0
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """-> (text safe to emit now, whether a stop string was found)"""
-        start = max(0, len(self.text) - self.longest + 1)
-        self.text += piece
-        found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if found:
-            self.text = self.text[:min(found)]
-            return self._emit(len(self.text)), True
-        hold = 0
-        for size in range(min(self.longest - 1, len(self.text)), 0, -1):
-            if any(s.startswith(self.text[-size:]) for s in self.stop):
-                hold = size
-                break
-        return self._emit(len(self.text) - hold), False
-
-    def finish(self) -> str:
-        return self._emit(len(self.text))
-
-    def _emit(self, upto: int) -> str:
-        piece = self.text[self.sent:upto]
-        self.sent = max(self.sent, upto)
-        return piece
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """HF's RepetitionPenaltyLogitsProcessor, vectorised: a seen token's logit is divided by the penalty when
-    positive, multiplied when negative. `seen` [B, V] bool, `penalty` [B, 1]."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row: keep the `top_k` best tokens (0 = all), then the smallest set holding `top_p` of what is left;
-    the rest become -inf. `top_k` [B] long, `top_p` [B] float. No host synchronisation."""
-    vocab = logits.shape[-1]
-    ordered, order = torch.sort(logits, dim=-1, descending=True)
-    rank = torch.arange(vocab, device=logits.device)
-    keep_k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
-    ordered = ordered.masked_fill(rank >= keep_k, float("-inf"))
-    probs = ordered.softmax(-1)
-    # Drop a token when the tokens ranked above it already hold top_p of the mass (the best one always stays).
-    drop = (probs.cumsum(-1) - probs >= top_p.unsqueeze(1)) | (rank >= keep_k)
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-
-
-@dataclass
-class _BatchSampling:
-    """The sampling parameters of one batch as device tensors, and the state the penalty needs."""
-
-    greedy_rows: torch.Tensor  # [B] bool
-    temperature: torch.Tensor  # [B, 1]
-    top_k: torch.Tensor  # [B]
-    top_p: torch.Tensor  # [B]
-    penalty: torch.Tensor | None  # [B, 1], None when no row uses one
-    seen: torch.Tensor | None  # [B, V] bool: tokens in the prompt or generated so far
-    generators: list[torch.Generator | None]
-    any_sampling: bool
-
-    @classmethod
-    def build(cls, params: list[SamplingParams], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              vocab: int) -> _BatchSampling:
-        device = input_ids.device
-        batch = len(params)
-        penalty = seen = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            penalty = torch.tensor([[p.repetition_penalty] for p in params], device=device, dtype=torch.float32)
-            seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-            seen.scatter_(1, input_ids.clamp(max=vocab - 1), attention_mask.bool())
-        generators = []
-        for p in params:
-            generator = None
-            if p.seed is not None and p.temperature > 0:
-                generator = torch.Generator(device=device)
-                generator.manual_seed(p.seed)
-            generators.append(generator)
-        return cls(
-            greedy_rows=torch.tensor([p.temperature == 0 for p in params], device=device),
-            temperature=torch.tensor([[max(p.temperature, 1e-5)] for p in params], device=device),
-            top_k=torch.tensor([p.top_k for p in params], device=device),
-            top_p=torch.tensor([p.top_p for p in params], device=device),
-            penalty=penalty, seen=seen, generators=generators,
-            any_sampling=any(p.temperature > 0 for p in params),
-        )
-
-    def next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, V] float logits -> [B] token ids, on device."""
-        if self.penalty is not None:
-            logits = apply_repetition_penalty(logits, self.seen, self.penalty)
-        tokens = logits.argmax(-1)
-        if self.any_sampling:
-            probs = filter_top_k_top_p(logits / self.temperature, self.top_k, self.top_p).softmax(-1)
-            # Exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) draws from p, with a seed per row.
-            noise = torch.empty_like(probs)
-            for row, generator in enumerate(self.generators):
-                noise[row].exponential_(generator=generator)
-            tokens = torch.where(self.greedy_rows, tokens, (probs / noise).argmax(-1))
-        if self.seen is not None:
-            self.seen.scatter_(1, tokens.unsqueeze(1), True)
-        return tokens
 
 
 def decode_step(llm: PreTrainedModel, cache_argument: str, tokens: torch.Tensor, positions: torch.Tensor,
@@ -574,7 +301,7 @@ class GenerationEngine:
             raise ValueError(f"the prompts take {prompt_length} positions; the context window is {self._window}, "
                              "which leaves no room for an answer")
         cache_length = min(max(_next_power_of_two(prompt_length + budget), self.MIN_CACHE), self._window)
-        sampling = _BatchSampling.build(params, input_ids, attention_mask, self.vocab_size)
+        sampling = Sampler.build(params, input_ids, attention_mask, self.vocab_size)
 
         # ---- prefill: images encoded, the prompt written into the static cache, the first token sampled
         embeds, extra = self.model.prepare_inputs(input_ids, pixel_values, image_sizes=image_sizes)
@@ -678,15 +405,3 @@ def _next_power_of_two(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
-# ============================================================================================ chat format
-def format_chat(processor, messages: list[dict], template: str = "chat") -> tuple[str, list[Image.Image]]:
-    """Chat messages (`kopru.messages`: OpenAI-style, content a string or text / image parts) -> (the prompt
-    with one image token per image, the images the parts carry, in order).
-
-    "<image>" typed in string content is a placeholder whose image the caller passes itself. The prompt is
-    rendered by `kopru.messages.render_prompt`: the tokenizer's chat template in the content form it expects,
-    else Köprü's fallback template, with the generation prompt added; no training-only checks are run.
-    """
-
-    canonical = validate_messages(messages)
-    return render_prompt(processor, canonical, template), images_of(canonical)

@@ -24,7 +24,10 @@ from transformers import (
     ViTModel,
 )
 
+from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.image_processing import ImagePreprocessor
+from kopru.lesson.pretrain_tiny import default_backbones
+from kopru.model import KopruForConditionalGeneration
 
 CORPUS = [
     "a red circle on the left of a blue square",
@@ -116,9 +119,6 @@ def save_tiny_served_model(root: str | Path, seed: int = 0) -> Path:
     pretrained tiny vision encoder, a random tiny Llama (`save_tiny_llm`, in root/llm) and a random projection
     connector. A random LLM seldom ends its answer early, so answers run to max_tokens: long enough to be streamed
     in many pieces and cut off mid-stream, and to tell one request's answer from another's."""
-    from kopru.config import KopruConfig, VisionTowerConfig
-    from kopru.model import KopruForConditionalGeneration
-    from kopru.pretrain_tiny import default_backbones
 
     root = Path(root)
     llm = save_tiny_llm(root / "llm", "llama", seed=seed)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from kopru.model import KopruForConditionalGeneration
@@ -67,8 +68,6 @@ def apply_recipe(model: KopruForConditionalGeneration, recipe: str, lora: LoraSe
         return
     if not model.connector.splices_into_text:
         raise ValueError("cross_attention keeps its base LLM frozen; LoRA applies to projection and qformer only")
-    from peft import LoraConfig, get_peft_model
-
     model.llm.requires_grad_(False)
     model.llm = get_peft_model(model.llm, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,

@@ -24,10 +24,15 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from kopru.alignment import caption_retrieval, text_budget, tokenizer_fertility
+from kopru.data.builtin import builtin_dataset
+from kopru.lesson.report import write_report
+from kopru.lesson.scale import default_speed_setup, lesson_structure, measure_speed
+from kopru.lesson.significance import bootstrap_difference, bootstrap_mean
 from kopru.llm import context_window
 from kopru.model import KopruForConditionalGeneration
-from kopru.significance import bootstrap_difference, bootstrap_mean
-from kopru.training import TrainConfig, train
+from kopru.training import QFORMER_HEADS_FILE, TrainConfig, train
+from kopru.training.qformer_stage1 import QFormerPretrainer, retrieval_recall
 
 
 @dataclass(frozen=True)
@@ -244,7 +249,7 @@ def measure_peak_memory(model_dir: str, new_tokens: int = 16) -> float | None:
     process so that nothing this process allocated before (training, other variants) counts: CUDA's allocator
     peak on GPU, else the process's peak resident set (Linux; Python, torch and the weights included, so compare
     variants by their differences). None where it cannot be read."""
-    code = f"from kopru.compare import _peak_memory_child; _peak_memory_child({model_dir!r}, {new_tokens})"
+    code = f"from kopru.lesson.compare import _peak_memory_child; _peak_memory_child({model_dir!r}, {new_tokens})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"measuring peak memory of {model_dir} failed:\n{done.stderr[-2000:]}")
@@ -253,7 +258,6 @@ def measure_peak_memory(model_dir: str, new_tokens: int = 16) -> float | None:
 
 
 def _peak_memory_child(model_dir: str, new_tokens: int) -> None:
-
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)
     if torch.cuda.is_available():
         model.cuda()
@@ -319,7 +323,6 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", w
     # Latency and memory with the CPU to itself (no training beside it), after every run has finished.
     runs = [measure_run(run, with_memory=run.seed == preset.seeds[0])
             for run in tqdm(runs, desc="latency and memory")]
-    from kopru.scale import default_speed_setup, lesson_structure, measure_speed
 
     speed_setup = default_speed_setup() if preset.speed == "auto" else preset.speed
     results = {"preset": preset_name, "settings": dataclasses.asdict(preset), "workers": workers,
@@ -329,7 +332,6 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", w
                "lesson_scale": lesson_structure() if preset.lesson_scale else None,
                "speed": measure_speed(speed_setup) if speed_setup else None}
     (output / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    from kopru.report import write_report
 
     write_report(results, output)
     return results
@@ -435,8 +437,6 @@ def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: 
                       itc_stage1: dict[str, str] | None = None) -> dict[str, Any]:
     """Tokenizer fertility and its cost in text budget, caption retrieval per language (caption likelihood for
     every variant; the Q-Former's ITC head for the stage-1 connectors in `itc_stage1`), cross-lingual transfer."""
-    from kopru.alignment import caption_retrieval, text_budget, tokenizer_fertility
-    from kopru.data.builtin import builtin_dataset
 
     first = {run.variant: run for run in runs if run.seed == runs[0].seed and not run.stage1}
     captions = builtin_dataset("shapes", max(preset.retrieval_captions, 2), split="test", kind="caption")
@@ -471,8 +471,6 @@ def turkish_alignment(runs: list[RunResult], transfer: list[RunResult], preset: 
 def itc_retrieval(model_dir: str, stage1_dir: str, samples: list) -> dict[str, float]:
     """Recall@1/5 with the Q-Former's contrastive head: the stage-1 Q-Former and heads put onto the backbones of
     the saved model at `model_dir`, scored over the same caption samples as the caption-likelihood ranking."""
-    from kopru.qformer_pretraining import QFormerPretrainer, retrieval_recall
-    from kopru.training import QFORMER_HEADS_FILE
 
     model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)
     model.load_connector(stage1_dir)

@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.lesson.tiny import save_tiny_llm, save_tiny_vision
 from kopru.model import KopruForConditionalGeneration
-from kopru.tiny import save_tiny_llm, save_tiny_vision
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220)}
 STRATEGIES: dict[str, dict] = {

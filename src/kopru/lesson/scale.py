@@ -21,7 +21,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from kopru.config import KopruConfig, VisionTowerConfig
-from kopru.explain import CLIP_L_336, PRESETS, VICUNA_7B, explain
+from kopru.explain import explain
+from kopru.lesson.tiny import tiny_tokenizer
+from kopru.model import KopruForConditionalGeneration
+from kopru.presets import CLIP_L_336, PRESETS, VICUNA_7B
+from kopru.processing import add_image_tokens
 from kopru.vision import VISION_BACKBONES, VisionTower
 
 STRATEGIES: tuple[str, ...] = ("projection", "qformer", "cross_attention")
@@ -115,8 +119,6 @@ def _config(fields: dict[str, Any]):
 
 
 def _tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
-    from kopru.tiny import tiny_tokenizer
-
     tokenizer = tiny_tokenizer()
     if len(tokenizer) + 3 > vocab_size:
         raise ValueError(f"the speed model's vocabulary ({vocab_size}) must hold the tokenizer's {len(tokenizer)} "
@@ -127,8 +129,6 @@ def _tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
 def build_speed_models(setup: SpeedSetup, device: torch.device | None = None) -> dict[str, Any]:
     """The three strategies over one randomly initialised encoder and LLM; returns {strategy: (model, batch)}
     where batch is one image and `text_tokens` of question, ready for `generate`."""
-    from kopru.model import KopruForConditionalGeneration
-    from kopru.processing import add_image_tokens
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, setup.dtype)
