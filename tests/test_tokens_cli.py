@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from transformers import CLIPVisionConfig, SiglipVisionConfig, ViTConfig
 
 from kopru import KopruConfig, VisionTowerConfig, count_image_tokens
-from kopru.cli import main
 from kopru.connectors.cross_attention import CrossAttentionConfig
 from kopru.connectors.resampler import ResamplerConfig
 from kopru.demo import run_demo
@@ -77,23 +73,3 @@ def test_demo_trains_generates_and_reloads(tmp_path, trained_seed, trained_figur
     assert by_name["projection"].llm_positions == 16 + 2  # 32 px / patch 8, CLS dropped, two markers
     assert by_name["qformer"].llm_positions == 8 + 2
     assert (by_name["cross_attention"].llm_positions, by_name["cross_attention"].cross_attention_kv) == (3, 16)
-
-
-def test_cli_convert_reports_a_missing_source(tmp_path, capsys):
-    assert main(["convert", "--from", "llava", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "does not exist" in err and "nope" in err
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.slow
-def test_cli_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "kopru.cli", "--help"], capture_output=True, text=True, check=True)
-    assert "demo" in out.stdout and "convert" in out.stdout
-
-
-@pytest.mark.slow
-def test_cli_rejects_unknown_format(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "kopru.cli", "convert", "--from", "gpt4", "a", "b"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import sys
+import types
+import typing
+from typing import Any
 
 from kopru.convert import CONVERTERS
 from kopru.dtypes import NAMES as DTYPE_NAMES
@@ -86,7 +90,7 @@ def _tokens(count: int) -> str:
 def _train(args: argparse.Namespace) -> int:
     from kopru.training import TrainConfig, read_config_file, train
 
-    overrides = {name: getattr(args, name) for name in _train_fields() if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in _train_fields() if hasattr(args, name)}
     base = read_config_file(args.config) if args.config else {}
     summary = train(TrainConfig(**{**base, **overrides}))
     end_distributed()  # not on failure: a failing process must exit (torchrun stops the rest), not wait for them
@@ -129,35 +133,134 @@ def _train_fields():
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; a given flag overrides the config file."""
-    import json as _json
+def _type_name(hint: Any) -> str:
+    """A type as the help text shows it: `int | list[int]`, `str | None`, `one of 'a', 'b'`."""
+    if hint is type(None):
+        return "none"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(member.value) for member in hint)
+    origin, members = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(member) for member in members)
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(member) for member in members)
+    if origin is not None:
+        inner = ", ".join("..." if member is Ellipsis else _type_name(member) for member in members)
+        return f"{origin.__name__}[{inner}]" if inner else origin.__name__
+    return "any" if hint is Any else getattr(hint, "__name__", str(hint))
 
-    def parse_json(text: str):
-        try:
-            return _json.loads(text)
-        except ValueError:
-            return text
 
-    def parse_bool(text: str) -> bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
-        return text.lower() in ("true", "1", "yes")
-
-    for name, field in _train_fields().items():
-        kind = str(field.type)
-        if kind.startswith("bool"):
-            convert = parse_bool
-        elif kind.startswith("int |") or kind == "int":
-            convert = int
-        elif kind.startswith("float") or kind == "float":
-            convert = float
-        elif kind.startswith(("str", "'str")):
-            convert = str
+def _from_json(hint: Any, value: Any) -> Any:
+    """`value` (parsed JSON) as `hint` describes it; TypeError when it is not one."""
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+        for member in hint:
+            if value in (member.value, member.name):
+                return member
+    else:
+        origin, members = typing.get_origin(hint), typing.get_args(hint)
+        if origin is typing.Literal:
+            if value in members:
+                return value
+        elif origin in (types.UnionType, typing.Union):
+            for member in members:
+                try:
+                    return _from_json(member, value)
+                except TypeError:
+                    continue
+        elif origin in (list, tuple) and isinstance(value, list):
+            if origin is list:
+                return [_from_json(members[0] if members else Any, item) for item in value]
+            if len(members) == 2 and members[1] is Ellipsis:
+                return tuple(_from_json(members[0], item) for item in value)
+            if not members or len(members) == len(value):
+                return tuple(_from_json(member, item) for member, item in zip(members or [Any] * len(value),
+                                                                                value, strict=True))
+        elif origin is dict and isinstance(value, dict):
+            key, item = members or (Any, Any)
+            return {_from_json(key, k): _from_json(item, v) for k, v in value.items()}
         else:
-            convert = parse_json  # lists, dicts, int | list[int]: JSON
+            raise TypeError(f"no command-line form for {hint!r}")
+    raise TypeError(value)
+
+
+def flag_type(hint: Any) -> typing.Callable[[str], Any]:
+    """An argparse `type=` for a dataclass field of type `hint` (from typing.get_type_hints): int, float, str,
+    bool (true/false, yes/no, 1/0), Literal and Enum choices, Optional (`none`), unions such as int | list[int]
+    (each member tried in turn) and list / tuple / dict given as JSON (`'[-2,-1]'`). A value that fits no member
+    is refused with the type expected and the text found."""
+
+    def scalar(member: Any, text: str) -> Any:
+        if member is str or member is Any:
+            return text
+        if member is bool:
+            if text.lower() in ("true", "yes", "1"):
+                return True
+            if text.lower() in ("false", "no", "0"):
+                return False
+            raise TypeError(text)
+        if member is int:
+            return int(text)
+        if member is float:
+            value = float(text)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise TypeError(text)
+            return value
+        if member is type(None):
+            if text.lower() in ("none", "null"):
+                return None
+            raise TypeError(text)
+        try:  # containers, Literal, Enum: the text as JSON, else as a bare string (`--mode anyres`)
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        return _from_json(member, value)
+
+    origin = typing.get_origin(hint)
+    # Scalars before containers, None last: "-2" is an int before it is anything else, "none" is None only for
+    # a field that is not a string.
+    members = list(typing.get_args(hint)) if origin in (types.UnionType, typing.Union) else [hint]
+    members.sort(key=lambda member: (member is type(None), typing.get_origin(member) is not None))
+
+    def parse(text: str) -> Any:
+        for member in members:
+            try:
+                return scalar(member, text)
+            except (TypeError, ValueError):
+                continue
+        example = " (JSON, e.g. '[-2,-1]')" if any(typing.get_origin(m) in (list, tuple) for m in members) else ""
+        raise argparse.ArgumentTypeError(f"expected {_type_name(hint)}{example}, found {text!r}")
+
+    return parse
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed by the field's type; a given flag overrides the config file."""
+    from kopru.training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for name, field in _train_fields().items():
         explained = field.metadata.get("help")
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=convert, default=None,
+        kind = _type_name(hints[name])
+        # SUPPRESS: a flag not given leaves no attribute, so an explicit `none` can still override the file.
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=flag_type(hints[name]),
+                            default=argparse.SUPPRESS,
                             help=f"({kind}) {explained}; overrides the config file" if explained
                             else f"({kind}) overrides the config file")
 
@@ -283,8 +386,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                         help="a browser origin (e.g. https://app.example) allowed to call the API from its pages, "
                              "'*' for any; repeatable (default: none, CORS off)")
+    hints = typing.get_type_hints(ServerLimits)
     for spec in dataclasses.fields(ServerLimits):
-        parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=type(spec.default),
+        parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=flag_type(hints[spec.name]),
                             default=spec.default, help=f"{LIMIT_HELP[spec.name]} (default {spec.default})")
 
 
