@@ -88,6 +88,14 @@ CONNECTORS: dict[str, dict | None] = {
 }
 
 
+def counting_config(strategy: str = "projection", connector=None, markers: bool = True, **config) -> KopruConfig:
+    """A config to count image positions with: the backbones' names are never opened, nothing is loaded.
+    markers=False: no <image_start>/<image_end> (HF's processors have none)."""
+    return KopruConfig(vision=VisionTowerConfig("unused"), llm="unused", strategy=strategy, connector=connector,
+                       image_start_token="<image_start>" if markers else None,
+                       image_end_token="<image_end>" if markers else None, **config)
+
+
 @pytest.fixture(scope="session")
 def vision_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vision")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, PATCH_SIZE, STRATEGIES
+from conftest import IMAGE_SIZE, PATCH_SIZE, STRATEGIES, counting_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -46,8 +46,7 @@ SMALL_SIZES = st.integers(1, 120)
 
 def _count_config(mode: str, strategy: str = "projection", **resolution) -> KopruConfig:
     """A config to count with (no weights are loaded): no markers, as HF's processors have none."""
-    return KopruConfig(vision="unused", llm="unused", strategy=strategy, image_start_token=None, image_end_token=None,
-                       resolution=ResolutionConfig(mode=mode, **resolution))
+    return counting_config(strategy, markers=False, resolution=ResolutionConfig(mode=mode, **resolution))
 
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -286,17 +286,6 @@ def test_tokenizer_with_other_eos_is_refused(build, vision_dirs, llm_dirs, tmp_p
 
 
 # -------------------------------------------------------------------------------------------- 12. config
-def test_config_markers_in_pairs_and_vision_string() -> None:
-    with pytest.raises(ValueError, match="pairs"):
-        KopruConfig(vision="some/encoder", llm="some/llm", image_start_token="<image_start>", image_end_token=None)
-    with pytest.raises(ValueError, match="pairs"):
-        KopruConfig(vision="some/encoder", llm="some/llm", image_start_token=None)
-    config = KopruConfig(vision="path/string", llm="some/llm")
-    assert isinstance(config.vision, VisionTowerConfig)
-    assert config.vision.name_or_path == "path/string"
-    assert config.vision == VisionTowerConfig("path/string")
-
-
 # -------------------------------------------------------------------------------- 13. LLaVA with SigLIP
 def test_llava_with_siglip_keeps_every_patch(tmp_path) -> None:
     """HF's LLaVA with vision_feature_select_strategy "default" drops position 0 whatever the encoder, so a

@@ -392,3 +392,34 @@ def test_validate_data_counts_every_bad_sample_before_step_1(vision_dirs, llm_di
                         r"too_long 1, unreadable_image 1; records refused when the data was read: corrupt_json 1",
                         lines[0])
     assert any("sample 'bad': expected a readable image" in line for line in lines[1:])
+
+
+def test_log_every_sets_the_metrics_lines_and_the_progress_bar(vision_dirs, llm_dirs, tmp_path, capsys):
+    capsys.readouterr()
+    summary = train(_short(vision_dirs, llm_dirs, tmp_path, log_every=3, save_every=0))  # 4 steps
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [3, 4]  # every 3rd step, and the last
+    assert lines[0]["loss"] == pytest.approx(sum(summary.losses[:3]) / 3, rel=1e-12)
+    assert lines[1]["loss"] == pytest.approx(summary.losses[3], rel=1e-12)
+    assert [line["lr"] for line in lines] == [pytest.approx(3e-3 * warmup_cosine(2, 4)(step)) for step in (3, 4)]
+    # The progress bar's loss changes only at those steps (tqdm redraws on each update, with the last postfix).
+    shown = set(re.findall(r"loss=([\d.]+)", capsys.readouterr().err))
+    assert shown == {f"{line['loss']:.4f}" for line in lines}
+
+    train(_short(vision_dirs, llm_dirs, tmp_path / "quiet", log_every=0, save_every=0, max_steps=1))
+    assert not (tmp_path / "quiet" / "run" / "metrics.jsonl").exists()
+    assert "loss=" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="log_every must be >= 0"):
+        _short(vision_dirs, llm_dirs, tmp_path, log_every=-1)
+
+
+def test_a_resumed_run_rewrites_the_metrics_after_its_step(vision_dirs, llm_dirs, run_copy):
+    finished = (run_copy / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in finished.splitlines()] == [4]  # log_every 10: the last step
+    shutil.rmtree(run_copy / "checkpoint-4")
+    (run_copy / "latest").write_text("checkpoint-2\n")
+    train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True))  # steps 3 and 4 again
+    again = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    # One line for step 4 (not two), its mean over steps 1-4 though the resumed process ran only 3 and 4.
+    assert [line["step"] for line in again] == [4]
+    assert again[0]["loss"] == pytest.approx(json.loads(finished)["loss"], abs=1e-6)

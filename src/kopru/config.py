@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -110,7 +111,6 @@ class KopruConfig:
     image_token_id: int | None = None
     image_start_token_id: int | None = None
     image_end_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     # Fixed / anyres / dynamic resolution and token reduction; the default is one native-size pass per image.
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
     # The model's name, the id `kopru serve` offers it under; `kopru train` stores its run folder's name here, so
@@ -155,6 +155,14 @@ class KopruConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KopruConfig:
+        # Configs saved before `extra` was removed carry it (nothing ever read it): load them, and say what is
+        # dropped when it held anything.
+        if "extra" in data:
+            data = dict(data)
+            dropped = data.pop("extra")
+            if dropped:
+                warnings.warn(f"KopruConfig: ignoring the old 'extra' field {dropped!r} (no longer a field; "
+                              "Köprü never read it)", UserWarning, stacklevel=2)
         return _from_dict(cls, data)
 
     def save(self, path: str | Path) -> None:
