@@ -10,7 +10,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
-from conftest import CROSS_ATTENTION, IMAGE_SIZE, LLM_LAYERS, NUM_PATCHES
+from conftest import CROSS_ATTENTION, IMAGE_SIZE, LLM_LAYERS, NUM_PATCHES, QFORMER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -19,7 +19,7 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from kopru import KopruConfig, VisionTowerConfig, count_image_tokens, image_positions
+from kopru import KopruConfig, VisionTowerConfig, count_image_tokens
 from kopru.budget import (
     SAMPLE_TEXTS,
     ContextOverflowError,
@@ -297,7 +297,8 @@ def test_saved_kopru_model_directory(build, tmp_path) -> None:
     assert load_budget_model("qwen2-vl").name == "qwen2-vl"
     with pytest.raises(ValueError, match=r"unknown budget preset 'qwen3'; expected one of \['blip-2'"):
         load_budget_model("qwen3")
-    assert planned.image_positions(1920, 1080).tokens == count_image_tokens(model.config, NUM_PATCHES).llm_positions
+    # Whatever the picture's size, a fixed-resolution Q-Former gives its queries, between two markers.
+    assert planned.image_positions(1920, 1080).tokens == QFORMER["num_queries"] + 2
 
 
 
@@ -384,18 +385,27 @@ def test_pixel_limit_is_configurable() -> None:
                                                        ("qformer", {"mode": "dynamic"}),
                                                        ("cross_attention", {"mode": "dynamic"})])
 def test_high_resolution_model_plans_what_its_processor_expands(build, tmp_path, strategy, resolution) -> None:
-    """The planner counts a saved anyres / dynamic model's image exactly as its processor expands it."""
+    """The planner counts a saved anyres / dynamic model's image as the model itself produces it: the vectors its
+    encoder + connector output for that image (measured, not counted), and what its processor expands."""
     from kopru.config import ResolutionConfig
 
     model, processor = build(strategy, resolution=ResolutionConfig(**resolution))
     model.save_pretrained(tmp_path / "saved", processor)
     planned = load_kopru_model(tmp_path / "saved")
     assert planned.resolution == resolution["mode"]
+    lengths = set()
     for width, height in [(40, 30), (23, 61), (64, 64)]:
         batch = processor(["<image>"], [Image.new("RGB", (width, height))], add_special_tokens=False)
-        ids = batch["input_ids"][0]
-        expanded = int(torch.isin(ids, model._image_ids).sum())  # placeholders + markers the LLM sees
+        with torch.no_grad():
+            (features,) = model.encode_image_list(batch["pixel_values"], batch.get("image_sizes"))
+        produced = features.shape[0]
+        lengths.add(produced)
         entry = planned.image_positions(width, height)
-        assert entry.tokens == expanded, (width, height)
-        assert entry.cross_attention_kv == image_positions(model.config, model.vision.encoder.config, width,
-                                                          height).cross_attention_kv
+        if strategy == "cross_attention":  # one placeholder + 2 markers in the text, the vectors as K/V
+            assert (entry.tokens, entry.cross_attention_kv) == (3, produced), (width, height)
+        else:
+            assert (entry.tokens, entry.cross_attention_kv) == (produced + 2, 0), (width, height)
+        ids = batch["input_ids"][0]
+        assert int(torch.isin(ids, model._image_ids).sum()) == entry.tokens  # what the LLM is given
+    # The sizes are planned apart, not one fixed count (the Q-Former's queries are one count whatever the size).
+    assert (len(lengths) == 1) == (strategy == "qformer"), lengths
