@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,12 +143,44 @@ def build(vision_dirs: dict[str, Path], llm_dirs: dict[str, Path]) -> Builder:
     return _build
 
 
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic random RGB image of width x height."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
 @pytest.fixture(scope="session")
 def make_image() -> Callable[[int], Image.Image]:
-    """A deterministic random RGB image per seed (not square, so the processor has to resize it)."""
+    """A deterministic random 48x40 RGB image per seed (not square, so the processor has to resize it)."""
 
     def _make(seed: int) -> Image.Image:
-        pixels = np.random.default_rng(seed).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
-        return Image.fromarray(pixels)
+        return random_image(48, 40, seed)
 
     return _make
+
+
+def open_gates(model: KopruForConditionalGeneration, value: float = 1.0) -> None:
+    """Cross-attention blocks start with tanh(0) = 0 gates, where no image reaches the text (and no gradient the
+    blocks' own weights); set both gates of every block to `value`."""
+    with torch.no_grad():
+        for block in model.connector.blocks:
+            block.attn_gate.fill_(value)
+            block.mlp_gate.fill_(value)
+
+
+def free_port() -> int:
+    """A port no other test (xdist runs them in parallel) is using."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def truncate(file: Path) -> None:
+    """Cut a file to half its size (a write interrupted part way)."""
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def flip_bit(file: Path) -> None:
+    """Flip one bit three quarters into a file: past any header, a bit of the data itself."""
+    data = bytearray(file.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x10
+    file.write_bytes(bytes(data))

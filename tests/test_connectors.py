@@ -4,15 +4,18 @@ safetensors exactly, keep bf16 as bf16, and train in stage 1 exactly the modules
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CROSS_ATTENTION, QFORMER
+from conftest import CONNECTORS, CROSS_ATTENTION, LLM_LAYERS, QFORMER, open_gates
+from transformers import BloomConfig, BloomForCausalLM
 
-from kopru import ResolutionConfig
-from kopru.connectors import available_strategies
+from kopru import KopruConfig, KopruForConditionalGeneration, ResolutionConfig
+from kopru.connectors import CrossAttentionConfig, available_strategies
 from kopru.recipes import apply_recipe
+from kopru.tiny import tiny_tokenizer
 from kopru.tokens import image_positions
 
 RESAMPLER = {"num_latents": 6, "depth": 1, "num_heads": 2, "head_dim": 8, "ff_mult": 2}
@@ -38,11 +41,7 @@ def variant(request, build, make_image):
     strategy, connector, config = VARIANTS[request.param]
     model, processor = build(strategy, connector=connector, **config)
     if strategy == "cross_attention":
-        # The gates start at 0, where nothing reaches the blocks' own weights; open them so the path is tested.
-        with torch.no_grad():
-            for block in model.connector.blocks:
-                block.attn_gate.fill_(0.5)
-                block.mlp_gate.fill_(0.5)
+        open_gates(model, 0.5)  # at 0 (the start) no gradient reaches the blocks' own weights
     batch = processor([PROMPT, "<image> is there a circle"], [make_image(0), make_image(1)], padding_side="left",
                       return_labels=True)
     return request.param, model, processor, batch
@@ -129,3 +128,59 @@ def test_bf16_in_gives_bf16_out(variant):
         finally:
             connector.to(torch.float32)
     assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+
+
+@pytest.fixture(scope="module")
+def bloom_dir(tmp_path_factory) -> Path:
+    """BloomModel.forward takes **kwargs but calls each block with a fixed argument list: the image context
+    never reaches the decoder layers' pre-hooks (MptModel does the same)."""
+    path = tmp_path_factory.mktemp("bloom")
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=64, n_layer=LLM_LAYERS, n_head=4,
+                                 bos_token_id=0, eos_token_id=1, pad_token_id=2)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cross_attention_refuses_llm_that_drops_kwargs(vision_dirs, bloom_dir, make_image) -> None:
+    torch.manual_seed(0)
+    config = KopruConfig(vision=str(vision_dirs["clip"]), llm=str(bloom_dir), strategy="cross_attention",
+                         connector=CONNECTORS["cross_attention"])
+    model, processor = KopruForConditionalGeneration.from_backbones(config)
+    batch = processor("<image> describe it", [make_image(0)], padding_side="left")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="gated cross-attention block"):
+        model(**batch)
+    with pytest.raises(RuntimeError, match="gated cross-attention block"):
+        model.generate(**batch, max_new_tokens=2)
+
+
+def test_cross_attention_on_llama_runs_its_blocks(build, make_image) -> None:
+    model, processor = build("cross_attention")
+    batch = processor("<image> describe it", [make_image(0)], padding_side="left")
+    with torch.no_grad():
+        model(**batch)
+    assert model.generate(**batch, max_new_tokens=2, eos_token_id=[]).shape == (1, 2)
+
+
+def test_cross_attention_without_any_block_is_refused(build) -> None:
+    with pytest.raises(ValueError, match=rf"every_n_layers=8 on an LLM with {LLM_LAYERS} layers"):
+        build("cross_attention", connector=CrossAttentionConfig(every_n_layers=8))
+    with pytest.raises(ValueError, match=rf"layers=\[\].*{LLM_LAYERS} layers"):
+        build("cross_attention", connector=CrossAttentionConfig(layers=[]))
+
+
+def test_deepcopy_cross_attention_runs_its_own_blocks(build, make_image) -> None:
+    """Before: the copy's layer hooks ran the original connector's blocks."""
+    model, processor = build("cross_attention")
+    open_gates(model, 1.0)
+    twin = copy.deepcopy(model)
+    open_gates(twin, 0.0)
+    batch = processor("<image> what colour is the shape", [make_image(0)])
+    text_only = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        plain = twin.llm(**text_only).logits
+        torch.testing.assert_close(twin(**batch).logits, plain)
+        original = model(**batch).logits
+        assert not torch.allclose(original, plain, atol=1e-4)
+        torch.testing.assert_close(model.llm(**text_only).logits, plain)  # same base LLM underneath

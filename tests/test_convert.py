@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NUM_PATCHES, PATCH_SIZE, random_image
 from PIL import Image
 from transformers import (
     Blip2Config,
@@ -28,10 +29,12 @@ from transformers import (
     LlavaProcessor,
     OPTConfig,
     PreTrainedModel,
+    SiglipVisionConfig,
     T5Config,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from kopru.convert import CONVERTERS, convert
 from kopru.convert import blip2 as blip2_converter
@@ -398,3 +401,43 @@ def test_checkpoint_without_image_processor_is_refused(llava, tmp_path: Path) ->
     (bare / "processor_config.json").unlink()
     with pytest.raises(ValueError, match=rf"expected image-processor settings in {bare} .*found neither"):
         convert("llava", bare, tmp_path / "kopru")
+
+
+def test_llava_with_siglip_keeps_every_patch(tmp_path) -> None:
+    """HF's LLaVA with vision_feature_select_strategy "default" drops position 0 whatever the encoder, so a
+    SigLIP-based LLaVA (no CLS token) loses its first patch and wants patches - 1 placeholders. Köprü only
+    drops a real CLS token: the conversion keeps all patches. The difference is intended, which is why
+    --verify (same inputs to both models) does not apply here; instead this checks that Köprü's image
+    vectors are HF's with the first patch put back.
+    """
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    reference = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                bos_token_id=0, eos_token_id=1, pad_token_id=2),
+        image_token_id=image_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )).eval()
+    src = tmp_path / "llava"
+    reference.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(src)
+
+    report = convert("llava", src, tmp_path / "kopru")
+    assert report["image_positions"] == NUM_PATCHES
+    model, processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
+    assert model.image_count.placeholders == NUM_PATCHES  # not NUM_PATCHES - 1
+    batch = processor("<image> describe it", [random_image(48, 40)])
+    assert int((batch["input_ids"] == image_id).sum()) == NUM_PATCHES
+    with torch.no_grad():
+        model(**batch)
+        ours = model.encode_images(batch["pixel_values"])
+        theirs = reference.model.get_image_features(batch["pixel_values"], vision_feature_layer=-2,
+                                                    vision_feature_select_strategy="default").pooler_output
+    theirs = torch.stack(list(theirs))
+    assert ours.shape[1] == NUM_PATCHES and theirs.shape[1] == NUM_PATCHES - 1
+    torch.testing.assert_close(ours[:, 1:], theirs, atol=1e-5, rtol=1e-5)

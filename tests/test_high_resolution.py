@@ -12,13 +12,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, PATCH_SIZE, STRATEGIES, counting_config
+from conftest import IMAGE_SIZE, PATCH_SIZE, STRATEGIES, counting_config, open_gates, random_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -49,22 +47,14 @@ def _count_config(mode: str, strategy: str = "projection", **resolution) -> Kopr
     return counting_config(strategy, markers=False, resolution=ResolutionConfig(mode=mode, **resolution))
 
 
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 @contextlib.contextmanager
-def open_gates(model, value: float = 1.0):
+def gates_open(model, value: float = 1.0):
     """Cross-attention gates start at 0 (the image cannot reach the logits); open them for a test, then close."""
-    for block in model.connector.blocks:
-        block.attn_gate.fill_(value)
-        block.mlp_gate.fill_(value)
+    open_gates(model, value)
     try:
         yield
     finally:
-        for block in model.connector.blocks:
-            block.attn_gate.zero_()
-            block.mlp_gate.zero_()
+        open_gates(model, 0.0)
 
 
 def _hf_tokenizer():
@@ -105,7 +95,7 @@ def test_anyres_count_equals_llava_next_processor(llava_next_336, width, height)
 def test_anyres_count_equals_llava_next_processor_on_real_images(width, height):
     """The whole HF processor run on an image (its own expansion of `<image>`), at the tiny encoder's size."""
     processor = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
-    encoded = processor(text="a <image> b", images=[_image(width, height)], return_tensors="pt")
+    encoded = processor(text="a <image> b", images=[random_image(width, height)], return_tensors="pt")
     expected = int((encoded["input_ids"] == processor.image_token_id).sum())
     encoder = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     assert image_positions(_count_config("anyres"), encoder, width, height).placeholders == expected
@@ -155,7 +145,7 @@ def test_counts_per_strategy_and_reduction():
 @settings(max_examples=20, deadline=None)
 @given(width=SMALL_SIZES, height=SMALL_SIZES, seed=st.integers(0, 100))
 def test_anyres_pixels_equal_llava_next_image_processor(width, height, seed):
-    image = _image(width, height, seed)
+    image = random_image(width, height, seed)
     hf = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS).image_processor
     expected = hf(images=[image], return_tensors="pt")
     config = _count_config("anyres")
@@ -173,7 +163,7 @@ def test_dynamic_pixels_equal_qwen2_vl_and_pixel_shuffle_groups_its_merge(width,
     raster-order patches equals the groups of k^2 consecutive patches its merger concatenates."""
     if max(width, height) / min(width, height) > 200:
         return
-    image, patch = _image(width, height, seed), PATCH_SIZE
+    image, patch = random_image(width, height, seed), PATCH_SIZE
     hf = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, min_pixels=16 * 16, max_pixels=96 * 96)
     expected = hf(images=[image], return_tensors="pt")
     _, grid_h, grid_w = expected["image_grid_thw"][0].tolist()
@@ -281,7 +271,7 @@ def test_features_have_exactly_the_counted_length(models, strategy, mode, sizes)
     if any(max(w, h) / min(w, h) > 200 for w, h in sizes):
         return
     model, processor = models[(strategy, mode)]
-    images = [_image(w, h, seed) for seed, (w, h) in enumerate(sizes)]
+    images = [random_image(w, h, seed) for seed, (w, h) in enumerate(sizes)]
     counts = [image_positions(model.config, model.vision.encoder.config, w, h) for w, h in sizes]
     batch = processor(["first <image> then", " ".join("<image>" for _ in images[1:]) + " end"],
                       [images[:1], images[1:]])
@@ -296,7 +286,7 @@ def test_features_have_exactly_the_counted_length(models, strategy, mode, sizes)
 @torch.no_grad()
 def test_per_image_placeholder_mismatch_names_the_image(models):
     model, processor = models[("projection", "anyres")]
-    batch = processor("<image> and <image>", [_image(70, 30), _image(30, 70, 1)])
+    batch = processor("<image> and <image>", [random_image(70, 30), random_image(30, 70, 1)])
     row = batch["input_ids"][0].tolist()
     first, second = [i for i, token in enumerate(row) if token == model.config.image_start_token_id]
     # Move one placeholder from image 0 to image 1: the total still matches, the images do not.
@@ -312,7 +302,7 @@ def test_per_image_placeholder_mismatch_names_the_image(models):
 @torch.no_grad()
 def test_anyres_qformer_reads_each_tile_on_its_own(models):
     model, processor = models[("qformer", "anyres")]
-    image = _image(90, 40)
+    image = random_image(90, 40)
     batch = processor("<image>", [image])
     views = batch["pixel_values"][0, :model.plan(40, 90).passes]
     expected = torch.cat([model.connector(model.vision(view[None]))[0] for view in views])
@@ -331,7 +321,7 @@ def test_ragged_cross_attention_context_equals_the_fixed_one_for_equal_lengths(m
     for attend_to in ("previous", "most_recent"):
         fixed, ragged = (dataclasses.replace(model.connector.build_context(layout, per_sample), attend_to=attend_to)
                          .for_positions(seen) for layout in (states, list(states)))
-        with open_gates(model):
+        with gates_open(model):
             expected, found = (model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          kopru_image_context=context).logits for context in (fixed, ragged))
             torch.testing.assert_close(found, expected)
@@ -392,7 +382,7 @@ def test_anyres_projection_logits_equal_llava_next(tmp_path: Path):
     reference = LlavaNextForConditionalGeneration.from_pretrained(src).eval()
     model, processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
     hf_processor = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
-    images = [_image(77, 20), _image(25, 90, 1)]
+    images = [random_image(77, 20), random_image(25, 90, 1)]
     texts = ["what is <image> here", "and <image>?"]
     ours = processor(texts, [[images[0]], [images[1]]])
     theirs = hf_processor(text=texts, images=images, return_tensors="pt", padding=True)
@@ -420,10 +410,10 @@ def test_padded_training_batch_loss_is_the_mean_of_the_samples(models, strategy,
     model, processor = models[(strategy, mode)]
     samples = [
         Sample([{"role": "user", "content": "<image>\nwhat colour?"}, {"role": "assistant", "content": "red"}],
-               [_image(90, 30)]),
+               [random_image(90, 30)]),
         Sample([{"role": "user", "content": "how many?"}, {"role": "assistant", "content": "three."}]),
         Sample([{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "yeşil."}],
-               [_image(20, 70, 1), _image(50, 50, 2)]),
+               [random_image(20, 70, 1), random_image(50, 50, 2)]),
     ]
     encoded = SampleEncoder(processor).encode_all(samples)
     for sample, source in zip(encoded, samples, strict=True):
@@ -450,8 +440,8 @@ def test_training_config_builds_a_high_resolution_model(vision_dirs, llm_dirs):
     assert model.config.resolution == ResolutionConfig(mode="anyres", reduction="pixel_shuffle")
     # SigLIP 32 px / 8 px patches: 4x4 -> 2x2 after the fold, 4x wider; a 64x64 image takes the 2x2 grid.
     assert model.connector.layers[0].in_features == 4 * model.vision.hidden_size
-    assert processor.count(_image(64, 64)).placeholders == 4 + 4 * 4 + 4
-    loss = model(**processor("<image> hi", [_image(64, 64)], return_labels=True)).loss
+    assert processor.count(random_image(64, 64)).placeholders == 4 + 4 * 4 + 4
+    loss = model(**processor("<image> hi", [random_image(64, 64)], return_labels=True)).loss
     loss.backward()
     assert model.connector.image_newline.grad is not None and model.connector.image_newline.grad.abs().sum() > 0
 
@@ -459,14 +449,14 @@ def test_training_config_builds_a_high_resolution_model(vision_dirs, llm_dirs):
 @torch.no_grad()
 def test_dynamic_model_saves_reloads_and_refuses_a_connector_of_another_resolution(models, build, tmp_path):
     model, processor = models[("cross_attention", "dynamic")]
-    batch = processor(["<image> hi", "a <image> b <image>"], [[_image(90, 30)], [_image(20, 70, 1), _image(45, 45, 2)]])
-    with open_gates(model, 0.5):
+    batch = processor(["<image> hi", "a <image> b <image>"], [[random_image(90, 30)], [random_image(20, 70, 1), random_image(45, 45, 2)]])
+    with gates_open(model, 0.5):
         expected = model(**batch).logits
         model.save_pretrained(tmp_path / "saved", processor)
     reloaded, reloaded_processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "saved")
     assert reloaded.config.resolution == model.config.resolution
     again = reloaded_processor(["<image> hi", "a <image> b <image>"],
-                               [[_image(90, 30)], [_image(20, 70, 1), _image(45, 45, 2)]])
+                               [[random_image(90, 30)], [random_image(20, 70, 1), random_image(45, 45, 2)]])
     torch.testing.assert_close(reloaded(**again).logits, expected)
     model.save_connector(tmp_path / "connector")
     fixed, _ = build("cross_attention")
@@ -479,7 +469,7 @@ def test_dynamic_model_saves_reloads_and_refuses_a_connector_of_another_resoluti
 def test_generate_takes_the_processors_image_sizes(models, strategy):
     """Greedy generation from a left-padded batch of two prompts equals generating each prompt alone."""
     model, processor = models[(strategy, "anyres")]
-    texts, images = ["<image> what is", "a longer prompt: <image> and this?"], [[_image(90, 30)], [_image(25, 60, 1)]]
+    texts, images = ["<image> what is", "a longer prompt: <image> and this?"], [[random_image(90, 30)], [random_image(25, 60, 1)]]
     batch = processor(texts, images, padding_side="left")
     together = model.generate(**batch, max_new_tokens=4, eos_token_id=[])
     for row, (text, image) in enumerate(zip(texts, images, strict=True)):
@@ -493,6 +483,6 @@ def test_caption_retrieval_refuses_per_size_counts(models):
 
     model, processor = models[("projection", "dynamic")]
     samples = [Sample([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
-                      [_image(40, 30)])]
+                      [random_image(40, 30)])]
     with pytest.raises(ValueError, match="resolution mode 'fixed'\\); found mode 'dynamic'"):
         caption_retrieval(model, processor, samples)

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from conftest import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
@@ -593,15 +594,9 @@ def test_limits_are_checked() -> None:
         ServerLimits(max_new_tokens=8, default_new_tokens=16)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_cli_serve_subcommand(model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     process = subprocess.Popen(
         [sys.executable, "-m", "kopru.cli", "serve", "--model", str(model_dir), "--port", str(port),

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import flip_bit, free_port, truncate
 
 from kopru.checkpoint import latest_checkpoint
 from kopru.data.sample import Sample
@@ -81,7 +82,7 @@ def test_two_processes_give_the_losses_of_one(vision_dirs, llm_dirs, tmp_path, s
     single = train(_config(vision_dirs, llm_dirs, tmp_path / "single", max_steps=3, save_every=0))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
         "-m", "kopru.cli", "train", "--vision", str(vision_dirs["clip"]), "--llm", str(llm_dirs["llama"]),
         "--builtin-train-size", "24", "--builtin-eval-size", "4", "--eval-questions", "8", "--batch-size", "4",
         "--max-steps", "3", "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "0", "--save-every", "2",
@@ -97,15 +98,6 @@ def test_two_processes_give_the_losses_of_one(vision_dirs, llm_dirs, tmp_path, s
     batch = processor(["<image>\nHow many?"], [[_image()]])
     with torch.no_grad():
         torch.testing.assert_close(a(**batch).logits, b(**batch).logits, rtol=0, atol=1e-4)
-
-
-def _free_port() -> int:
-    """A port no other test (xdist runs them in parallel) is using for its rendezvous."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _image():
@@ -232,16 +224,6 @@ def _log_lines(capsys) -> list[str]:
             if line.startswith("kopru train: ")]
 
 
-def _flip_bit(file) -> None:
-    data = bytearray(file.read_bytes())
-    data[len(data) * 3 // 4] ^= 0x10
-    file.write_bytes(bytes(data))
-
-
-def _truncate(file) -> None:
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-
-
 @pytest.mark.parametrize(("damage", "expected"), [
     # defect 10: a truncated safetensors file, a truncated trainer_state.json, flipped bits
     ("trainable.safetensors", r"checkpoint-4/trainable.safetensors: expected [\d,]+ bytes, found [\d,]+ \(truncated\)"),
@@ -251,9 +233,9 @@ def _truncate(file) -> None:
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(vision_dirs, llm_dirs, run_copy, finished_run,
                                                                      capsys, damage, expected):
     if damage.startswith("flip "):
-        _flip_bit(run_copy / "checkpoint-4" / damage.removeprefix("flip "))
+        flip_bit(run_copy / "checkpoint-4" / damage.removeprefix("flip "))
     else:
-        _truncate(run_copy / "checkpoint-4" / damage)
+        truncate(run_copy / "checkpoint-4" / damage)
     capsys.readouterr()
     resumed = train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True))
     lines = _log_lines(capsys)
