@@ -10,14 +10,26 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import flip_bit, free_port, truncate
+from safetensors.torch import load_file
 
 from kopru.checkpoint import latest_checkpoint
 from kopru.data.sample import Sample
-from kopru.training import EncodedDataset, TrainConfig, global_batches, read_config_file, train, warmup_cosine
+from kopru.training import (
+    QFORMER_HEADS_FILE,
+    EncodedDataset,
+    TrainConfig,
+    build_model,
+    global_batches,
+    read_config_file,
+    seed_everything,
+    train,
+    warmup_cosine,
+)
 
 
 def _config(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:
@@ -179,23 +191,46 @@ def test_bad_samples_are_counted_in_the_summary(vision_dirs, llm_dirs, tmp_path,
 
 def test_qformer_stage1_recipe_then_align(vision_dirs, llm_dirs, tmp_path):
     qformer = {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
-    stage1 = train(_config(vision_dirs, llm_dirs, tmp_path / "s1", strategy="qformer", connector=qformer,
-                           recipe="qformer-stage1", max_steps=3, batch_size=4))
-    assert stage1.steps == 3 and all(math.isfinite(x) for x in stage1.losses)
-    align = train(_config(vision_dirs, llm_dirs, tmp_path / "s2", strategy="qformer", connector=qformer,
-                          recipe="align", init_connector=stage1.final_model, max_steps=1, save_every=0))
-    assert align.steps == 1
+    settings = dict(strategy="qformer", connector=qformer, batch_size=4)
+    stage1 = train(_config(vision_dirs, llm_dirs, tmp_path / "s1", recipe="qformer-stage1", max_steps=3, **settings))
+    assert stage1.steps == 3
+    trained = load_file(Path(stage1.final_model) / "connector.safetensors")
+    # Stage 1 trains the Q-Former alone: against the same seed's untrained connector, its weights moved and the
+    # projection into the LLM did not. Its contrastive head is saved beside it.
+    seed_everything(0)
+    initial = build_model(_config(vision_dirs, llm_dirs, tmp_path, recipe="qformer-stage1", **settings))[0]
+    initial = initial.connector.state_dict()
+    assert trained.keys() == initial.keys()
+    changed = {name for name in trained if not torch.equal(trained[name], initial[name])}
+    assert changed and all(name.startswith("qformer.") for name in changed)
+    assert (Path(stage1.final_model) / QFORMER_HEADS_FILE).is_file()
+    # align starts from that connector: at learning rate 0 it saves exactly what it loaded.
+    align = train(_config(vision_dirs, llm_dirs, tmp_path / "s2", recipe="align", init_connector=stage1.final_model,
+                          max_steps=1, save_every=0, lr=0.0, **settings))
+    saved = load_file(Path(align.final_model) / "connector.safetensors")
+    assert all(torch.equal(saved[name], trained[name]) for name in trained)
     with pytest.raises(ValueError, match="needs the qformer strategy"):
         train(_config(vision_dirs, llm_dirs, tmp_path / "s3", recipe="qformer-stage1", max_steps=1))
 
 
 @pytest.mark.parametrize("name", ["train_builtin.yaml", "train_llava_format.toml"])
 def test_example_configs_parse(name):
-    from pathlib import Path
-
+    # Fails when an example drifts from TrainConfig: a setting renamed or removed, a value not of its field's type
+    # (read_config_file checks both), a recipe or size TrainConfig refuses.
     settings = read_config_file(Path(__file__).parent.parent / "examples" / name)
-    config = TrainConfig(**settings)
-    assert config.max_steps > 0
+    TrainConfig(**settings)
+
+
+def test_config_file_values_are_checked_against_the_field_types(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\n")  # YAML 1.1: no dot, so a string
+    with pytest.raises(ValueError, match=r"c.yaml: lr: expected float, found '1e-3' \(str\)"):
+        read_config_file(tmp_path / "c.yaml")
+    (tmp_path / "c.toml").write_text('feature_layer = [-2, "x"]\nmax_steps = 3\n')
+    with pytest.raises(ValueError, match=r"feature_layer: expected int \| list\[int\], found \[-2, 'x'\]"):
+        read_config_file(tmp_path / "c.toml")
+    (tmp_path / "ok.toml").write_text("feature_layer = [-2, -1]\nlr = 1\nbf16 = false\n")
+    assert read_config_file(tmp_path / "ok.toml") == {"feature_layer": [-2, -1], "lr": 1.0, "bf16": False}
+    assert isinstance(read_config_file(tmp_path / "ok.toml")["lr"], float)  # an int where a float is due
 
 
 # ------------------------------------------------------------------------------------ resume you can trust

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ import types
 import typing
 from typing import Any
 
+from kopru.config import coerce, type_name
 from kopru.convert import CONVERTERS
 from kopru.dtypes import NAMES as DTYPE_NAMES
 from kopru.dtypes import RUN_DTYPES
@@ -133,73 +133,6 @@ def _train_fields():
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _type_name(hint: Any) -> str:
-    """A type as the help text shows it: `int | list[int]`, `str | None`, `one of 'a', 'b'`."""
-    if hint is type(None):
-        return "none"
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return "one of " + ", ".join(repr(member.value) for member in hint)
-    origin, members = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(member) for member in members)
-    if origin in (types.UnionType, typing.Union):
-        return " | ".join(_type_name(member) for member in members)
-    if origin is not None:
-        inner = ", ".join("..." if member is Ellipsis else _type_name(member) for member in members)
-        return f"{origin.__name__}[{inner}]" if inner else origin.__name__
-    return "any" if hint is Any else getattr(hint, "__name__", str(hint))
-
-
-def _from_json(hint: Any, value: Any) -> Any:
-    """`value` (parsed JSON) as `hint` describes it; TypeError when it is not one."""
-    if hint is Any:
-        return value
-    if hint is type(None):
-        if value is None:
-            return None
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif isinstance(hint, type) and issubclass(hint, enum.Enum):
-        for member in hint:
-            if value in (member.value, member.name):
-                return member
-    else:
-        origin, members = typing.get_origin(hint), typing.get_args(hint)
-        if origin is typing.Literal:
-            if value in members:
-                return value
-        elif origin in (types.UnionType, typing.Union):
-            for member in members:
-                try:
-                    return _from_json(member, value)
-                except TypeError:
-                    continue
-        elif origin in (list, tuple) and isinstance(value, list):
-            if origin is list:
-                return [_from_json(members[0] if members else Any, item) for item in value]
-            if len(members) == 2 and members[1] is Ellipsis:
-                return tuple(_from_json(members[0], item) for item in value)
-            if not members or len(members) == len(value):
-                return tuple(_from_json(member, item) for member, item in zip(members or [Any] * len(value),
-                                                                                value, strict=True))
-        elif origin is dict and isinstance(value, dict):
-            key, item = members or (Any, Any)
-            return {_from_json(key, k): _from_json(item, v) for k, v in value.items()}
-        else:
-            raise TypeError(f"no command-line form for {hint!r}")
-    raise TypeError(value)
-
-
 def flag_type(hint: Any) -> typing.Callable[[str], Any]:
     """An argparse `type=` for a dataclass field of type `hint` (from typing.get_type_hints): int, float, str,
     bool (true/false, yes/no, 1/0), Literal and Enum choices, Optional (`none`), unions such as int | list[int]
@@ -230,7 +163,7 @@ def flag_type(hint: Any) -> typing.Callable[[str], Any]:
             value = json.loads(text)
         except ValueError:
             value = text
-        return _from_json(member, value)
+        return coerce(member, value)
 
     origin = typing.get_origin(hint)
     # Scalars before containers, None last: "-2" is an int before it is anything else, "none" is None only for
@@ -245,7 +178,7 @@ def flag_type(hint: Any) -> typing.Callable[[str], Any]:
             except (TypeError, ValueError):
                 continue
         example = " (JSON, e.g. '[-2,-1]')" if any(typing.get_origin(m) in (list, tuple) for m in members) else ""
-        raise argparse.ArgumentTypeError(f"expected {_type_name(hint)}{example}, found {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {type_name(hint)}{example}, found {text!r}")
 
     return parse
 
@@ -257,7 +190,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for name, field in _train_fields().items():
         explained = field.metadata.get("help")
-        kind = _type_name(hints[name])
+        kind = type_name(hints[name])
         # SUPPRESS: a flag not given leaves no attribute, so an explicit `none` can still override the file.
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=flag_type(hints[name]),
                             default=argparse.SUPPRESS,

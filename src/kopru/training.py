@@ -21,6 +21,7 @@ import random
 import sys
 import time
 import tomllib
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from kopru.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.config import KopruConfig, VisionTowerConfig, coerce, type_name
 from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
 from kopru.data.encoding import EncodedSample, SampleEncoder
 from kopru.data.formats import SKIP_REASONS, SampleError, SkipReport
@@ -169,7 +170,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {unknown}; expected some of {sorted(known)}")
-    return data
+    # Each value of its field's type, checked here where the file can be named: YAML reads `lr: 1e-3` (no dot) as
+    # a string, which would otherwise fail steps later inside the optimizer.
+    hints = typing.get_type_hints(TrainConfig)
+    checked = {}
+    for name, value in data.items():
+        try:
+            checked[name] = coerce(hints[name], value)
+        except TypeError:
+            raise ValueError(f"{path}: {name}: expected {type_name(hints[name])}, found {value!r} "
+                             f"({type(value).__name__})") from None
+    return checked
 
 
 @dataclass
