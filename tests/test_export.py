@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_chat_templates import LLAVA_15_TEMPLATE as LLAVA_15
 from transformers import Blip2VisionConfig, MllamaVisionConfig
+from vlm_checkpoints import LLAVA_15_TEMPLATE as LLAVA_15
 
 from kopru.cli import main
 from kopru.config import KopruConfig, VisionTowerConfig
@@ -37,7 +37,7 @@ FAMILIES = ("llava", "llava_next", "blip2", "mllama")
 def hf_checkpoint(kind: str, path: Path) -> Path:
     """The tiny random HF checkpoint of `kind`, with its processor (and chat template, BLIP-2 has none)."""
     if kind == "blip2":
-        from test_convert import build_blip2
+        from vlm_checkpoints import build_blip2
 
         return build_blip2(path)[1]
     from vlm_checkpoints import build

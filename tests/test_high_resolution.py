@@ -19,25 +19,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import (
     CLIPVisionConfig,
-    LlamaConfig,
-    LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     SiglipVisionConfig,
 )
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from vlm_checkpoints import TINY_PINPOINTS, build_llava_next, llava_next_processor
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.config import ResolutionConfig
 from kopru.convert import convert
 from kopru.high_resolution import AveragePool, HighResolutionPreprocessor, PixelShuffle
 from kopru.image_processing import ImagePreprocessor
-from kopru.tiny import tiny_tokenizer
 from kopru.tokens import image_positions
 
 CLIP_L_336 = CLIPVisionConfig(image_size=336, patch_size=14)
-TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # LLaVA-NeXT's five layouts at 32 px
 SIZES = st.integers(1, 2500)
 SMALL_SIZES = st.integers(1, 120)
 
@@ -57,24 +53,10 @@ def gates_open(model, value: float = 1.0):
         open_gates(model, 0.0)
 
 
-def _hf_tokenizer():
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return tokenizer
-
-
-def _llava_next_processor(tile: int, patch: int, pinpoints=None) -> LlavaNextProcessor:
-    kwargs = {} if pinpoints is None else {"image_grid_pinpoints": pinpoints}
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": tile},
-                                                 crop_size={"height": tile, "width": tile}, **kwargs)
-    return LlavaNextProcessor(image_processor=image_processor, tokenizer=_hf_tokenizer(), patch_size=patch,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
-
-
 # --------------------------------------------------------------------------------------------- counts vs HF
 @pytest.fixture(scope="module")
 def llava_next_336() -> LlavaNextProcessor:
-    return _llava_next_processor(336, 14)
+    return llava_next_processor(336, 14)
 
 
 @pytest.mark.parametrize(("width", "height", "tokens"), [(672, 672, 2928), (640, 480, 2340), (336, 336, 1176),
@@ -85,7 +67,7 @@ def test_anyres_reference_values(width, height, tokens):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(width=SIZES, height=SIZES)
-def test_anyres_count_equals_llava_next_processor(llava_next_336, width, height):
+def test_anyres_count_equalsllava_next_processor(llava_next_336, width, height):
     expected = llava_next_336._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
     assert image_positions(_count_config("anyres"), CLIP_L_336, width, height).placeholders == expected
 
@@ -94,7 +76,7 @@ def test_anyres_count_equals_llava_next_processor(llava_next_336, width, height)
 @given(width=SMALL_SIZES, height=SMALL_SIZES)
 def test_anyres_count_equals_llava_next_processor_on_real_images(width, height):
     """The whole HF processor run on an image (its own expansion of `<image>`), at the tiny encoder's size."""
-    processor = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
+    processor = llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
     encoded = processor(text="a <image> b", images=[random_image(width, height)], return_tensors="pt")
     expected = int((encoded["input_ids"] == processor.image_token_id).sum())
     encoder = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
@@ -146,7 +128,7 @@ def test_counts_per_strategy_and_reduction():
 @given(width=SMALL_SIZES, height=SMALL_SIZES, seed=st.integers(0, 100))
 def test_anyres_pixels_equal_llava_next_image_processor(width, height, seed):
     image = random_image(width, height, seed)
-    hf = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS).image_processor
+    hf = llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS).image_processor
     expected = hf(images=[image], return_tensors="pt")
     config = _count_config("anyres")
     base = ImagePreprocessor(size=IMAGE_SIZE, image_mean=tuple(hf.image_mean), image_std=tuple(hf.image_std))
@@ -353,25 +335,6 @@ def test_vision_tower_interpolates_position_embeddings(build, kind):
 
 
 # --------------------------------------------------------------------------------------- LLaVA-NeXT logits
-def build_llava_next(path: Path) -> Path:
-    from test_convert import randomise, save_reference, tokenizer_with_image_token
-
-    torch.manual_seed(0)
-    tokenizer, image_id = tokenizer_with_image_token()
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                       image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
-                                pad_token_id=2),
-        image_token_id=image_id, image_grid_pinpoints=TINY_PINPOINTS, vision_feature_layer=-2,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,  # one view's positions (HF's default is CLIP-L/336's 576)
-    )
-    model = LlavaNextForConditionalGeneration(config)
-    randomise(model)
-    return save_reference(model, tokenizer, path, _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS))
-
-
 @torch.no_grad()
 def test_anyres_projection_logits_equal_llava_next(tmp_path: Path):
     """A random LLaVA-NeXT converted, saved and reloaded gives HF's logits on a wide and a tall image; its own
@@ -381,7 +344,7 @@ def test_anyres_projection_logits_equal_llava_next(tmp_path: Path):
     assert report["max_abs_diff"] < 1e-4
     reference = LlavaNextForConditionalGeneration.from_pretrained(src).eval()
     model, processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
-    hf_processor = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
+    hf_processor = llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
     images = [random_image(77, 20), random_image(25, 90, 1)]
     texts = ["what is <image> here", "and <image>?"]
     ours = processor(texts, [[images[0]], [images[1]]])
