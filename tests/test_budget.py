@@ -308,9 +308,11 @@ def test_converted_mllama_counts_the_cross_attention_kv_its_cache_holds(tmp_path
     then keep all max_num_tiles tiles of an image in the cross-attention K/V, padding tiles included. `kopru budget
     --model` reports that figure beside the real tiles' and counts its bytes; both are measured here from the
     caches of real forward passes (HF's DynamicCache, Köprü's image K/V and self-attention cache)."""
-    from test_convert_mllama import PICTURE_SEED, save_reference, tiny_mllama, tokenizer_with_image_token
     from transformers import MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from vlm_checkpoints import PICTURE_SEED, tiny_mllama
+    from vlm_checkpoints import mllama_tokenizer as tokenizer_with_image_token
+    from vlm_checkpoints import save_mllama_reference as save_reference
 
     from kopru.connectors.cross_attention import CONTEXT_KWARG
     from kopru.convert import convert

@@ -1,7 +1,7 @@
 """Tiny random HF VLM checkpoints, for every test that needs one (conversion, export, chat templates, serving,
 the user's path).
 
-The builders (LLaVA, BLIP-2, LLaVA-NeXT here; Mllama's in test_convert_mllama) make the reference models the
+The builders (LLaVA, BLIP-2, LLaVA-NeXT, Mllama) make the reference models the
 conversion tests compare against. `checkpoint` adds what a user's checkpoint also carries: the processor with the
 family's published-style chat template, saved in one of two layouts:
 
@@ -36,13 +36,17 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     LlavaProcessor,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
     OPTConfig,
     PreTrainedModel,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
+from kopru.convert import mllama as mllama_converter
 from kopru.tiny import tiny_tokenizer
 
 # ------------------------------------------------------------------------------ tiny random HF models
@@ -183,6 +187,66 @@ LLAVA_15_TEMPLATE = (
 )
 
 
+# Llama-3.2-Vision (Mllama), every weight random, the tanh gates well away from 0.
+MLLAMA_IMAGE_SIZE, MLLAMA_PATCH, MAX_TILES = 16, 4, 4  # 16 patches + CLS = 17 tokens per tile (Mllama pads them to 24)
+MLLAMA_VISION_HIDDEN, MLLAMA_INTERMEDIATE_LAYERS = 32, [0, 1]
+# A seed whose tiny Mllama ([1, 4], 6 layers) answers the user's-path pictures differently from the first greedy
+# token (seed 3 answered token 168 eight times for every picture, so a model ignoring the image passed).
+PICTURE_SEED = 1
+
+
+def mllama_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([mllama_converter.IMAGE_TOKEN], special_tokens=True)
+    return tokenizer, tokenizer.convert_tokens_to_ids(mllama_converter.IMAGE_TOKEN)
+
+
+def tiny_mllama(cross_attention_layers: list[int], num_layers: int, seed: int = 0):
+    tokenizer, image_id = mllama_tokenizer()
+    # As in Llama-3.2-Vision: <|image|> is the first id past the text vocabulary (an extra embedding row).
+    assert image_id == len(tokenizer) - 1
+    config = MllamaConfig(
+        vision_config=dict(
+            hidden_size=MLLAMA_VISION_HIDDEN, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+            intermediate_size=64, vision_output_dim=MLLAMA_VISION_HIDDEN * (1 + len(MLLAMA_INTERMEDIATE_LAYERS)),
+            image_size=MLLAMA_IMAGE_SIZE, patch_size=MLLAMA_PATCH, max_num_tiles=MAX_TILES,
+            intermediate_layers_indices=MLLAMA_INTERMEDIATE_LAYERS,  # default supported_aspect_ratios: HF's for 4 tiles
+        ),
+        text_config=dict(
+            vocab_size=image_id, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128, cross_attention_layers=cross_attention_layers,
+            rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        ),
+        image_token_index=image_id,
+    )
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # norms around 1, gates (tanh) well away from 0, everything else small and random
+        for name, param in model.named_parameters():
+            if "gate" in name and param.numel() == 1:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(mean=1.0 if param.dim() == 1 and "norm" in name else 0.0, std=0.2)
+    return model
+
+
+def save_mllama_reference(model: MllamaForConditionalGeneration, path: Path) -> Path:
+    tokenizer, _ = mllama_tokenizer()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # Its image-processor settings, as a real checkpoint ships them (a conversion refuses a checkpoint without).
+    MllamaImageProcessorPil(size={"height": MLLAMA_IMAGE_SIZE, "width": MLLAMA_IMAGE_SIZE}, max_image_tiles=MAX_TILES,
+                            image_mean=[0.48145466, 0.4578275, 0.40821073],
+                            image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(path)
+    return path
+
+
+def mllama_logit_diff(expected: torch.Tensor, found: torch.Tensor) -> float:
+    vocab = expected.shape[-1]
+    assert found.shape[-1] == vocab + mllama_converter.EXTRA_EMBEDDINGS
+    return float((expected.float() - found[..., :vocab].float()).abs().max())
+
+
 # llava-hf/llava-v1.6-vicuna-7b-hf style: a system text, "USER: " / "ASSISTANT: ", images first in each turn.
 LLAVA_NEXT_VICUNA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] + ' ' }}"
@@ -214,27 +278,17 @@ def build(kind: str, path: Path) -> Path:
         path = build_llava_next(path)
         processor_class = "LlavaNextProcessor"
     elif kind == "mllama":
-        from test_convert_mllama import (
-            IMAGE_SIZE,
-            MAX_TILES,
-            PICTURE_SEED,
-            save_reference,
-            tiny_mllama,
-            tokenizer_with_image_token,
-        )
         from transformers import MllamaProcessor
-        from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-        path = save_reference(tiny_mllama([1, 4], 6, seed=PICTURE_SEED), path)
+        path = save_mllama_reference(tiny_mllama([1, 4], 6, seed=PICTURE_SEED), path)
         (path / "preprocessor_config.json").unlink()  # the processor's file carries them
-        image_processor = MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_processor = MllamaImageProcessorPil(size={"height": MLLAMA_IMAGE_SIZE, "width": MLLAMA_IMAGE_SIZE},
                                                   max_image_tiles=MAX_TILES,
                                                   image_mean=[0.48145466, 0.4578275, 0.40821073],
                                                   image_std=[0.26862954, 0.26130258, 0.27577711])
-        MllamaProcessor(image_processor, tokenizer_with_image_token()[0]).save_pretrained(path)
+        MllamaProcessor(image_processor, mllama_tokenizer()[0]).save_pretrained(path)
         processor_class = "MllamaProcessor"
     elif kind == "blip2":
-        import torch
         from tokenizers.processors import TemplateProcessing
         from transformers import AutoTokenizer
 
