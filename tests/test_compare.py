@@ -102,6 +102,7 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
 
 
 @pytest.mark.trained
+@pytest.mark.slow
 def test_an_untrained_connector_scores_at_chance(trained_seed, trained_figure):
     """The accuracy the report shows is measured: before any training the model answers from text alone."""
     backbones = default_backbones()

@@ -257,6 +257,7 @@ def _check_built(paths: dict[str, Path]) -> None:
     assert tokenizer.decode(tokenizer("Üçgen nerede?", add_special_tokens=False)["input_ids"]) == "Üçgen nerede?"
 
 
+@pytest.mark.slow
 def test_builders_save_loadable_backbones(tmp_path: Path) -> None:
     vision = pretrain_vision(tmp_path / "vision", steps=2, progress=False, **SMALL_VISION)
     language = pretrain_language(tmp_path / "llm", steps=2, progress=False, **SMALL_LLM)

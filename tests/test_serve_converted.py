@@ -97,7 +97,9 @@ def client_for(server: RunningServer):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# The older hub layout is served only in the full run: test_verify_user_path loads it for every family quickly.
+@pytest.mark.parametrize("layout", [pytest.param(layout, marks=pytest.mark.slow) if layout == "hub4" else layout
+                                    for layout in LAYOUTS])
 @pytest.mark.parametrize("kind", KINDS)
 def test_serve_answers_hfs_greedy_answer(served, kind: str, layout: str) -> None:
     src, _, server, eos_ids = served(kind, layout)

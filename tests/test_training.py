@@ -43,6 +43,7 @@ def _config(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:
 
 
 @pytest.mark.trained
+@pytest.mark.slow  # the quick loop keeps the resumes from damaged checkpoints, which compare losses too
 @pytest.mark.parametrize("strategy", ["projection", "cross_attention"])
 def test_resume_gives_the_losses_of_an_uninterrupted_run(vision_dirs, llm_dirs, tmp_path, strategy, trained_seed,
                                                          trained_figure):
