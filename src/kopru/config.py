@@ -262,5 +262,5 @@ def coerce(hint: Any, value: Any) -> Any:
             key, item = members or (Any, Any)
             return {coerce(key, k): coerce(item, v) for k, v in value.items()}
         else:
-            raise TypeError(f"no command-line form for {hint!r}")
+            raise TypeError(f"no check written for values of type {hint!r}")
     raise TypeError(value)
