@@ -67,7 +67,7 @@ def test_anyres_reference_values(width, height, tokens):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(width=SIZES, height=SIZES)
-def test_anyres_count_equalsllava_next_processor(llava_next_336, width, height):
+def test_anyres_count_equals_llava_next_processor(llava_next_336, width, height):
     expected = llava_next_336._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
     assert image_positions(_count_config("anyres"), CLIP_L_336, width, height).placeholders == expected
 
