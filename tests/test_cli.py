@@ -140,3 +140,10 @@ def test_flag_type_names_what_it_expected(hint, text, message):
     with pytest.raises(argparse.ArgumentTypeError) as error:
         flag_type(hint)(text)
     assert message in str(error.value)
+
+
+def test_cli_prints_the_error_without_a_traceback(llm_dirs, tmp_path, capsys):
+    assert main(["convert", "--from", "blip2", str(llm_dirs["llama"]), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "expects a checkpoint of model_type 'blip-2', found 'llama'" in err
+    assert "Traceback" not in err

@@ -346,3 +346,9 @@ def test_llava_with_siglip_keeps_every_patch(tmp_path) -> None:
     theirs = torch.stack(list(theirs))
     assert ours.shape[1] == NUM_PATCHES and theirs.shape[1] == NUM_PATCHES - 1
     torch.testing.assert_close(ours[:, 1:], theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_refuses_a_checkpoint_of_another_type(llm_dirs, tmp_path):
+    with pytest.raises(ValueError, match=r"--from llava expects a checkpoint of model_type 'llava', found 'llama'"):
+        convert("llava", llm_dirs["llama"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -669,3 +669,43 @@ def test_tokenizer_with_other_eos_is_refused(build, vision_dirs, llm_dirs, tmp_p
     tokenizer.save_pretrained(saved / "llm")
     with pytest.raises(ValueError, match=r"end-of-sequence id is 0, .*\[1\]"):
         KopruForConditionalGeneration.from_pretrained(saved)
+
+
+def test_from_pretrained_needs_a_kopru_directory(llm_dirs):
+    with pytest.raises(FileNotFoundError, match="kopru_config.json"):
+        KopruForConditionalGeneration.from_pretrained(llm_dirs["llama"])
+
+
+def test_a_tokenizer_larger_than_the_llm_is_refused(build, tmp_path):
+    model, processor = build("projection")
+    model.save_pretrained(tmp_path / "saved", processor)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "saved" / "llm")
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(50)])
+    tokenizer.save_pretrained(tmp_path / "saved" / "llm")
+    rows = model.llm.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=rf"tokenizer does not match the LLM: it has {rows + 50} tokens.* {rows} rows"):
+        KopruForConditionalGeneration.from_pretrained(tmp_path / "saved")
+
+
+def test_missing_connector_weights(build, tmp_path):
+    model, processor = build("qformer")
+    model.save_pretrained(tmp_path / "saved", processor)
+    (tmp_path / "saved" / "connector.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="expected connector weights at .*connector.safetensors"):
+        KopruForConditionalGeneration.from_pretrained(tmp_path / "saved")
+
+
+def test_a_vision_model_given_as_llm(vision_dirs):
+    config = KopruConfig(vision=VisionTowerConfig(str(vision_dirs["clip"])), llm=str(vision_dirs["siglip"]))
+    with pytest.raises(ValueError, match="found model_type 'siglip_vision_model'"):
+        KopruForConditionalGeneration.from_backbones(config)
+
+
+def test_save_pretrained_replaces_atomically(build, tmp_path):
+    model, processor = build("projection")
+    target = tmp_path / "saved"
+    model.save_pretrained(target, processor)
+    shutil.rmtree(target / "vision")  # a damaged earlier save is replaced whole
+    model.save_pretrained(target, processor)
+    assert (target / "vision" / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no staging folder left behind

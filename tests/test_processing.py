@@ -6,6 +6,9 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE
 
+from kopru import KopruConfig
+from kopru.processing import KopruProcessor
+
 
 def test_processor_checks_images_per_text(build, make_image) -> None:
     model, processor = build("projection")
@@ -22,3 +25,12 @@ def test_processor_placeholder_and_image_count_mismatch(build, make_image) -> No
     _, processor = build("projection")
     with pytest.raises(ValueError, match=r"2 '<image>' placeholder\(s\) but 1 image\(s\)"):
         processor("<image> and <image>", [make_image(0)])
+
+
+def test_a_tokenizer_with_another_image_token_id_is_refused(build):
+    model, processor = build("projection")
+    config = model.config
+    other = KopruConfig(**{**config.__dict__, "image_token_id": config.image_token_id + 1})
+    with pytest.raises(ValueError, match=rf"expected '<image>' to have id {config.image_token_id + 1}, found "
+                                          rf"{config.image_token_id}"):
+        KopruProcessor(processor.tokenizer, processor.image_processor, other, model.image_count)
