@@ -5,17 +5,21 @@ Everything runs on CPU in float32 and eval mode; nothing is downloaded.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
 import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers.utils import logging as hf_logging
 
 from kopru import KopruConfig, KopruForConditionalGeneration, KopruProcessor, VisionTowerConfig
@@ -184,3 +188,54 @@ def flip_bit(file: Path) -> None:
     data = bytearray(file.read_bytes())
     data[len(data) * 3 // 4] ^= 0x10
     file.write_bytes(bytes(data))
+
+
+# ------------------------------------------------------------------------------ serving (kopru serve tests)
+SHAPE_COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (240, 200, 20)]
+
+
+def drawn_image(seed: int, size: int = 64) -> Image.Image:
+    """A coloured shape on a light background, different per seed."""
+    image = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    box = (8 + 4 * seed, 8, 40 + 4 * seed, 48)
+    (draw.ellipse if seed % 2 else draw.rectangle)(box, fill=SHAPE_COLOURS[seed % len(SHAPE_COLOURS)])
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+class RunningServer:
+    """uvicorn in a thread of this process, on a free port."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        from kopru.serve import uvicorn_config
+
+        self.app = app
+        # The settings `kopru serve` runs with (read timeout, connection limit), on a free port.
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.kopru.worker.close()

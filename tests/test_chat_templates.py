@@ -120,7 +120,7 @@ def test_chat_renders_and_answers_as_hf(checkpoints, name: str) -> None:
 
 def test_serve_answers_as_hf(checkpoints) -> None:
     openai = pytest.importorskip("openai")
-    from test_serve import RunningServer
+    from conftest import RunningServer
 
     from kopru.serve import load_server
 

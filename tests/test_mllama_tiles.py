@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from PIL import Image
 from transformers import MllamaProcessor, MllamaVisionConfig
 from transformers.models.mllama.image_processing_pil_mllama import (
@@ -43,12 +44,7 @@ SIZES = {"wide": (200, 90), "tall": (90, 250), "square": (12, 12), "four": (64, 
          "two": (30, 16), "three": (45, 16)}
 
 
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-IMAGES = {name: picture(*size, seed) for seed, (name, size) in enumerate(SIZES.items())}
+IMAGES = {name: random_image(*size, seed) for seed, (name, size) in enumerate(SIZES.items())}
 TILES = {name: tile_layout(image.height, image.width, IMAGE_SIZE, MAX_TILES).num_tiles for name, image in IMAGES.items()}
 
 
