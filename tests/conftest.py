@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,14 @@ def make_image() -> Callable[[int], Image.Image]:
     return _make
 
 
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour gradients plus noise: every resampling filter gives a different result on it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 127 + 127 * np.sin((x + y) / 7)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
 def open_gates(model: KopruForConditionalGeneration, value: float = 1.0) -> None:
     """Cross-attention blocks start with tanh(0) = 0 gates, where no image reaches the text (and no gradient the
     blocks' own weights); set both gates of every block to `value`."""
@@ -239,3 +248,21 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.app.state.kopru.worker.close()
+
+
+# ------------------------------------------------------------------------------ kopru budget
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`kopru budget ARGS` in this process: (exit code, stdout, stderr)."""
+    from kopru.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["budget", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def budget_json(*args: str, exit_code: int = 0) -> dict:
+    """`kopru budget ARGS --json`, parsed; the exit code checked."""
+    code, out, err = run_cli(*args, "--json")
+    assert code == exit_code, err
+    return json.loads(out)

@@ -3,14 +3,11 @@ bytes by hand, the largest-resolution planning property, refusals with their num
 
 from __future__ import annotations
 
-import io
-import json
 import re
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
-from conftest import CROSS_ATTENTION, IMAGE_SIZE, LLM_LAYERS, NUM_PATCHES, QFORMER
+from conftest import CROSS_ATTENTION, IMAGE_SIZE, LLM_LAYERS, NUM_PATCHES, QFORMER, budget_json, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -36,22 +33,7 @@ from kopru.budget import (
     plan_budget,
     plan_largest_resolution,
 )
-from kopru.cli import main
 from kopru.tiny import tiny_tokenizer
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(["budget", *args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def budget_json(*args: str, exit_code: int = 0) -> dict:
-    code, out, err = run_cli(*args, "--json")
-    assert code == exit_code, err
-    return json.loads(out)
-
 
 # --------------------------------------------------------------------------------------------- acceptance
 

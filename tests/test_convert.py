@@ -278,7 +278,7 @@ TRANSFORMERS4_PREPROCESSOR = {
 def test_converted_pixels_equal_hf_processor(kind: str, layout: str, llava, blip2, tmp_path: Path) -> None:
     """The converted model carries the source's image-processor settings from whichever file it has, and its
     reloaded processor gives HF's pixels exactly, on non-square images; its vision/ loads in HF as the same."""
-    from test_image_processors import picture
+    from conftest import picture
     from transformers import AutoImageProcessor
 
     _, src = llava if kind == "llava" else blip2

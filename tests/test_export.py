@@ -296,7 +296,7 @@ def test_tokenizer_adding_more_than_bos_is_refused(build) -> None:
 def test_pad_mode_exports_as_llava_image_processor_with_the_same_pixels() -> None:
     """LLaVA-1.5's "pad" (image_aspect_ratio), which HF's CLIP processor ignores, leaves as LlavaImageProcessor's
     do_pad: HF's pixels equal Köprü's on wide, tall and square pictures."""
-    from test_image_processors import picture
+    from conftest import picture
 
     ours = ImagePreprocessor(size=32, mode="pad", shortest_edge=32, image_mean=(0.48145466, 0.4578275, 0.40821073),
                              image_std=(0.26862954, 0.26130258, 0.27577711))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, random_image
+from conftest import IMAGE_SIZE, picture, random_image
 from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
@@ -57,14 +57,6 @@ CASES = {
     "mllama": (MllamaImageProcessorPil, {"size": {"height": 32, "width": 32}, "image_mean": MEAN,
                                          "image_std": STD, "max_image_tiles": 4}),
 }
-
-
-def picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth colour gradients plus noise: every resampling filter gives a different result on it."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([255 * x / width, 255 * y / height, 127 + 127 * np.sin((x + y) / 7)], axis=-1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
 
 
 def hf_pixels(processor, images: list[Image.Image]) -> torch.Tensor:
