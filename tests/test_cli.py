@@ -92,8 +92,8 @@ def test_train_flags_follow_each_field_type():
     assert _train_flags("--eval-questions", "none", "--bf16", "no", "--lr", "3e-4", "--languages", '["tr"]',
                         "--lora", '{"r": 8}', "--vision", "none", "--max-grad-norm", "2") == {
         "eval_questions": None, "bf16": False, "lr": 3e-4, "languages": ["tr"], "lora": {"r": 8},
-        "vision": "none",  # a string field keeps the text: `none` means None only where a string cannot be
-        "max_grad_norm": 2.0}
+        "vision": None, "max_grad_norm": 2.0}
+    assert _train_flags("--strategy", "none") == {"strategy": "none"}  # not optional: the text itself
 
 
 @pytest.mark.parametrize(("flag", "text", "expected"), [

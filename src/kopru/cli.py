@@ -166,10 +166,10 @@ def flag_type(hint: Any) -> typing.Callable[[str], Any]:
         return coerce(member, value)
 
     origin = typing.get_origin(hint)
-    # Scalars before containers, None last: "-2" is an int before it is anything else, "none" is None only for
-    # a field that is not a string.
+    # None first, then scalars, then containers: `none` is None for any optional field (strings included), and
+    # "-2" is an int before it is anything else.
     members = list(typing.get_args(hint)) if origin in (types.UnionType, typing.Union) else [hint]
-    members.sort(key=lambda member: (member is type(None), typing.get_origin(member) is not None))
+    members.sort(key=lambda member: (member is not type(None), typing.get_origin(member) is not None))
 
     def parse(text: str) -> Any:
         for member in members:
