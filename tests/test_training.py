@@ -419,7 +419,8 @@ def test_log_every_sets_the_metrics_lines_and_the_progress_bar(vision_dirs, llm_
     assert [line["step"] for line in lines] == [3, 4]  # every 3rd step, and the last
     assert lines[0]["loss"] == pytest.approx(sum(summary.losses[:3]) / 3, rel=1e-12)
     assert lines[1]["loss"] == pytest.approx(summary.losses[3], rel=1e-12)
-    assert [line["lr"] for line in lines] == [pytest.approx(3e-3 * warmup_cosine(2, 4)(step)) for step in (3, 4)]
+    # The rate each logged step trained with: step N uses the schedule's factor N - 1 (it starts at 0).
+    assert [line["lr"] for line in lines] == [pytest.approx(3e-3 * warmup_cosine(2, 4)(step - 1)) for step in (3, 4)]
     # The progress bar's loss changes only at those steps (tqdm redraws on each update, with the last postfix).
     shown = set(re.findall(r"loss=([\d.]+)", capsys.readouterr().err))
     assert shown == {f"{line['loss']:.4f}" for line in lines}

@@ -608,6 +608,7 @@ def train(config: TrainConfig) -> TrainSummary:
             )
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step used (the first group's), before the schedule moves
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -621,7 +622,7 @@ def train(config: TrainConfig) -> TrainSummary:
         if config.log_every and (step % config.log_every == 0 or step == config.max_steps):
             # The window starts at the previous multiple of log_every, so a resumed run logs the same lines.
             window = state["losses"][(step - 1) // config.log_every * config.log_every:step]
-            line = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+            line = {"step": step, "loss": sum(window) / len(window), "lr": step_lr,
                     "tokens_per_second": speed, "epoch": state["epoch"]}
             progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{speed:.0f}")
             if metrics is not None:
