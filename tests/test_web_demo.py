@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromiu
 pytest.importorskip("uvicorn")
 sync_client = pytest.importorskip("websockets.sync.client")
 
-from test_serve import RunningServer, drawn_image  # noqa: E402
+from conftest import RunningServer, drawn_image  # noqa: E402
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig  # noqa: E402
 from kopru.alignment import normalize_text  # noqa: E402
