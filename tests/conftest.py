@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from transformers.utils import logging as hf_logging
 
 from kopru import KopruConfig, KopruForConditionalGeneration, KopruProcessor, VisionTowerConfig
-from kopru.tiny import save_tiny_llm, save_tiny_vision
+from kopru.lesson.tiny import save_tiny_llm, save_tiny_vision
 
 hf_logging.disable_progress_bar()
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -81,7 +81,7 @@ VISION_KINDS = ("clip", "siglip", "vit")
 LLM_KINDS = ("llama", "qwen2", "gpt2")
 STRATEGIES = ("projection", "qformer", "cross_attention")
 
-# The tiny backbones' sizes (kopru.tiny defaults): vision 32x32 images, 8x8 patches, width 32, 2 layers;
+# The tiny backbones' sizes (kopru.lesson.tiny defaults): vision 32x32 images, 8x8 patches, width 32, 2 layers;
 # LLMs width 64, 4 layers.
 IMAGE_SIZE, PATCH_SIZE, VISION_HIDDEN, VISION_LAYERS = 32, 8, 32, 2
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2

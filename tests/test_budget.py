@@ -35,8 +35,8 @@ from kopru.budget import (
 )
 from kopru.cli import build_parser
 from kopru.explain import explain
+from kopru.lesson.tiny import tiny_tokenizer
 from kopru.presets import PRESETS
-from kopru.tiny import tiny_tokenizer
 
 # --------------------------------------------------------------------------------------------- acceptance
 

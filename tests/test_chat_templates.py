@@ -24,8 +24,8 @@ from vlm_checkpoints import IMAGE_SIZE, LLAVA_15_TEMPLATE, PATCH, build_llava  #
 from kopru.chat import ChatSession, load_engine, user_message
 from kopru.convert import convert
 from kopru.generation import SamplingParams, format_chat
+from kopru.lesson.tiny import tiny_tokenizer
 from kopru.messages import ChatTemplate, MessageError, end_of_turn_ids, validate_messages
-from kopru.tiny import tiny_tokenizer
 
 # A text-only (Vicuna-style) template: string content, "<image>" typed in it, "</s>" after each answer.
 TEXT_TEMPLATE = (

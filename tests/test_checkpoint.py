@@ -14,8 +14,8 @@ import torch
 from conftest import flip_bit, truncate
 from torch import nn
 
-import kopru.checkpoint
-from kopru.checkpoint import (
+import kopru.training.checkpoint
+from kopru.training.checkpoint import (
     CHECKPOINT_FILES,
     LATEST,
     MANIFEST,
@@ -165,12 +165,12 @@ def test_rotation_keeps_the_newest_and_never_what_latest_names(tmp_path: Path) -
 def test_partial_saves_left_by_a_kill_are_removed(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A kill inside the atomic write: no cleanup runs, the staging folder stays (rmtree stands in for the kill).
     with monkeypatch.context() as patch:
-        patch.setattr(kopru.checkpoint.shutil, "rmtree", lambda *args, **kwargs: None)
+        patch.setattr(kopru.training.checkpoint.shutil, "rmtree", lambda *args, **kwargs: None)
 
         def killed(*args, **kwargs):
             raise KeyboardInterrupt
 
-        patch.setattr(kopru.checkpoint, "save_file", killed)
+        patch.setattr(kopru.training.checkpoint, "save_file", killed)
         with pytest.raises(KeyboardInterrupt):
             _save_steps(run, [6])
     (run / ".checkpoint-2.deleting").mkdir()  # a kill during rotation

@@ -12,13 +12,13 @@ import torch
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.cli import main
-from kopru.compare import RunResult, aggregate, quality_comparisons
 from kopru.data.builtin import builtin_dataset
 from kopru.data.encoding import SampleEncoder
 from kopru.evaluation import answer_accuracy
-from kopru.pretrain_tiny import default_backbones
-from kopru.report import bar_misses, halfway_bar, verdict_rows
-from kopru.significance import FAILS, HOLDS, INCONCLUSIVE
+from kopru.lesson.compare import RunResult, aggregate, quality_comparisons
+from kopru.lesson.pretrain_tiny import default_backbones
+from kopru.lesson.report import bar_misses, halfway_bar, verdict_rows
+from kopru.lesson.significance import FAILS, HOLDS, INCONCLUSIVE
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_an_untrained_connector_scores_at_chance(trained_seed, trained_figure):
 
 @pytest.mark.slow
 def test_the_same_seed_reproduces_the_numbers(tmp_path):
-    from kopru.compare import compare
+    from kopru.lesson.compare import compare
 
     first = compare("micro", tmp_path / "a")
     second = compare("micro", tmp_path / "b")

@@ -14,9 +14,9 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from kopru import KopruConfig, KopruForConditionalGeneration, ResolutionConfig
 from kopru.connectors import CrossAttentionConfig, available_strategies
-from kopru.recipes import apply_recipe
-from kopru.tiny import tiny_tokenizer
+from kopru.lesson.tiny import tiny_tokenizer
 from kopru.tokens import image_positions
+from kopru.training.recipes import apply_recipe
 
 RESAMPLER = {"num_latents": 6, "depth": 1, "num_heads": 2, "head_dim": 8, "ff_mult": 2}
 # id -> (strategy, connector settings, other KopruConfig settings)

@@ -38,8 +38,8 @@ from vlm_checkpoints import (
 
 from kopru.convert import CONVERTERS, convert
 from kopru.convert import blip2 as blip2_converter
+from kopru.lesson.tiny import tiny_tokenizer
 from kopru.model import KopruForConditionalGeneration
-from kopru.tiny import tiny_tokenizer
 
 ATOL = 1e-4
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kopru.demo import run_demo
+from kopru.lesson.demo import run_demo
 
 
 @pytest.mark.trained

@@ -14,7 +14,7 @@ from conftest import STRATEGIES
 
 from kopru.cli import main
 from kopru.explain import PRESETS, build_reference, draw_diagram, explain, get_preset, reference_config
-from kopru.recipes import apply_recipe, count_parameters
+from kopru.training.recipes import apply_recipe, count_parameters
 
 
 @pytest.fixture

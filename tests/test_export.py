@@ -29,7 +29,7 @@ from kopru.export.chat_template import check_special_tokens, exported_chat_templ
 from kopru.export.common import hf_image_processor, image_settings
 from kopru.generation import format_chat
 from kopru.image_processing import ImagePreprocessor
-from kopru.pretrain_tiny import ASSETS_DIR
+from kopru.lesson.pretrain_tiny import ASSETS_DIR
 
 FAMILIES = ("llava", "llava_next", "blip2", "mllama")
 

@@ -13,8 +13,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from kopru.cli import build_parser
 from kopru.data.synthetic import COLOURS, MAX_COUNT, REGIONS, SHAPES, shapes_dataset
 from kopru.image_processing import ImagePreprocessor
-from kopru.llm import load_llm
-from kopru.pretrain_tiny import (
+from kopru.lesson.pretrain_tiny import (
     ASSETS_DIR,
     REPORT_NAME,
     answer_mass,
@@ -34,6 +33,7 @@ from kopru.pretrain_tiny import (
     text_samples,
     tiny_vision_encoder,
 )
+from kopru.llm import load_llm
 from kopru.vision import load_vision_encoder
 
 TURKISH = [
@@ -277,7 +277,7 @@ def test_builders_save_loadable_backbones(tmp_path: Path) -> None:
 
 
 def test_default_backbones_builds_other_seeds_once_into_the_cache(tmp_path, monkeypatch) -> None:
-    import kopru.pretrain_tiny as pretrain_tiny
+    import kopru.lesson.pretrain_tiny as pretrain_tiny
 
     calls = []
 

@@ -13,7 +13,8 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from kopru.connectors.qformer import QFormer, QFormerConfig, qformer_state_dict_from_hf
 from kopru.data.synthetic import shapes_dataset
-from kopru.qformer_pretraining import (
+from kopru.lesson.tiny import tiny_tokenizer
+from kopru.training.qformer_stage1 import (
     QFormerPretrainer,
     QFormerTextSide,
     QFormerTextTokens,
@@ -27,7 +28,6 @@ from kopru.qformer_pretraining import (
     retrieval_recall,
     sample_hard_negatives,
 )
-from kopru.tiny import tiny_tokenizer
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, VISION_DIM, QUERIES, VOCAB, MAX_LEN = 32, 3, 4, 64, 24, 4, 50, 16
 

@@ -41,6 +41,7 @@ from kopru import (  # noqa: E402
 )
 from kopru.cli import build_parser  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
+from kopru.lesson.tiny import save_tiny_served_model  # noqa: E402
 from kopru.serve import (  # noqa: E402
     APIError,
     Budget,
@@ -54,7 +55,6 @@ from kopru.serve import (  # noqa: E402
     read_image_url,
     served_model_name,
 )
-from kopru.tiny import save_tiny_served_model  # noqa: E402
 
 MODEL_NAME = "tiny-kopru"
 # Small limits, so that each bad-input case is cheap to build; a wide batch window, so that requests sent
@@ -96,7 +96,7 @@ def get_json(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Köprü model, saved (`kopru.tiny.save_tiny_served_model`: the shipped pretrained tiny vision encoder,
+    """A tiny Köprü model, saved (`kopru.lesson.tiny.save_tiny_served_model`: the shipped pretrained tiny vision encoder,
     a random projection connector and a random tiny Llama, whose answers run long enough to be streamed in many
     pieces and cut off mid-stream; the shipped pretrained LLM answers in one to three tokens)."""
     return save_tiny_served_model(tmp_path_factory.mktemp("served"))

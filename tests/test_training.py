@@ -17,7 +17,6 @@ import torch
 from conftest import flip_bit, free_port, truncate
 from safetensors.torch import load_file
 
-from kopru.checkpoint import latest_checkpoint
 from kopru.data.sample import Sample
 from kopru.training import (
     QFORMER_HEADS_FILE,
@@ -30,6 +29,7 @@ from kopru.training import (
     train,
     warmup_cosine,
 )
+from kopru.training.checkpoint import latest_checkpoint
 
 
 def _config(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:

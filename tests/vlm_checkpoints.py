@@ -47,7 +47,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
 from kopru.convert import mllama as mllama_converter
-from kopru.tiny import tiny_tokenizer
+from kopru.lesson.tiny import tiny_tokenizer
 
 # ------------------------------------------------------------------------------ tiny random HF models
 # The conversion tests' references (test_convert, test_high_resolution, test_chat_templates, test_export, ...):

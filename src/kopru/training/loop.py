@@ -4,7 +4,7 @@ The global batch (batch_size x processes x grad_accum samples) is cut from one s
 run gives the same losses whatever the number of processes; the loss of each micro-batch is its summed token
 loss divided by the token count of the whole global batch, so accumulation and data parallelism are exact.
 
-A resume (`resume=True`) takes the newest intact checkpoint (`kopru.checkpoint.resume_checkpoint`) and refuses
+A resume (`resume=True`) takes the newest intact checkpoint (`kopru.training.checkpoint.resume_checkpoint`) and refuses
 settings that would make it another run (`RUN_SETTINGS`) unless `resume_allow_changes`; raising `max_steps` is
 allowed. Skipped samples are remembered by index and reason, so their counts come out the same whether a run
 was resumed or not.
@@ -69,7 +69,7 @@ from kopru.training.recipes import (
 @dataclass
 class TrainConfig:
     # Model: a Köprü model directory to continue from, or backbones + strategy for a new one (vision and llm
-    # both None: the built-in tiny pretrained backbones, kopru.pretrain_tiny.default_backbones()).
+    # both None: the built-in tiny pretrained backbones, kopru.lesson.pretrain_tiny.default_backbones()).
     model: str | None = None
     vision: str | None = None
     llm: str | None = None
@@ -742,7 +742,7 @@ def evaluate(model: KopruForConditionalGeneration, dataset: EncodedDataset, conf
         # A fixed random subset: an evenly spaced one would alias with the data's task / language cycle.
         qa = random.Random(config.seed).sample(qa, config.eval_questions)
     if qa:
-        # Per question too: comparisons of two models on the same questions are paired (kopru.report).
+        # Per question too: comparisons of two models on the same questions are paired (kopru.lesson.report).
         result["answers"] = answer_results(model, dataset.encoder, qa, batch_size=config.batch_size)
         result["accuracy"] = summarize_answers(result["answers"])
     return result
