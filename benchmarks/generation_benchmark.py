@@ -50,12 +50,12 @@ from transformers import (
     MllamaForConditionalGeneration,
 )
 
-from kopru.compare import peak_rss_mb, reset_peak_rss
 from kopru.convert import blip2 as blip2_converter
 from kopru.convert import llava as llava_converter
 from kopru.convert import mllama as mllama_converter
 from kopru.generation import GenerationEngine, SamplingParams
-from kopru.tiny import tiny_tokenizer
+from kopru.lesson.compare import peak_rss_mb, reset_peak_rss
+from kopru.lesson.tiny import tiny_tokenizer
 
 LLAMA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)

@@ -27,8 +27,8 @@ import torch
 import uvicorn
 from PIL import Image
 
+from kopru.lesson.tiny import save_tiny_served_model
 from kopru.serve import ServerLimits, load_server
-from kopru.tiny import save_tiny_served_model
 
 
 def image_url(seed: int) -> str:

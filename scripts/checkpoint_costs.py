@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kopru.checkpoint import save_checkpoint, verify_checkpoint
 from kopru.data.sample import Sample, samples_fingerprint
+from kopru.training.checkpoint import save_checkpoint, verify_checkpoint
 
 
 def checkpoint_check(width: int) -> tuple[float, float, float]:

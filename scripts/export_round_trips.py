@@ -30,7 +30,7 @@ FAMILIES = ("llava", "llava_next", "blip2", "mllama")
 
 def checkpoint(kind: str, path: Path) -> Path:
     if kind == "blip2":
-        from test_convert import build_blip2
+        from vlm_checkpoints import build_blip2
 
         return build_blip2(path)[1]
     from vlm_checkpoints import build

@@ -3,7 +3,7 @@
     python scripts/soak_server.py --duration 180 --threads 1                  # a tiny model built here
     python scripts/soak_server.py --model runs/my-vlm/final --duration 600 --plot soak.png --json soak.json
 
-1. Starts `kopru serve` in a subprocess, as a user would: on a tiny model (`kopru.tiny.save_tiny_served_model`,
+1. Starts `kopru serve` in a subprocess, as a user would: on a tiny model (`kopru.lesson.tiny.save_tiny_served_model`,
    whose random LLM answers run to max_tokens) or `--model`, with an API key (KOPRU_API_KEY), `--allow-local-dir`
    (holding a symlink loop) and a short `--read-timeout-s`.
 2. Quiet phase: every good request once, alone, streamed and whole (the two must agree): the reference answers.
@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         import torch
 
-        from kopru.tiny import save_tiny_served_model
+        from kopru.lesson.tiny import save_tiny_served_model
 
         torch.set_num_threads(args.threads)
         model = save_tiny_served_model(work)

@@ -5,20 +5,26 @@ Everything runs on CPU in float32 and eval mode; nothing is downloaded.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
+import socket
+import threading
+import time
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers.utils import logging as hf_logging
 
 from kopru import KopruConfig, KopruForConditionalGeneration, KopruProcessor, VisionTowerConfig
-from kopru.tiny import save_tiny_llm, save_tiny_vision
+from kopru.lesson.tiny import save_tiny_llm, save_tiny_vision
 
 hf_logging.disable_progress_bar()
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -75,7 +81,7 @@ VISION_KINDS = ("clip", "siglip", "vit")
 LLM_KINDS = ("llama", "qwen2", "gpt2")
 STRATEGIES = ("projection", "qformer", "cross_attention")
 
-# The tiny backbones' sizes (kopru.tiny defaults): vision 32x32 images, 8x8 patches, width 32, 2 layers;
+# The tiny backbones' sizes (kopru.lesson.tiny defaults): vision 32x32 images, 8x8 patches, width 32, 2 layers;
 # LLMs width 64, 4 layers.
 IMAGE_SIZE, PATCH_SIZE, VISION_HIDDEN, VISION_LAYERS = 32, 8, 32, 2
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -86,6 +92,14 @@ CROSS_ATTENTION = {"every_n_layers": 2}
 CONNECTORS: dict[str, dict | None] = {
     "projection": None, "qformer": QFORMER, "cross_attention": CROSS_ATTENTION,
 }
+
+
+def counting_config(strategy: str = "projection", connector=None, markers: bool = True, **config) -> KopruConfig:
+    """A config to count image positions with: the backbones' names are never opened, nothing is loaded.
+    markers=False: no <image_start>/<image_end> (HF's processors have none)."""
+    return KopruConfig(vision=VisionTowerConfig("unused"), llm="unused", strategy=strategy, connector=connector,
+                       image_start_token="<image_start>" if markers else None,
+                       image_end_token="<image_end>" if markers else None, **config)
 
 
 @pytest.fixture(scope="session")
@@ -134,12 +148,121 @@ def build(vision_dirs: dict[str, Path], llm_dirs: dict[str, Path]) -> Builder:
     return _build
 
 
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic random RGB image of width x height."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
 @pytest.fixture(scope="session")
 def make_image() -> Callable[[int], Image.Image]:
-    """A deterministic random RGB image per seed (not square, so the processor has to resize it)."""
+    """A deterministic random 48x40 RGB image per seed (not square, so the processor has to resize it)."""
 
     def _make(seed: int) -> Image.Image:
-        pixels = np.random.default_rng(seed).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
-        return Image.fromarray(pixels)
+        return random_image(48, 40, seed)
 
     return _make
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour gradients plus noise: every resampling filter gives a different result on it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 127 + 127 * np.sin((x + y) / 7)], axis=-1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+def open_gates(model: KopruForConditionalGeneration, value: float = 1.0) -> None:
+    """Cross-attention blocks start with tanh(0) = 0 gates, where no image reaches the text (and no gradient the
+    blocks' own weights); set both gates of every block to `value`."""
+    with torch.no_grad():
+        for block in model.connector.blocks:
+            block.attn_gate.fill_(value)
+            block.mlp_gate.fill_(value)
+
+
+def free_port() -> int:
+    """A port no other test (xdist runs them in parallel) is using."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def truncate(file: Path) -> None:
+    """Cut a file to half its size (a write interrupted part way)."""
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def flip_bit(file: Path) -> None:
+    """Flip one bit three quarters into a file: past any header, a bit of the data itself."""
+    data = bytearray(file.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+# ------------------------------------------------------------------------------ serving (kopru serve tests)
+SHAPE_COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (240, 200, 20)]
+
+
+def drawn_image(seed: int, size: int = 64) -> Image.Image:
+    """A coloured shape on a light background, different per seed."""
+    image = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    box = (8 + 4 * seed, 8, 40 + 4 * seed, 48)
+    (draw.ellipse if seed % 2 else draw.rectangle)(box, fill=SHAPE_COLOURS[seed % len(SHAPE_COLOURS)])
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+class RunningServer:
+    """uvicorn in a thread of this process, on a free port."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        from kopru.serve import uvicorn_config
+
+        self.app = app
+        # The settings `kopru serve` runs with (read timeout, connection limit), on a free port.
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.kopru.worker.close()
+
+
+# ------------------------------------------------------------------------------ kopru budget
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`kopru budget ARGS` in this process: (exit code, stdout, stderr)."""
+    from kopru.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["budget", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def budget_json(*args: str, exit_code: int = 0) -> dict:
+    """`kopru budget ARGS --json`, parsed; the exit code checked."""
+    code, out, err = run_cli(*args, "--json")
+    assert code == exit_code, err
+    return json.loads(out)

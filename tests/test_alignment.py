@@ -18,7 +18,7 @@ from kopru.data.batching import collate
 from kopru.data.encoding import SampleEncoder
 from kopru.data.sample import Sample
 from kopru.data.synthetic import shapes_dataset
-from kopru.tiny import tiny_tokenizer
+from kopru.lesson.tiny import tiny_tokenizer
 
 # --- normalisation ------------------------------------------------------------------------------------------
 

@@ -3,14 +3,11 @@ bytes by hand, the largest-resolution planning property, refusals with their num
 
 from __future__ import annotations
 
-import io
-import json
 import re
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
-from conftest import CROSS_ATTENTION, IMAGE_SIZE, LLM_LAYERS, NUM_PATCHES
+from conftest import CROSS_ATTENTION, IMAGE_SIZE, LLM_LAYERS, NUM_PATCHES, QFORMER, budget_json, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -19,7 +16,7 @@ from transformers.models.llava_next.processing_llava_next import LlavaNextProces
 from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from kopru import KopruConfig, VisionTowerConfig, count_image_tokens, image_positions
+from kopru import KopruConfig, VisionTowerConfig, count_image_tokens
 from kopru.budget import (
     SAMPLE_TEXTS,
     ContextOverflowError,
@@ -36,24 +33,10 @@ from kopru.budget import (
     plan_budget,
     plan_largest_resolution,
 )
-from kopru.cli import build_parser, main
+from kopru.cli import build_parser
 from kopru.explain import explain
+from kopru.lesson.tiny import tiny_tokenizer
 from kopru.presets import PRESETS
-from kopru.tiny import tiny_tokenizer
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(["budget", *args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def budget_json(*args: str, exit_code: int = 0) -> dict:
-    code, out, err = run_cli(*args, "--json")
-    assert code == exit_code, err
-    return json.loads(out)
-
 
 # --------------------------------------------------------------------------------------------- acceptance
 
@@ -322,7 +305,8 @@ def test_saved_kopru_model_directory(build, tmp_path) -> None:
     assert load_budget_model("qwen2-vl-7b").name == "qwen2-vl-7b"
     with pytest.raises(ValueError, match=r"unknown budget preset 'qwen3'; expected one of \['blip-2-opt-2.7b'"):
         load_budget_model("qwen3")
-    assert planned.image_positions(1920, 1080).tokens == count_image_tokens(model.config, NUM_PATCHES).llm_positions
+    # Whatever the picture's size, a fixed-resolution Q-Former gives its queries, between two markers.
+    assert planned.image_positions(1920, 1080).tokens == QFORMER["num_queries"] + 2
 
 
 
@@ -332,9 +316,11 @@ def test_converted_mllama_counts_the_cross_attention_kv_its_cache_holds(tmp_path
     then keep all max_num_tiles tiles of an image in the cross-attention K/V, padding tiles included. `kopru budget
     --model` reports that figure beside the real tiles' and counts its bytes; both are measured here from the
     caches of real forward passes (HF's DynamicCache, Köprü's image K/V and self-attention cache)."""
-    from test_convert_mllama import PICTURE_SEED, save_reference, tiny_mllama, tokenizer_with_image_token
     from transformers import MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from vlm_checkpoints import PICTURE_SEED, tiny_mllama
+    from vlm_checkpoints import mllama_tokenizer as tokenizer_with_image_token
+    from vlm_checkpoints import save_mllama_reference as save_reference
 
     from kopru.connectors.cross_attention import CONTEXT_KWARG
     from kopru.convert import convert
@@ -409,18 +395,27 @@ def test_pixel_limit_is_configurable() -> None:
                                                        ("qformer", {"mode": "dynamic"}),
                                                        ("cross_attention", {"mode": "dynamic"})])
 def test_high_resolution_model_plans_what_its_processor_expands(build, tmp_path, strategy, resolution) -> None:
-    """The planner counts a saved anyres / dynamic model's image exactly as its processor expands it."""
+    """The planner counts a saved anyres / dynamic model's image as the model itself produces it: the vectors its
+    encoder + connector output for that image (measured, not counted), and what its processor expands."""
     from kopru.config import ResolutionConfig
 
     model, processor = build(strategy, resolution=ResolutionConfig(**resolution))
     model.save_pretrained(tmp_path / "saved", processor)
     planned = load_kopru_model(tmp_path / "saved")
     assert planned.resolution == resolution["mode"]
+    lengths = set()
     for width, height in [(40, 30), (23, 61), (64, 64)]:
         batch = processor(["<image>"], [Image.new("RGB", (width, height))], add_special_tokens=False)
-        ids = batch["input_ids"][0]
-        expanded = int(torch.isin(ids, model._image_ids).sum())  # placeholders + markers the LLM sees
+        with torch.no_grad():
+            (features,) = model.encode_image_list(batch["pixel_values"], batch.get("image_sizes"))
+        produced = features.shape[0]
+        lengths.add(produced)
         entry = planned.image_positions(width, height)
-        assert entry.tokens == expanded, (width, height)
-        assert entry.cross_attention_kv == image_positions(model.config, model.vision.encoder.config, width,
-                                                          height).cross_attention_kv
+        if strategy == "cross_attention":  # one placeholder + 2 markers in the text, the vectors as K/V
+            assert (entry.tokens, entry.cross_attention_kv) == (3, produced), (width, height)
+        else:
+            assert (entry.tokens, entry.cross_attention_kv) == (produced + 2, 0), (width, height)
+        ids = batch["input_ids"][0]
+        assert int(torch.isin(ids, model._image_ids).sum()) == entry.tokens  # what the LLM is given
+    # The sizes are planned apart, not one fixed count (the Q-Former's queries are one count whatever the size).
+    assert (len(lengths) == 1) == (strategy == "qformer"), lengths

@@ -17,26 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from test_convert import IMAGE_SIZE, PATCH, build_llava  # noqa: E402 (tests/ is on sys.path)
 from tokenizers import processors
 from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+from vlm_checkpoints import IMAGE_SIZE, LLAVA_15_TEMPLATE, PATCH, build_llava  # noqa: E402 (tests/ is on sys.path)
 
 from kopru.chat import ChatSession, load_engine, user_message
 from kopru.convert import convert
 from kopru.generation import SamplingParams, format_chat
+from kopru.lesson.tiny import tiny_tokenizer
 from kopru.messages import ChatTemplate, MessageError, end_of_turn_ids, validate_messages
-from kopru.tiny import tiny_tokenizer
 
-# llava-hf/llava-1.5-7b-hf's chat_template.json, as the hub has it.
-LLAVA_15_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 # A text-only (Vicuna-style) template: string content, "<image>" typed in it, "</s>" after each answer.
 TEXT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
@@ -130,7 +120,7 @@ def test_chat_renders_and_answers_as_hf(checkpoints, name: str) -> None:
 
 def test_serve_answers_as_hf(checkpoints) -> None:
     openai = pytest.importorskip("openai")
-    from test_serve import RunningServer
+    from conftest import RunningServer
 
     from kopru.serve import load_server
 

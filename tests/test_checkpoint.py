@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import flip_bit, truncate
 from torch import nn
 
-import kopru.checkpoint
-from kopru.checkpoint import (
+import kopru.training.checkpoint
+from kopru.training.checkpoint import (
     CHECKPOINT_FILES,
     LATEST,
     MANIFEST,
@@ -66,20 +67,10 @@ def test_manifest_records_each_files_size_and_sha256(run: Path) -> None:
     verify_checkpoint(run / "checkpoint-4")
 
 
-def _truncate(file: Path) -> None:
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-
-
-def _flip_bit(file: Path) -> None:
-    data = bytearray(file.read_bytes())
-    data[len(data) * 3 // 4] ^= 0x10  # past any header: a bit of the data itself
-    file.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("name", CHECKPOINT_FILES)
 @pytest.mark.parametrize(("damage", "expected"), [
-    (_truncate, r"expected [\d,]+ bytes, found [\d,]+ \(truncated\)"),
-    (_flip_bit, r"expected sha256 [0-9a-f]{64}, found [0-9a-f]{64}"),
+    (truncate, r"expected [\d,]+ bytes, found [\d,]+ \(truncated\)"),
+    (flip_bit, r"expected sha256 [0-9a-f]{64}, found [0-9a-f]{64}"),
     (Path.unlink, r"expected a file of [\d,]+ bytes, found nothing there"),
 ], ids=["truncated", "flipped-bit", "missing"])
 def test_damage_is_one_line_naming_the_file(run: Path, name: str, damage, expected: str) -> None:
@@ -93,7 +84,7 @@ def test_damage_is_one_line_naming_the_file(run: Path, name: str, damage, expect
 
 def test_a_damaged_manifest_is_named(run: Path) -> None:
     manifest = run / "checkpoint-4" / MANIFEST
-    _truncate(manifest)
+    truncate(manifest)
     with pytest.raises(CheckpointError, match=rf"^{manifest}: expected JSON listing the checkpoint's files"):
         verify_checkpoint(run / "checkpoint-4")
     manifest.unlink()
@@ -102,7 +93,7 @@ def test_a_damaged_manifest_is_named(run: Path) -> None:
 
 
 def test_load_checks_the_files_first(run: Path) -> None:
-    _flip_bit(run / "checkpoint-4" / "trainable.safetensors")
+    flip_bit(run / "checkpoint-4" / "trainable.safetensors")
     model, optimizer, scheduler = _training_objects(seed=1)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(CheckpointError, match="trainable.safetensors: expected sha256"):
@@ -113,7 +104,7 @@ def test_load_checks_the_files_first(run: Path) -> None:
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path: Path) -> None:
     _save_steps(tmp_path / "run", [1, 2, 3])
     run = tmp_path / "run"
-    _truncate(run / "checkpoint-3" / "optimizer.safetensors")
+    truncate(run / "checkpoint-3" / "optimizer.safetensors")
     lines: list[str] = []
     assert resume_checkpoint(run, lines.append) == run / "checkpoint-2"
     assert len(lines) == 2
@@ -126,7 +117,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path: Path) -> No
 
 
 def test_no_intact_checkpoint_lists_every_reason(run: Path) -> None:
-    _truncate(run / "checkpoint-4" / "rng.safetensors")
+    truncate(run / "checkpoint-4" / "rng.safetensors")
     (run / "checkpoint-2" / "trainer_state.json").unlink()
     with pytest.raises(CheckpointError, match=r"no intact checkpoint under .*checkpoint-4/rng.safetensors: "
                                               r"expected .*; .*checkpoint-2/trainer_state.json: expected"):
@@ -174,12 +165,12 @@ def test_rotation_keeps_the_newest_and_never_what_latest_names(tmp_path: Path) -
 def test_partial_saves_left_by_a_kill_are_removed(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A kill inside the atomic write: no cleanup runs, the staging folder stays (rmtree stands in for the kill).
     with monkeypatch.context() as patch:
-        patch.setattr(kopru.checkpoint.shutil, "rmtree", lambda *args, **kwargs: None)
+        patch.setattr(kopru.training.checkpoint.shutil, "rmtree", lambda *args, **kwargs: None)
 
         def killed(*args, **kwargs):
             raise KeyboardInterrupt
 
-        patch.setattr(kopru.checkpoint, "save_file", killed)
+        patch.setattr(kopru.training.checkpoint, "save_file", killed)
         with pytest.raises(KeyboardInterrupt):
             _save_steps(run, [6])
     (run / ".checkpoint-2.deleting").mkdir()  # a kill during rotation

@@ -12,13 +12,13 @@ import torch
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.cli import main
-from kopru.compare import RunResult, aggregate, quality_comparisons
 from kopru.data.builtin import builtin_dataset
 from kopru.data.encoding import SampleEncoder
 from kopru.evaluation import answer_accuracy
-from kopru.pretrain_tiny import default_backbones
-from kopru.report import bar_misses, halfway_bar, verdict_rows
-from kopru.significance import FAILS, HOLDS, INCONCLUSIVE
+from kopru.lesson.compare import RunResult, aggregate, quality_comparisons
+from kopru.lesson.pretrain_tiny import default_backbones
+from kopru.lesson.report import bar_misses, halfway_bar, verdict_rows
+from kopru.lesson.significance import FAILS, HOLDS, INCONCLUSIVE
 
 
 @pytest.mark.slow
@@ -37,8 +37,16 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
     assert set(entries) == {"projection", "qformer", "cross_attention"}
     for entry in entries.values():
         assert {"strategy", "variant", "trainable_params", "image_positions", "accuracy"} <= set(entry)
-        assert 0.0 <= entry["accuracy"] <= 1.0
-        assert entry["accuracy_by_task"]["all/en"]["chance"] > 0
+        by_task = entry["accuracy_by_task"]
+        en, tr = by_task["all/en"], by_task["all/tr"]
+        # One seed: each accuracy is a count of right answers over its questions, the overall one the two
+        # languages' pooled, and each language's questions are its tasks' questions.
+        for cell in by_task.values():
+            assert cell["mean"] * cell["n"] == pytest.approx(round(cell["mean"] * cell["n"]), abs=1e-9), cell
+        assert entry["accuracy"] == pytest.approx((en["mean"] * en["n"] + tr["mean"] * tr["n"]) / (en["n"] + tr["n"]))
+        for language in ("en", "tr"):
+            tasks = [cell for key, cell in by_task.items() if key.endswith(f"/{language}") and not key.startswith("all/")]
+            assert sum(cell["n"] for cell in tasks) == by_task[f"all/{language}"]["n"] > 0
     # 64 px / 8 px patches = 64 vision tokens (CLS dropped), markers <image_start>/<image_end> around them.
     assert entries["projection"]["image_positions"] == 64 + 2
     assert entries["qformer"]["image_positions"] == 32 + 2
@@ -51,7 +59,10 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
     itc = json.loads((output / "results.json").read_text())["alignment"]["itc_retrieval"]
     assert set(itc) == {"qformer-32"} and set(itc["qformer-32"]) == {"en", "tr"}
     for recall in itc["qformer-32"].values():
-        assert recall["n"] == 6 and all(0.0 <= recall[k] <= 1.0 for k in ("i2t@1", "i2t@5", "t2i@1", "t2i@5"))
+        # Recall@k over 6 held-out pairs: a count of 6, never less at 5 than at 1; chance k / 6.
+        assert recall["n"] == 6 and (recall["chance@1"], recall["chance@5"]) == pytest.approx((1 / 6, 5 / 6))
+        for key in ("i2t@1", "i2t@5", "t2i@1", "t2i@5"):
+            assert recall[key] * 6 == pytest.approx(round(recall[key] * 6), abs=1e-5), (key, recall[key])
         assert recall["i2t@5"] >= recall["i2t@1"] and recall["t2i@5"] >= recall["t2i@1"]
     assert "contrastive (ITC) head" in report
 
@@ -61,13 +72,37 @@ def test_micro_preset_writes_the_report(tmp_path, capsys):
     for claim in ("Quality: cross-attention above projection", "Quality: cross-attention above Q-Former",
                   "Quality: projection above Q-Former", "Time to first token", "Decode speed"):
         assert rows[claim]["interval"] and rows[claim]["scale"], claim
-        assert rows[claim]["verdict"] in (HOLDS, FAILS, INCONCLUSIVE)
+    # Each verdict follows its rule from the measured figures: a quality claim "a above b" holds when the 95%
+    # interval of a - b is above 0, fails when below, else is inconclusive; a speed claim when every repeat of one
+    # side is beyond every repeat of the other (for each pair it compares).
+    differences = results["quality"]["differences"]
+    accuracy = {e["strategy"]: e["accuracy"] for e in results["variants"] if not e["stage1"]}
+    for claim, a, b in (("Quality: cross-attention above projection", "cross_attention", "projection"),
+                        ("Quality: cross-attention above Q-Former", "cross_attention", "qformer"),
+                        ("Quality: projection above Q-Former", "projection", "qformer")):
+        low, high = ((d["low"], d["high"]) if (d := differences.get(f"{a} - {b}")) else
+                     (-differences[f"{b} - {a}"]["high"], -differences[f"{b} - {a}"]["low"]))
+        assert rows[claim]["verdict"] == (HOLDS if low > 0 else FAILS if high < 0 else INCONCLUSIVE), claim
+        assert rows[claim]["measured"] == f"{accuracy[a]:.3f} vs {accuracy[b]:.3f}"
+
+    def by_repeats(slow: str, fast: list[str], figure: str, faster_is_larger: bool) -> str:
+        values = {s: results["speed"]["strategies"][s][figure]["values"] for s in (slow, *fast)}
+        beyond = [min(values[slow]) > max(values[f]) for f in fast]  # every repeat of `slow` above `f`'s
+        below = [max(values[slow]) < min(values[f]) for f in fast]
+        if faster_is_larger:
+            beyond, below = below, beyond
+        return HOLDS if all(beyond) else FAILS if any(below) else INCONCLUSIVE
+
+    others = ["qformer", "cross_attention"]
+    assert rows["Time to first token"]["verdict"] == by_repeats("projection", others, "ttft_ms", False)
+    assert rows["Decode speed"]["verdict"] == by_repeats("projection", others, "decode_tokens_per_s", True)
     assert rows["Structure at the lesson's scale"]["verdict"] == "not measured"
     speed = results["speed"]["strategies"]
     assert [speed[s]["llm_positions"] for s in ("projection", "qformer", "cross_attention")] == [18, 6, 3]
 
 
 @pytest.mark.trained
+@pytest.mark.slow
 def test_an_untrained_connector_scores_at_chance(trained_seed, trained_figure):
     """The accuracy the report shows is measured: before any training the model answers from text alone."""
     backbones = default_backbones()
@@ -84,7 +119,7 @@ def test_an_untrained_connector_scores_at_chance(trained_seed, trained_figure):
 
 @pytest.mark.slow
 def test_the_same_seed_reproduces_the_numbers(tmp_path):
-    from kopru.compare import compare
+    from kopru.lesson.compare import compare
 
     first = compare("micro", tmp_path / "a")
     second = compare("micro", tmp_path / "b")

@@ -14,126 +14,34 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NUM_PATCHES, PATCH_SIZE, random_image
 from PIL import Image
 from transformers import (
-    Blip2Config,
     Blip2ForConditionalGeneration,
-    Blip2Processor,
-    Blip2QFormerConfig,
-    Blip2VisionConfig,
-    CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
-    OPTConfig,
     PreTrainedModel,
+    SiglipVisionConfig,
     T5Config,
 )
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from vlm_checkpoints import (
+    IMAGE_SIZE,
+    NUM_QUERIES,
+    PATCH,
+    blip2_config,
+    build_blip2,
+    build_llava,
+    tokenizer_with_image_token,
+)
 
 from kopru.convert import CONVERTERS, convert
 from kopru.convert import blip2 as blip2_converter
+from kopru.lesson.tiny import tiny_tokenizer
 from kopru.model import KopruForConditionalGeneration
-from kopru.tiny import tiny_tokenizer
 
 ATOL = 1e-4
-IMAGE_SIZE, PATCH = 32, 8
-NUM_QUERIES = 6
-
-
-def tokenizer_with_image_token():
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return tokenizer, tokenizer.convert_tokens_to_ids("<image>")
-
-
-def randomise(model: PreTrainedModel) -> None:
-    """HF's init leaves norms at 1/0 and biases at 0; randomise everything so the weight mapping is fully tested."""
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(mean=1.0 if param.dim() == 1 else 0.0, std=0.2)
-
-
-def save_reference(model: PreTrainedModel, tokenizer, path: Path, image_processor) -> Path:
-    """The checkpoint as the hub holds one: weights, tokenizer and its image-processor settings (`image_processor`:
-    an HF processor, saved as transformers 5 does, in processor_config.json; or a bare image processor, saved
-    alone in preprocessor_config.json)."""
-    model.eval()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    image_processor.save_pretrained(path)
-    return path
-
-
-def llava_image_processor() -> CLIPImageProcessorPil:
-    """LLaVA-1.5's: shortest edge then a centre crop (40 -> 32, as 366 -> 336 would be), CLIP mean/std."""
-    return CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-
-
-def blip2_image_processor() -> BlipImageProcessorPil:
-    """BLIP-2's: squash to the encoder's size, bicubic, CLIP mean/std."""
-    return BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-
-
-def build_llava(path: Path, tokenizer=None, **overrides) -> tuple[LlavaForConditionalGeneration, Path]:
-    """`tokenizer`: one holding "<image>" (default: the tiny tokenizer with it added)."""
-    torch.manual_seed(0)
-    if tokenizer is None:
-        tokenizer, image_id = tokenizer_with_image_token()
-    else:
-        image_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        ),
-        image_token_id=image_id,
-        vision_feature_layer=overrides.pop("vision_feature_layer", -2),
-        # Positions per image (HF's default 576 is CLIP-L/336's); "full" keeps the CLS token.
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2 + int(overrides.get("vision_feature_select_strategy") == "full"),
-        **overrides,
-    )
-    model = LlavaForConditionalGeneration(config)
-    randomise(model)
-    processor = LlavaProcessor(image_processor=llava_image_processor(), tokenizer=tokenizer, patch_size=PATCH,
-                               vision_feature_select_strategy=config.vision_feature_select_strategy)
-    return model, save_reference(model, tokenizer, path, processor)
-
-
-def blip2_config(text_config, image_id: int | None) -> Blip2Config:
-    return Blip2Config(
-        vision_config=Blip2VisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            image_size=IMAGE_SIZE, patch_size=PATCH,
-        ),
-        qformer_config=Blip2QFormerConfig(
-            hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-            cross_attention_frequency=1,
-        ),
-        text_config=text_config,
-        num_query_tokens=NUM_QUERIES,
-        image_token_id=image_id,
-    )
-
-
-def build_blip2(path: Path, seed: int = 1) -> tuple[Blip2ForConditionalGeneration, Path]:
-    torch.manual_seed(seed)
-    tokenizer, image_id = tokenizer_with_image_token()
-    text = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-        word_embed_proj_dim=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
-    model = Blip2ForConditionalGeneration(blip2_config(text, image_id))
-    randomise(model)
-    processor = Blip2Processor(image_processor=blip2_image_processor(), tokenizer=tokenizer,
-                               num_query_tokens=NUM_QUERIES)
-    return model, save_reference(model, tokenizer, path, processor)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +278,7 @@ TRANSFORMERS4_PREPROCESSOR = {
 def test_converted_pixels_equal_hf_processor(kind: str, layout: str, llava, blip2, tmp_path: Path) -> None:
     """The converted model carries the source's image-processor settings from whichever file it has, and its
     reloaded processor gives HF's pixels exactly, on non-square images; its vision/ loads in HF as the same."""
-    from test_image_processors import picture
+    from conftest import picture
     from transformers import AutoImageProcessor
 
     _, src = llava if kind == "llava" else blip2
@@ -398,3 +306,49 @@ def test_checkpoint_without_image_processor_is_refused(llava, tmp_path: Path) ->
     (bare / "processor_config.json").unlink()
     with pytest.raises(ValueError, match=rf"expected image-processor settings in {bare} .*found neither"):
         convert("llava", bare, tmp_path / "kopru")
+
+
+def test_llava_with_siglip_keeps_every_patch(tmp_path) -> None:
+    """HF's LLaVA with vision_feature_select_strategy "default" drops position 0 whatever the encoder, so a
+    SigLIP-based LLaVA (no CLS token) loses its first patch and wants patches - 1 placeholders. Köprü only
+    drops a real CLS token: the conversion keeps all patches. The difference is intended, which is why
+    --verify (same inputs to both models) does not apply here; instead this checks that Köprü's image
+    vectors are HF's with the first patch put back.
+    """
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    reference = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                bos_token_id=0, eos_token_id=1, pad_token_id=2),
+        image_token_id=image_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )).eval()
+    src = tmp_path / "llava"
+    reference.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(src)
+
+    report = convert("llava", src, tmp_path / "kopru")
+    assert report["image_positions"] == NUM_PATCHES
+    model, processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
+    assert model.image_count.placeholders == NUM_PATCHES  # not NUM_PATCHES - 1
+    batch = processor("<image> describe it", [random_image(48, 40)])
+    assert int((batch["input_ids"] == image_id).sum()) == NUM_PATCHES
+    with torch.no_grad():
+        model(**batch)
+        ours = model.encode_images(batch["pixel_values"])
+        theirs = reference.model.get_image_features(batch["pixel_values"], vision_feature_layer=-2,
+                                                    vision_feature_select_strategy="default").pooler_output
+    theirs = torch.stack(list(theirs))
+    assert ours.shape[1] == NUM_PATCHES and theirs.shape[1] == NUM_PATCHES - 1
+    torch.testing.assert_close(ours[:, 1:], theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_refuses_a_checkpoint_of_another_type(llm_dirs, tmp_path):
+    with pytest.raises(ValueError, match=r"--from llava expects a checkpoint of model_type 'llava', found 'llama'"):
+        convert("llava", llm_dirs["llama"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -12,77 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, MllamaConfig, MllamaForConditionalGeneration
-from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+from transformers import LlamaForCausalLM, MllamaForConditionalGeneration
+from vlm_checkpoints import MAX_TILES, tiny_mllama
+from vlm_checkpoints import MLLAMA_IMAGE_SIZE as IMAGE_SIZE
+from vlm_checkpoints import mllama_logit_diff as max_diff
+from vlm_checkpoints import save_mllama_reference as save_reference
 
 from kopru.convert import convert, load_reference
 from kopru.convert import mllama as converter
 from kopru.model import KopruForConditionalGeneration
-from kopru.tiny import tiny_tokenizer
 
 ATOL = 1e-4
-IMAGE_SIZE, PATCH, MAX_TILES = 16, 4, 4  # 16 patches + CLS = 17 tokens per tile (Mllama pads them to 24)
-VISION_HIDDEN, INTERMEDIATE_LAYERS = 32, [0, 1]
-# A seed whose tiny Mllama ([1, 4], 6 layers) answers the user's-path pictures differently from the first greedy
-# token (seed 3 answered token 168 eight times for every picture, so a model ignoring the image passed).
-PICTURE_SEED = 1
-
-
-def tokenizer_with_image_token():
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens([converter.IMAGE_TOKEN], special_tokens=True)
-    return tokenizer, tokenizer.convert_tokens_to_ids(converter.IMAGE_TOKEN)
-
-
-def tiny_mllama(cross_attention_layers: list[int], num_layers: int, seed: int = 0):
-    tokenizer, image_id = tokenizer_with_image_token()
-    # As in Llama-3.2-Vision: <|image|> is the first id past the text vocabulary (an extra embedding row).
-    assert image_id == len(tokenizer) - 1
-    config = MllamaConfig(
-        vision_config=dict(
-            hidden_size=VISION_HIDDEN, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
-            intermediate_size=64, vision_output_dim=VISION_HIDDEN * (1 + len(INTERMEDIATE_LAYERS)),
-            image_size=IMAGE_SIZE, patch_size=PATCH, max_num_tiles=MAX_TILES,
-            intermediate_layers_indices=INTERMEDIATE_LAYERS,  # default supported_aspect_ratios: HF's for 4 tiles
-        ),
-        text_config=dict(
-            vocab_size=image_id, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=128, cross_attention_layers=cross_attention_layers,
-            rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        ),
-        image_token_index=image_id,
-    )
-    torch.manual_seed(seed)
-    model = MllamaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # norms around 1, gates (tanh) well away from 0, everything else small and random
-        for name, param in model.named_parameters():
-            if "gate" in name and param.numel() == 1:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(mean=1.0 if param.dim() == 1 and "norm" in name else 0.0, std=0.2)
-    return model
-
-
-def save_reference(model: MllamaForConditionalGeneration, path: Path) -> Path:
-    tokenizer, _ = tokenizer_with_image_token()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    # Its image-processor settings, as a real checkpoint ships them (a conversion refuses a checkpoint without).
-    MllamaImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=MAX_TILES,
-                            image_mean=[0.48145466, 0.4578275, 0.40821073],
-                            image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory) -> Path:
     return save_reference(tiny_mllama([1, 4], 6), tmp_path_factory.mktemp("mllama"))
-
-
-def max_diff(expected: torch.Tensor, found: torch.Tensor) -> float:
-    vocab = expected.shape[-1]
-    assert found.shape[-1] == vocab + converter.EXTRA_EMBEDDINGS
-    return float((expected.float() - found[..., :vocab].float()).abs().max())
 
 
 def test_block_positions():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_budget import budget_json
+from conftest import budget_json
 
 from kopru.dtypes import NAMES, canonical_dtype, dtype_bytes, torch_dtype
 from kopru.explain import explain

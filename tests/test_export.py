@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_chat_templates import LLAVA_15_TEMPLATE as LLAVA_15
 from transformers import Blip2VisionConfig, MllamaVisionConfig
+from vlm_checkpoints import LLAVA_15_TEMPLATE as LLAVA_15
 
 from kopru.cli import main
 from kopru.config import KopruConfig, VisionTowerConfig
@@ -29,7 +29,7 @@ from kopru.export.chat_template import check_special_tokens, exported_chat_templ
 from kopru.export.common import hf_image_processor, image_settings
 from kopru.generation import format_chat
 from kopru.image_processing import ImagePreprocessor
-from kopru.pretrain_tiny import ASSETS_DIR
+from kopru.lesson.pretrain_tiny import ASSETS_DIR
 
 FAMILIES = ("llava", "llava_next", "blip2", "mllama")
 
@@ -37,7 +37,7 @@ FAMILIES = ("llava", "llava_next", "blip2", "mllama")
 def hf_checkpoint(kind: str, path: Path) -> Path:
     """The tiny random HF checkpoint of `kind`, with its processor (and chat template, BLIP-2 has none)."""
     if kind == "blip2":
-        from test_convert import build_blip2
+        from vlm_checkpoints import build_blip2
 
         return build_blip2(path)[1]
     from vlm_checkpoints import build
@@ -296,7 +296,7 @@ def test_tokenizer_adding_more_than_bos_is_refused(build) -> None:
 def test_pad_mode_exports_as_llava_image_processor_with_the_same_pixels() -> None:
     """LLaVA-1.5's "pad" (image_aspect_ratio), which HF's CLIP processor ignores, leaves as LlavaImageProcessor's
     do_pad: HF's pixels equal Köprü's on wide, tall and square pictures."""
-    from test_image_processors import picture
+    from conftest import picture
 
     ours = ImagePreprocessor(size=32, mode="pad", shortest_edge=32, image_mean=(0.48145466, 0.4578275, 0.40821073),
                              image_std=(0.26862954, 0.26130258, 0.27577711))

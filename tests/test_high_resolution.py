@@ -12,80 +12,51 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_SIZE, PATCH_SIZE, STRATEGIES
+from conftest import IMAGE_SIZE, PATCH_SIZE, STRATEGIES, counting_config, open_gates, random_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from transformers import (
     CLIPVisionConfig,
-    LlamaConfig,
-    LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     SiglipVisionConfig,
 )
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from vlm_checkpoints import TINY_PINPOINTS, build_llava_next, llava_next_processor
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.config import ResolutionConfig
 from kopru.convert import convert
 from kopru.high_resolution import AveragePool, HighResolutionPreprocessor, PixelShuffle
 from kopru.image_processing import ImagePreprocessor
-from kopru.tiny import tiny_tokenizer
 from kopru.tokens import image_positions
 
 CLIP_L_336 = CLIPVisionConfig(image_size=336, patch_size=14)
-TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]  # LLaVA-NeXT's five layouts at 32 px
 SIZES = st.integers(1, 2500)
 SMALL_SIZES = st.integers(1, 120)
 
 
 def _count_config(mode: str, strategy: str = "projection", **resolution) -> KopruConfig:
     """A config to count with (no weights are loaded): no markers, as HF's processors have none."""
-    return KopruConfig(vision="unused", llm="unused", strategy=strategy, image_start_token=None, image_end_token=None,
-                       resolution=ResolutionConfig(mode=mode, **resolution))
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return counting_config(strategy, markers=False, resolution=ResolutionConfig(mode=mode, **resolution))
 
 
 @contextlib.contextmanager
-def open_gates(model, value: float = 1.0):
+def gates_open(model, value: float = 1.0):
     """Cross-attention gates start at 0 (the image cannot reach the logits); open them for a test, then close."""
-    for block in model.connector.blocks:
-        block.attn_gate.fill_(value)
-        block.mlp_gate.fill_(value)
+    open_gates(model, value)
     try:
         yield
     finally:
-        for block in model.connector.blocks:
-            block.attn_gate.zero_()
-            block.mlp_gate.zero_()
-
-
-def _hf_tokenizer():
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return tokenizer
-
-
-def _llava_next_processor(tile: int, patch: int, pinpoints=None) -> LlavaNextProcessor:
-    kwargs = {} if pinpoints is None else {"image_grid_pinpoints": pinpoints}
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": tile},
-                                                 crop_size={"height": tile, "width": tile}, **kwargs)
-    return LlavaNextProcessor(image_processor=image_processor, tokenizer=_hf_tokenizer(), patch_size=patch,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        open_gates(model, 0.0)
 
 
 # --------------------------------------------------------------------------------------------- counts vs HF
 @pytest.fixture(scope="module")
 def llava_next_336() -> LlavaNextProcessor:
-    return _llava_next_processor(336, 14)
+    return llava_next_processor(336, 14)
 
 
 @pytest.mark.parametrize(("width", "height", "tokens"), [(672, 672, 2928), (640, 480, 2340), (336, 336, 1176),
@@ -105,8 +76,8 @@ def test_anyres_count_equals_llava_next_processor(llava_next_336, width, height)
 @given(width=SMALL_SIZES, height=SMALL_SIZES)
 def test_anyres_count_equals_llava_next_processor_on_real_images(width, height):
     """The whole HF processor run on an image (its own expansion of `<image>`), at the tiny encoder's size."""
-    processor = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
-    encoded = processor(text="a <image> b", images=[_image(width, height)], return_tensors="pt")
+    processor = llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
+    encoded = processor(text="a <image> b", images=[random_image(width, height)], return_tensors="pt")
     expected = int((encoded["input_ids"] == processor.image_token_id).sum())
     encoder = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     assert image_positions(_count_config("anyres"), encoder, width, height).placeholders == expected
@@ -156,8 +127,8 @@ def test_counts_per_strategy_and_reduction():
 @settings(max_examples=20, deadline=None)
 @given(width=SMALL_SIZES, height=SMALL_SIZES, seed=st.integers(0, 100))
 def test_anyres_pixels_equal_llava_next_image_processor(width, height, seed):
-    image = _image(width, height, seed)
-    hf = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS).image_processor
+    image = random_image(width, height, seed)
+    hf = llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS).image_processor
     expected = hf(images=[image], return_tensors="pt")
     config = _count_config("anyres")
     base = ImagePreprocessor(size=IMAGE_SIZE, image_mean=tuple(hf.image_mean), image_std=tuple(hf.image_std))
@@ -174,7 +145,7 @@ def test_dynamic_pixels_equal_qwen2_vl_and_pixel_shuffle_groups_its_merge(width,
     raster-order patches equals the groups of k^2 consecutive patches its merger concatenates."""
     if max(width, height) / min(width, height) > 200:
         return
-    image, patch = _image(width, height, seed), PATCH_SIZE
+    image, patch = random_image(width, height, seed), PATCH_SIZE
     hf = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, min_pixels=16 * 16, max_pixels=96 * 96)
     expected = hf(images=[image], return_tensors="pt")
     _, grid_h, grid_w = expected["image_grid_thw"][0].tolist()
@@ -282,7 +253,7 @@ def test_features_have_exactly_the_counted_length(models, strategy, mode, sizes)
     if any(max(w, h) / min(w, h) > 200 for w, h in sizes):
         return
     model, processor = models[(strategy, mode)]
-    images = [_image(w, h, seed) for seed, (w, h) in enumerate(sizes)]
+    images = [random_image(w, h, seed) for seed, (w, h) in enumerate(sizes)]
     counts = [image_positions(model.config, model.vision.encoder.config, w, h) for w, h in sizes]
     batch = processor(["first <image> then", " ".join("<image>" for _ in images[1:]) + " end"],
                       [images[:1], images[1:]])
@@ -297,7 +268,7 @@ def test_features_have_exactly_the_counted_length(models, strategy, mode, sizes)
 @torch.no_grad()
 def test_per_image_placeholder_mismatch_names_the_image(models):
     model, processor = models[("projection", "anyres")]
-    batch = processor("<image> and <image>", [_image(70, 30), _image(30, 70, 1)])
+    batch = processor("<image> and <image>", [random_image(70, 30), random_image(30, 70, 1)])
     row = batch["input_ids"][0].tolist()
     first, second = [i for i, token in enumerate(row) if token == model.config.image_start_token_id]
     # Move one placeholder from image 0 to image 1: the total still matches, the images do not.
@@ -313,7 +284,7 @@ def test_per_image_placeholder_mismatch_names_the_image(models):
 @torch.no_grad()
 def test_anyres_qformer_reads_each_tile_on_its_own(models):
     model, processor = models[("qformer", "anyres")]
-    image = _image(90, 40)
+    image = random_image(90, 40)
     batch = processor("<image>", [image])
     views = batch["pixel_values"][0, :model.plan(40, 90).passes]
     expected = torch.cat([model.connector(model.vision(view[None]))[0] for view in views])
@@ -332,7 +303,7 @@ def test_ragged_cross_attention_context_equals_the_fixed_one_for_equal_lengths(m
     for attend_to in ("previous", "most_recent"):
         fixed, ragged = (dataclasses.replace(model.connector.build_context(layout, per_sample), attend_to=attend_to)
                          .for_positions(seen) for layout in (states, list(states)))
-        with open_gates(model):
+        with gates_open(model):
             expected, found = (model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          kopru_image_context=context).logits for context in (fixed, ragged))
             torch.testing.assert_close(found, expected)
@@ -364,25 +335,6 @@ def test_vision_tower_interpolates_position_embeddings(build, kind):
 
 
 # --------------------------------------------------------------------------------------- LLaVA-NeXT logits
-def build_llava_next(path: Path) -> Path:
-    from test_convert import randomise, save_reference, tokenizer_with_image_token
-
-    torch.manual_seed(0)
-    tokenizer, image_id = tokenizer_with_image_token()
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                       image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
-                                pad_token_id=2),
-        image_token_id=image_id, image_grid_pinpoints=TINY_PINPOINTS, vision_feature_layer=-2,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,  # one view's positions (HF's default is CLIP-L/336's 576)
-    )
-    model = LlavaNextForConditionalGeneration(config)
-    randomise(model)
-    return save_reference(model, tokenizer, path, _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS))
-
-
 @torch.no_grad()
 def test_anyres_projection_logits_equal_llava_next(tmp_path: Path):
     """A random LLaVA-NeXT converted, saved and reloaded gives HF's logits on a wide and a tall image; its own
@@ -392,8 +344,8 @@ def test_anyres_projection_logits_equal_llava_next(tmp_path: Path):
     assert report["max_abs_diff"] < 1e-4
     reference = LlavaNextForConditionalGeneration.from_pretrained(src).eval()
     model, processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "kopru")
-    hf_processor = _llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
-    images = [_image(77, 20), _image(25, 90, 1)]
+    hf_processor = llava_next_processor(IMAGE_SIZE, PATCH_SIZE, TINY_PINPOINTS)
+    images = [random_image(77, 20), random_image(25, 90, 1)]
     texts = ["what is <image> here", "and <image>?"]
     ours = processor(texts, [[images[0]], [images[1]]])
     theirs = hf_processor(text=texts, images=images, return_tensors="pt", padding=True)
@@ -421,10 +373,10 @@ def test_padded_training_batch_loss_is_the_mean_of_the_samples(models, strategy,
     model, processor = models[(strategy, mode)]
     samples = [
         Sample([{"role": "user", "content": "<image>\nwhat colour?"}, {"role": "assistant", "content": "red"}],
-               [_image(90, 30)]),
+               [random_image(90, 30)]),
         Sample([{"role": "user", "content": "how many?"}, {"role": "assistant", "content": "three."}]),
         Sample([{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "yeşil."}],
-               [_image(20, 70, 1), _image(50, 50, 2)]),
+               [random_image(20, 70, 1), random_image(50, 50, 2)]),
     ]
     encoded = SampleEncoder(processor).encode_all(samples)
     for sample, source in zip(encoded, samples, strict=True):
@@ -451,8 +403,8 @@ def test_training_config_builds_a_high_resolution_model(vision_dirs, llm_dirs):
     assert model.config.resolution == ResolutionConfig(mode="anyres", reduction="pixel_shuffle")
     # SigLIP 32 px / 8 px patches: 4x4 -> 2x2 after the fold, 4x wider; a 64x64 image takes the 2x2 grid.
     assert model.connector.layers[0].in_features == 4 * model.vision.hidden_size
-    assert processor.count(_image(64, 64)).placeholders == 4 + 4 * 4 + 4
-    loss = model(**processor("<image> hi", [_image(64, 64)], return_labels=True)).loss
+    assert processor.count(random_image(64, 64)).placeholders == 4 + 4 * 4 + 4
+    loss = model(**processor("<image> hi", [random_image(64, 64)], return_labels=True)).loss
     loss.backward()
     assert model.connector.image_newline.grad is not None and model.connector.image_newline.grad.abs().sum() > 0
 
@@ -460,14 +412,14 @@ def test_training_config_builds_a_high_resolution_model(vision_dirs, llm_dirs):
 @torch.no_grad()
 def test_dynamic_model_saves_reloads_and_refuses_a_connector_of_another_resolution(models, build, tmp_path):
     model, processor = models[("cross_attention", "dynamic")]
-    batch = processor(["<image> hi", "a <image> b <image>"], [[_image(90, 30)], [_image(20, 70, 1), _image(45, 45, 2)]])
-    with open_gates(model, 0.5):
+    batch = processor(["<image> hi", "a <image> b <image>"], [[random_image(90, 30)], [random_image(20, 70, 1), random_image(45, 45, 2)]])
+    with gates_open(model, 0.5):
         expected = model(**batch).logits
         model.save_pretrained(tmp_path / "saved", processor)
     reloaded, reloaded_processor = KopruForConditionalGeneration.from_pretrained(tmp_path / "saved")
     assert reloaded.config.resolution == model.config.resolution
     again = reloaded_processor(["<image> hi", "a <image> b <image>"],
-                               [[_image(90, 30)], [_image(20, 70, 1), _image(45, 45, 2)]])
+                               [[random_image(90, 30)], [random_image(20, 70, 1), random_image(45, 45, 2)]])
     torch.testing.assert_close(reloaded(**again).logits, expected)
     model.save_connector(tmp_path / "connector")
     fixed, _ = build("cross_attention")
@@ -480,7 +432,7 @@ def test_dynamic_model_saves_reloads_and_refuses_a_connector_of_another_resoluti
 def test_generate_takes_the_processors_image_sizes(models, strategy):
     """Greedy generation from a left-padded batch of two prompts equals generating each prompt alone."""
     model, processor = models[(strategy, "anyres")]
-    texts, images = ["<image> what is", "a longer prompt: <image> and this?"], [[_image(90, 30)], [_image(25, 60, 1)]]
+    texts, images = ["<image> what is", "a longer prompt: <image> and this?"], [[random_image(90, 30)], [random_image(25, 60, 1)]]
     batch = processor(texts, images, padding_side="left")
     together = model.generate(**batch, max_new_tokens=4, eos_token_id=[])
     for row, (text, image) in enumerate(zip(texts, images, strict=True)):
@@ -494,6 +446,6 @@ def test_caption_retrieval_refuses_per_size_counts(models):
 
     model, processor = models[("projection", "dynamic")]
     samples = [Sample([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
-                      [_image(40, 30)])]
+                      [random_image(40, 30)])]
     with pytest.raises(ValueError, match="resolution mode 'fixed'\\); found mode 'dynamic'"):
         caption_retrieval(model, processor, samples)

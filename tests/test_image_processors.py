@@ -9,11 +9,13 @@ sizes it reads differently, of the same settings in dict form: see HFProcessorDe
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import IMAGE_SIZE, picture, random_image
 from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
@@ -55,14 +57,6 @@ CASES = {
     "mllama": (MllamaImageProcessorPil, {"size": {"height": 32, "width": 32}, "image_mean": MEAN,
                                          "image_std": STD, "max_image_tiles": 4}),
 }
-
-
-def picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth colour gradients plus noise: every resampling filter gives a different result on it."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([255 * x / width, 255 * y / height, 127 + 127 * np.sin((x + y) / 7)], axis=-1)
-    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
 
 
 def hf_pixels(processor, images: list[Image.Image]) -> torch.Tensor:
@@ -248,3 +242,45 @@ def test_tile_normalisation_equals_hf_for_any_array() -> None:
     pixels[:, 40:] = 0  # a padded canvas
     expected = normalize(rescale(pixels, 1 / 255), MEAN, STD).transpose(2, 0, 1)
     assert np.array_equal(settings.normalize(pixels).numpy(), expected)
+
+
+@pytest.mark.parametrize("shortest_edge", [32, 40])  # 40: resize to 40, then crop 32 (as 256 -> 224 in CLIP)
+def test_preprocessing_matches_hf_clip_image_processor(vision_dirs, tmp_path, shortest_edge) -> None:
+    """A CLIP encoder dir with HF's preprocessor_config.json gives HF's pixel values.
+
+    HF resizes the shortest side to `shortest_edge` and the long side to int(size * long / short) (truncated,
+    as torchvision does), with Pillow bicubic on the uint8 image, then crops the centre ((orig - crop) // 2),
+    rescales (float64 * 1/255 -> float32) and normalises. The same Pillow resize on the same uint8 pixels
+    leaves only float rounding (~1e-7) in rescale/normalise, hence atol 1e-5. The sizes include ones where
+    rounding the long side instead of truncating it would pick another size (40x62: 49.6, 33x100: 96.97,
+    45x64: 45.5, 100x30: 106.7) and odd crop margins (50x41 -> 32x39).
+    """
+    vision_dir = tmp_path / "clip"
+    shutil.copytree(vision_dirs["clip"], vision_dir)
+    CLIPImageProcessorPil(size={"shortest_edge": shortest_edge},
+                          crop_size={"height": 32, "width": 32}).save_pretrained(vision_dir)
+    tower = VisionTower.from_config(VisionTowerConfig(str(vision_dir)))
+    ours = ImagePreprocessor.for_encoder(str(vision_dir), tower)
+    hf = CLIPImageProcessorPil.from_pretrained(vision_dir)
+    images = [random_image(w, h, seed) for seed, (h, w) in enumerate([(40, 48), (40, 62), (62, 40), (33, 100),
+                                                               (45, 64), (100, 30), (50, 41), (17, 23)])]
+    expected = hf(images, return_tensors="pt").pixel_values
+    found = ours(images)
+    assert found.shape == expected.shape == (len(images), 3, 32, 32)
+    torch.testing.assert_close(found, expected, atol=1e-5, rtol=0)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def test_tiny_encoders_ship_their_family_mean_std(vision_dirs) -> None:
+    """Before: every encoder without a preprocessor_config.json got mean/std 0.5, wrong for CLIP. Now an encoder
+    without settings is refused (tests/test_image_processors.py), and the tiny ones ship their family's."""
+    for kind, mean, std in (("clip", CLIP_MEAN, CLIP_STD), ("siglip", (0.5,) * 3, (0.5,) * 3)):
+        assert (vision_dirs[kind] / CONFIG_NAME).is_file()
+        tower = VisionTower.from_config(VisionTowerConfig(str(vision_dirs[kind])))
+        preprocessor = ImagePreprocessor.for_encoder(str(vision_dirs[kind]), tower)
+        assert preprocessor.size == IMAGE_SIZE
+        assert tuple(preprocessor.image_mean) == pytest.approx(mean)
+        assert tuple(preprocessor.image_std) == pytest.approx(std)

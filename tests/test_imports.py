@@ -77,17 +77,3 @@ def test_the_package_has_no_import_cycle():
     package_users = sorted(name for name, targets in graph.items() if "kopru" in targets)
     assert package_users == [], f"modules importing the package itself (import the owner module instead): {package_users}"
     assert cycles(graph) == []
-
-
-def test_moved_modules_keep_their_old_paths_as_the_same_module():
-    """kopru/_moved.py's table: each old path imports the module under its new name (one object, so a patch through
-    either name is seen through both), and no file is left at an old path to drift from it."""
-    import importlib
-
-    from kopru._moved import MOVED
-
-    for old, new in MOVED.items():
-        assert not (PACKAGE.parent / (old.replace(".", "/") + ".py")).exists(), old
-        module = importlib.import_module(old)
-        assert module is importlib.import_module(new), old
-        assert module.__spec__.name == new

@@ -1,6 +1,6 @@
 """Llama-3.2-Vision multi-tile images against HF: pixels, logits and greedy generation.
 
-The reference is the tiny random `MllamaForConditionalGeneration` of test_convert_mllama (16 px tiles, up to 4 of
+The reference is the tiny random `MllamaForConditionalGeneration` of vlm_checkpoints (16 px tiles, up to 4 of
 them, HF's 8 aspect ratios, every gate non-zero) with HF's `MllamaImageProcessorPil` config saved beside it, so
 HF's processor and Köprü's read the same settings. (HF's torchvision `MllamaImageProcessor` needs torchvision,
 which is not installed here; its resize is not the PIL one, which is the image-processing work's business.)
@@ -14,21 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_image
 from PIL import Image
-from test_convert_mllama import (
-    IMAGE_SIZE,
-    MAX_TILES,
-    PICTURE_SEED,
-    max_diff,
-    save_reference,
-    tiny_mllama,
-    tokenizer_with_image_token,
-)
 from transformers import MllamaProcessor, MllamaVisionConfig
 from transformers.models.mllama.image_processing_pil_mllama import (
     MllamaImageProcessorPil,
     get_optimal_tiled_canvas,
 )
+from vlm_checkpoints import MAX_TILES, PICTURE_SEED, tiny_mllama
+from vlm_checkpoints import MLLAMA_IMAGE_SIZE as IMAGE_SIZE
+from vlm_checkpoints import mllama_logit_diff as max_diff
+from vlm_checkpoints import mllama_tokenizer as tokenizer_with_image_token
+from vlm_checkpoints import save_mllama_reference as save_reference
 
 from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.convert import load_reference
@@ -47,12 +44,7 @@ SIZES = {"wide": (200, 90), "tall": (90, 250), "square": (12, 12), "four": (64, 
          "two": (30, 16), "three": (45, 16)}
 
 
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-IMAGES = {name: picture(*size, seed) for seed, (name, size) in enumerate(SIZES.items())}
+IMAGES = {name: random_image(*size, seed) for seed, (name, size) in enumerate(SIZES.items())}
 TILES = {name: tile_layout(image.height, image.width, IMAGE_SIZE, MAX_TILES).num_tiles for name, image in IMAGES.items()}
 
 

@@ -4,10 +4,12 @@ text LLM (cross-attention with closed gates), a no-cache greedy loop, and save /
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import (
+    CONNECTORS,
     CROSS_ATTENTION,
     LLM_HIDDEN,
     LLM_KINDS,
@@ -16,8 +18,9 @@ from conftest import (
     QFORMER,
     STRATEGIES,
     VISION_HIDDEN,
+    open_gates,
 )
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kopru import KopruConfig, VisionTowerConfig, available_strategies
 from kopru.connectors.cross_attention import ImageContext
@@ -32,14 +35,6 @@ PLACEHOLDERS_PER_IMAGE = {"projection": NUM_PATCHES, "qformer": QFORMER["num_que
 @pytest.fixture
 def images(make_image):
     return [[make_image(0)], [make_image(1), make_image(2)]]
-
-
-def open_gates(model: KopruForConditionalGeneration, value: float = 1.0) -> None:
-    """Cross-attention blocks start with tanh(0) = 0 gates; open them so the images reach the text."""
-    with torch.no_grad():
-        for block in model.connector.blocks:
-            block.attn_gate.fill_(value)
-            block.mlp_gate.fill_(value)
 
 
 def image_token_ids(model: KopruForConditionalGeneration) -> torch.Tensor:
@@ -166,12 +161,6 @@ def test_placeholders_without_images(build, make_image, strategy) -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     with pytest.raises(ValueError, match="1 '<image>' placeholder"):
         processor("a red <image> circle")
-
-
-def test_processor_placeholder_and_image_count_mismatch(build, make_image) -> None:
-    _, processor = build("projection")
-    with pytest.raises(ValueError, match=r"2 '<image>' placeholder\(s\) but 1 image\(s\)"):
-        processor("<image> and <image>", [make_image(0)])
 
 
 def test_unknown_strategy_lists_the_known_ones(vision_dirs, llm_dirs) -> None:
@@ -576,3 +565,147 @@ def test_every_strategy_config_is_importable_from_the_package() -> None:
         config_class = strategy_class(name).config_class
         assert getattr(kopru, config_class.__name__) is config_class, name
         assert config_class.__name__ in kopru.__all__
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_from_backbones_bf16_casts_connector_and_runs(vision_dirs, llm_dirs, make_image, strategy) -> None:
+    """Before: the connector stayed fp32 next to a bf16 LLM and the forward raised a dtype mismatch."""
+    torch.manual_seed(0)
+    config = KopruConfig(vision=str(vision_dirs["clip"]), llm=str(llm_dirs["llama"]), strategy=strategy,
+                         connector=CONNECTORS[strategy])
+    model, processor = KopruForConditionalGeneration.from_backbones(config, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.connector.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
+    batch = processor("<image> describe it", [make_image(0)])
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.dtype == torch.bfloat16
+    assert bool(torch.isfinite(logits).all())
+
+
+def test_save_pretrained_refuses_foreign_directory_and_replaces_own_save(build, make_image, tmp_path) -> None:
+    model, processor = build("projection")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a Köprü model"):
+        model.save_pretrained(foreign, processor)
+    assert sorted(p.name for p in foreign.iterdir()) == ["precious.txt"]
+    assert (foreign / "precious.txt").read_text() == "keep me"
+
+    target = tmp_path / "model"
+    model.save_pretrained(target, processor)
+    with torch.no_grad():
+        for param in model.connector.parameters():
+            param.add_(0.5)
+    model.save_pretrained(target, processor)  # over the earlier save
+    loaded, loaded_processor = KopruForConditionalGeneration.from_pretrained(target)
+    batch = processor("<image> describe it", [make_image(0)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+    # Nothing left behind but the two directories (no staging folders).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "model"]
+
+
+def test_load_connector_refuses_other_feature_layer(build, tmp_path) -> None:
+    source, _ = build("projection")  # feature_layer -2
+    source.save_connector(tmp_path / "connector")
+    target, _ = build("projection", vision_config={"feature_layer": -1})
+    with pytest.raises(ValueError, match="feature_layers"):
+        target.load_connector(tmp_path / "connector")
+
+
+def test_load_connector_refuses_other_llm_family(build, tmp_path) -> None:
+    source, _ = build("projection", llm="llama")
+    source.save_connector(tmp_path / "connector")
+    target, _ = build("projection", llm="qwen2")  # same width: every shape fits
+    assert target.llm.config.hidden_size == source.llm.config.hidden_size
+    with pytest.raises(ValueError, match="llm_model_type"):
+        target.load_connector(tmp_path / "connector")
+
+
+def test_freeze_for_stage2_respects_trainable_encoder(build) -> None:
+    trainable, _ = build("projection", vision_config={"trainable": True})
+    trainable.freeze_for_stage2()
+    assert all(p.requires_grad for p in trainable.vision.encoder.parameters())
+    assert all(p.requires_grad for p in trainable.connector.parameters())
+
+    frozen, _ = build("projection")
+    frozen.freeze_for_stage2()
+    assert not any(p.requires_grad for p in frozen.vision.encoder.parameters())
+    assert all(p.requires_grad for p in frozen.connector.parameters())
+
+
+def test_generate_stops_at_generation_config_eos(build) -> None:
+    model, processor = build("projection")
+    batch = processor("what colour is the shape", padding_side="left")
+    max_new = 8
+    free = model.generate(**batch, max_new_tokens=max_new, eos_token_id=[])
+    assert free.shape == (1, max_new)
+    eos = int(free[0, 1])
+    stop = free[0].tolist().index(eos) + 1  # 2 unless step 1 already produced the same id
+    assert stop < max_new
+    model.llm.generation_config.eos_token_id = eos
+    stopped = model.generate(**batch, max_new_tokens=max_new)
+    assert stopped.tolist() == free[:, :stop].tolist()
+    assert model.generate(**batch, max_new_tokens=max_new, eos_token_id=[]).shape == (1, max_new)
+
+
+def test_tokenizer_with_other_eos_is_refused(build, vision_dirs, llm_dirs, tmp_path) -> None:
+    llm_dir = tmp_path / "llm"
+    shutil.copytree(llm_dirs["llama"], llm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    tokenizer.eos_token = "<s>"  # id 0; the LLM's config says 1
+    tokenizer.save_pretrained(llm_dir)
+    config = KopruConfig(vision=str(vision_dirs["clip"]), llm=str(llm_dir))
+    with pytest.raises(ValueError, match=r"end-of-sequence id is 0, .*\[1\]"):
+        KopruForConditionalGeneration.from_backbones(config)
+
+    model, processor = build("projection")
+    saved = tmp_path / "model"
+    model.save_pretrained(saved, processor)
+    tokenizer = AutoTokenizer.from_pretrained(saved / "llm")
+    tokenizer.eos_token = "<s>"
+    tokenizer.save_pretrained(saved / "llm")
+    with pytest.raises(ValueError, match=r"end-of-sequence id is 0, .*\[1\]"):
+        KopruForConditionalGeneration.from_pretrained(saved)
+
+
+def test_from_pretrained_needs_a_kopru_directory(llm_dirs):
+    with pytest.raises(FileNotFoundError, match="kopru_config.json"):
+        KopruForConditionalGeneration.from_pretrained(llm_dirs["llama"])
+
+
+def test_a_tokenizer_larger_than_the_llm_is_refused(build, tmp_path):
+    model, processor = build("projection")
+    model.save_pretrained(tmp_path / "saved", processor)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "saved" / "llm")
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(50)])
+    tokenizer.save_pretrained(tmp_path / "saved" / "llm")
+    rows = model.llm.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=rf"tokenizer does not match the LLM: it has {rows + 50} tokens.* {rows} rows"):
+        KopruForConditionalGeneration.from_pretrained(tmp_path / "saved")
+
+
+def test_missing_connector_weights(build, tmp_path):
+    model, processor = build("qformer")
+    model.save_pretrained(tmp_path / "saved", processor)
+    (tmp_path / "saved" / "connector.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="expected connector weights at .*connector.safetensors"):
+        KopruForConditionalGeneration.from_pretrained(tmp_path / "saved")
+
+
+def test_a_vision_model_given_as_llm(vision_dirs):
+    config = KopruConfig(vision=VisionTowerConfig(str(vision_dirs["clip"])), llm=str(vision_dirs["siglip"]))
+    with pytest.raises(ValueError, match="found model_type 'siglip_vision_model'"):
+        KopruForConditionalGeneration.from_backbones(config)
+
+
+def test_save_pretrained_replaces_atomically(build, tmp_path):
+    model, processor = build("projection")
+    target = tmp_path / "saved"
+    model.save_pretrained(target, processor)
+    shutil.rmtree(target / "vision")  # a damaged earlier save is replaced whole
+    model.save_pretrained(target, processor)
+    assert (target / "vision" / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]  # no staging folder left behind

@@ -13,21 +13,27 @@ from transformers import AutoTokenizer, PreTrainedModel
 from kopru.cli import build_parser
 from kopru.data.synthetic import COLOURS, MAX_COUNT, REGIONS, SHAPES, shapes_dataset
 from kopru.image_processing import ImagePreprocessor
-from kopru.llm import load_llm
-from kopru.pretrain_tiny import (
+from kopru.lesson.pretrain_tiny import (
     ASSETS_DIR,
     REPORT_NAME,
+    answer_mass,
     build_tiny_backbones,
     default_backbones,
+    iter_report_lines,
+    lm_loss,
     object_targets,
+    pack,
     patch_regions,
     pretrain_language,
     pretrain_vision,
     region_weights,
     render_chat,
+    render_documents,
     shapes_targets,
+    text_samples,
     tiny_vision_encoder,
 )
+from kopru.llm import load_llm
 from kopru.vision import load_vision_encoder
 
 TURKISH = [
@@ -86,12 +92,22 @@ def test_assets_load_in_float32_and_stay_small(assets, encoder, llm, tokenizer) 
     assert size < 10 * 2**20
 
 
-def test_reports_show_what_was_learnt(assets) -> None:
-    vision = json.loads((assets["vision"] / REPORT_NAME).read_text())["test_accuracy"]
-    assert vision["occupied_colour@-2"] > 0.95 and vision["occupied_shape@-2"] > 0.8
-    assert vision["occupied_count@-2"] > 0.8 and vision["digit@-2"] > 0.6
-    llm = json.loads((assets["llm"] / REPORT_NAME).read_text())
-    assert llm["test_loss"] < 1.0 and min(llm["answer_mass"].values()) > 0.9
+@pytest.mark.slow
+def test_llm_report_is_the_shipped_models_own(assets, llm, tokenizer) -> None:
+    """The committed report's held-out loss, measured again on the shipped LLM (so the report describes these
+    weights), and the answer format it claims, on a fresh sample of held-out questions. (The vision report's
+    accuracies come from heads that are not shipped; test_vision_features_separate_colours_shapes_and_counts
+    measures the shipped encoder's features instead.)"""
+    report = json.loads((assets["llm"] / REPORT_NAME).read_text())
+    qa, captions = text_samples(200, 200, report["seed"], "test")  # pretrain_language's eval_size
+    blocks = pack(tokenizer, render_documents(qa, captions), report["block"], report["seed"])
+    assert blocks.numel() == report["test_tokens"]
+    measured = lm_loss(llm, blocks)
+    assert measured == pytest.approx(report["test_loss"], rel=1e-4)
+    assert measured < 1.0
+    for language in ("en", "tr"):
+        questions = [s for s in qa if s.meta["language"] == language][:40]
+        assert answer_mass(llm, tokenizer, questions) > 0.9, language
 
 
 # --- tokenizer and chat template ----------------------------------------------------------------------------
@@ -241,15 +257,27 @@ def _check_built(paths: dict[str, Path]) -> None:
     assert tokenizer.decode(tokenizer("Üçgen nerede?", add_special_tokens=False)["input_ids"]) == "Üçgen nerede?"
 
 
+@pytest.mark.slow
 def test_builders_save_loadable_backbones(tmp_path: Path) -> None:
     vision = pretrain_vision(tmp_path / "vision", steps=2, progress=False, **SMALL_VISION)
     language = pretrain_language(tmp_path / "llm", steps=2, progress=False, **SMALL_LLM)
-    assert vision["steps"] == language["steps"] == 2 and 0 <= vision["test_accuracy"]["digit@-2"] <= 1
+    assert vision["steps"] == language["steps"] == 2
     _check_built({"vision": tmp_path / "vision", "llm": tmp_path / "llm"})
+    # What was saved is what was trained: not the seeded initial weights, and the report's held-out loss is the
+    # saved LLM's own.
+    torch.manual_seed(0)
+    initial = tiny_vision_encoder().state_dict()
+    saved = load_vision_encoder(str(tmp_path / "vision")).state_dict()
+    assert initial.keys() == saved.keys() and any(not torch.equal(initial[k], saved[k]) for k in initial)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "llm"))
+    qa, captions = text_samples(SMALL_LLM["eval_size"], SMALL_LLM["eval_size"], 0, "test")
+    blocks = pack(tokenizer, render_documents(qa, captions), SMALL_LLM["block"], 0)
+    assert lm_loss(load_llm(str(tmp_path / "llm")), blocks) == pytest.approx(language["test_loss"], rel=1e-5)
+    assert len(list(iter_report_lines(tmp_path))) > 10  # `kopru pretrain-tiny`'s summary reads both reports
 
 
 def test_default_backbones_builds_other_seeds_once_into_the_cache(tmp_path, monkeypatch) -> None:
-    import kopru.pretrain_tiny as pretrain_tiny
+    import kopru.lesson.pretrain_tiny as pretrain_tiny
 
     calls = []
 

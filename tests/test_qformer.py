@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from conftest import QFORMER
 from transformers import (
     BertConfig,
     BertModel,
@@ -13,6 +16,7 @@ from transformers import (
     PretrainedConfig,
 )
 
+from kopru import KopruConfig, KopruForConditionalGeneration
 from kopru.connectors.base import strategy_class
 from kopru.connectors.qformer import (
     QFormer,
@@ -222,3 +226,29 @@ def test_every_parameter_gets_a_gradient() -> None:
     for name, param in connector.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_qformer_init_from_not_needed_after_save(vision_dirs, llm_dirs, make_image, tmp_path) -> None:
+    """Before: from_pretrained read the BERT checkpoint named by init_from again (gone -> error)."""
+    bert_dir = tmp_path / "bert"
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=50, hidden_size=QFORMER["hidden_size"], num_hidden_layers=QFORMER["num_layers"],
+                         num_attention_heads=QFORMER["num_heads"], intermediate_size=QFORMER["intermediate_size"],
+                         max_position_embeddings=16)).save_pretrained(bert_dir, safe_serialization=True)
+    assert list(bert_dir.glob("*.safetensors"))
+    torch.manual_seed(0)
+    config = KopruConfig(vision=str(vision_dirs["clip"]), llm=str(llm_dirs["llama"]), strategy="qformer",
+                         connector={**QFORMER, "init_from": str(bert_dir)})
+    model, processor = KopruForConditionalGeneration.from_backbones(config)
+    bert = BertModel.from_pretrained(bert_dir)
+    torch.testing.assert_close(model.connector.qformer.layers[0].self_attention.query.weight,
+                               bert.encoder.layer[0].attention.self.query.weight)  # init_from took effect
+
+    saved = tmp_path / "model"
+    model.save_pretrained(saved, processor)
+    shutil.rmtree(bert_dir)
+    loaded, loaded_processor = KopruForConditionalGeneration.from_pretrained(saved)
+    batch = processor("<image> describe it", [make_image(0)])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**loaded_processor("<image> describe it", [make_image(0)])).logits,
+                                   model(**batch).logits, atol=0, rtol=0)

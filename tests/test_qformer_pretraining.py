@@ -13,7 +13,8 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from kopru.connectors.qformer import QFormer, QFormerConfig, qformer_state_dict_from_hf
 from kopru.data.synthetic import shapes_dataset
-from kopru.qformer_pretraining import (
+from kopru.lesson.tiny import tiny_tokenizer
+from kopru.training.qformer_stage1 import (
     QFormerPretrainer,
     QFormerTextSide,
     QFormerTextTokens,
@@ -27,7 +28,6 @@ from kopru.qformer_pretraining import (
     retrieval_recall,
     sample_hard_negatives,
 )
-from kopru.tiny import tiny_tokenizer
 
 HIDDEN, LAYERS, HEADS, INTERMEDIATE, VISION_DIM, QUERIES, VOCAB, MAX_LEN = 32, 3, 4, 64, 24, 4, 50, 16
 
@@ -304,11 +304,36 @@ def test_pretrainer_on_a_kopru_model(build) -> None:
         pixel_values, [caption_of(s) for s in samples], image_ids=[id(s.images[0]) for s in samples]
     )
     assert set(out) == {"itc", "itg", "itm", "total"}
-    torch.testing.assert_close(out["total"], out["itc"] + out["itg"] + out["itm"])
-    assert all(bool(torch.isfinite(v)) for v in out.values())
+
+    def moved(module: torch.nn.Module | torch.nn.Parameter) -> bool:
+        params = [module] if isinstance(module, torch.nn.Parameter) else list(module.parameters())
+        return any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+
+    # Each loss trains what BLIP-2's does (ITC the projections and temperature, ITM its head, ITG the LM head,
+    # all three the Q-Former); nothing reaches the VLM's LLM or encoder, frozen as the qformer-stage1 recipe has them.
+    model.requires_grad_(False)
+    model.connector.qformer.requires_grad_(True)
+    out["total"].backward()
+    heads = pretrainer.heads
+    assert all(moved(m) for m in (heads.vision_proj, heads.text_proj, heads.temp, heads.itm_head, heads.lm_head))
+    assert moved(model.connector.qformer.query_tokens) and moved(model.connector.qformer)
+    assert not moved(model.llm) and not moved(model.vision)
+    # ITC and ITG are means over the pairs: the same pairs in the other order give the same losses.
+    with torch.no_grad():  # (a second loss clamps the temperature in place: after the backward)
+        flipped = pretrainer.loss(pixel_values.flip(0), [caption_of(s) for s in samples[::-1]],
+                                  image_ids=[id(s.images[0]) for s in samples[::-1]])
+    for name in ("itc", "itg"):
+        torch.testing.assert_close(flipped[name], out[name], rtol=1e-5, atol=1e-6)
+    model.zero_grad(set_to_none=True)
 
     only = QFormerPretrainer(model, processor.tokenizer, losses=("itg",))
-    assert set(only.loss(pixel_values, [caption_of(s) for s in samples])) == {"itg", "total"}
+    itg = only.loss(pixel_values, [caption_of(s) for s in samples])
+    assert set(itg) == {"itg", "total"}
+    itg["total"].backward()
+    assert moved(only.heads.lm_head) and moved(model.connector.qformer.query_tokens)
+    assert not any(moved(m) for m in (only.heads.vision_proj, only.heads.text_proj, only.heads.temp,
+                                      only.heads.itm_head))
+    model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="subset"):
         QFormerPretrainer(model, processor.tokenizer, losses=("mlm",))
     projection, processor = build("projection")

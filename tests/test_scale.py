@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kopru.scale import SPEED_SETUPS, STRATEGIES, build_speed_models, lesson_structure, measure_speed
+from kopru.lesson.scale import SPEED_SETUPS, STRATEGIES, build_speed_models, lesson_structure, measure_speed
 
 # Vicuna-7B: 32 layers x 32 KV heads x head dim 128, K and V, 2 bytes in bfloat16.
 VICUNA_KV_BYTES_PER_POSITION = 2 * 32 * 32 * 128 * 2

@@ -27,9 +27,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from conftest import RunningServer, data_url, drawn_image, free_port, png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw
+from PIL import Image
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -40,6 +41,7 @@ from kopru import (  # noqa: E402
 )
 from kopru.cli import build_parser  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
+from kopru.lesson.tiny import save_tiny_served_model  # noqa: E402
 from kopru.serve import (  # noqa: E402
     APIError,
     Budget,
@@ -52,9 +54,7 @@ from kopru.serve import (  # noqa: E402
     parse_chat_request,
     read_image_url,
     served_model_name,
-    uvicorn_config,
 )
-from kopru.tiny import save_tiny_served_model  # noqa: E402
 
 MODEL_NAME = "tiny-kopru"
 # Small limits, so that each bad-input case is cheap to build; a wide batch window, so that requests sent
@@ -62,26 +62,7 @@ MODEL_NAME = "tiny-kopru"
 LIMITS = ServerLimits(max_image_bytes=150_000, max_image_pixels=256 * 256, max_images_per_request=2,
                       max_new_tokens=1024, default_new_tokens=16, max_request_bytes=1_000_000, max_batch_size=4,
                       batch_window_ms=300)
-COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (240, 200, 20)]
 
-
-def drawn_image(seed: int, size: int = 64) -> Image.Image:
-    """A coloured shape on a light background, different per seed."""
-    image = Image.new("RGB", (size, size), (245, 245, 245))
-    draw = ImageDraw.Draw(image)
-    box = (8 + 4 * seed, 8, 40 + 4 * seed, 48)
-    (draw.ellipse if seed % 2 else draw.rectangle)(box, fill=COLOURS[seed % len(COLOURS)])
-    return image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_url(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def user_message(question: str, *urls: str) -> list[dict]:
@@ -113,33 +94,9 @@ def get_json(url: str) -> dict:
     return json.loads(text)
 
 
-class RunningServer:
-    """uvicorn in a thread of this process, on a free port."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        # The settings `kopru serve` runs with (read timeout, connection limit), on a free port.
-        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", 0, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.app.state.kopru.worker.close()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Köprü model, saved (`kopru.tiny.save_tiny_served_model`: the shipped pretrained tiny vision encoder,
+    """A tiny Köprü model, saved (`kopru.lesson.tiny.save_tiny_served_model`: the shipped pretrained tiny vision encoder,
     a random projection connector and a random tiny Llama, whose answers run long enough to be streamed in many
     pieces and cut off mid-stream; the shipped pretrained LLM answers in one to three tokens)."""
     return save_tiny_served_model(tmp_path_factory.mktemp("served"))
@@ -593,15 +550,9 @@ def test_limits_are_checked() -> None:
         ServerLimits(max_new_tokens=8, default_new_tokens=16)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_cli_serve_subcommand(model_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     process = subprocess.Popen(
         [sys.executable, "-m", "kopru.cli", "serve", "--model", str(model_dir), "--port", str(port),

@@ -13,7 +13,6 @@ answer. The random tiny models never pick a stop id within N tokens, so one more
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import shutil
@@ -28,7 +27,7 @@ from vlm_checkpoints import hf_greedy_answer as shared_hf_greedy_answer
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from test_serve import RunningServer  # noqa: E402
+from conftest import RunningServer, data_url  # noqa: E402
 
 from kopru.chat import ChatSession, load_engine  # noqa: E402
 from kopru.convert import convert  # noqa: E402
@@ -38,12 +37,6 @@ from kopru.serve import load_server  # noqa: E402
 
 NEW_TOKENS = 8
 SIZES = [(200, 120), (96, 160)]  # (width, height): wide and tall, neither a multiple of a tile size in use
-
-
-def data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def ask(client, model: str, image: Image.Image, stream: bool) -> tuple[str, str]:
@@ -97,7 +90,9 @@ def client_for(server: RunningServer):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# The older hub layout is served only in the full run: test_verify_user_path loads it for every family quickly.
+@pytest.mark.parametrize("layout", [pytest.param(layout, marks=pytest.mark.slow) if layout == "hub4" else layout
+                                    for layout in LAYOUTS])
 @pytest.mark.parametrize("kind", KINDS)
 def test_serve_answers_hfs_greedy_answer(served, kind: str, layout: str) -> None:
     src, _, server, eos_ids = served(kind, layout)

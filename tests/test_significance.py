@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from kopru.significance import (
+from kopru.lesson.significance import (
     FAILS,
     HOLDS,
     INCONCLUSIVE,

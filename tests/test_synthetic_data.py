@@ -201,7 +201,7 @@ def read_scene(image) -> dict[tuple[str, str], tuple[str, int]]:
     return found
 
 
-@pytest.mark.parametrize("image_size", [64, 32])
+@pytest.mark.parametrize("image_size", [pytest.param(64, marks=pytest.mark.slow), 32])  # 64 px: 4 s
 def test_answers_match_pixels(image_size: int) -> None:
     samples = shapes_dataset(150, seed=1, image_size=image_size, max_groups=3)
     for sample in samples:

@@ -10,13 +10,26 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import flip_bit, free_port, truncate
+from safetensors.torch import load_file
 
-from kopru.checkpoint import latest_checkpoint
 from kopru.data.sample import Sample
-from kopru.training import EncodedDataset, TrainConfig, global_batches, read_config_file, train, warmup_cosine
+from kopru.training import (
+    QFORMER_HEADS_FILE,
+    EncodedDataset,
+    TrainConfig,
+    build_model,
+    global_batches,
+    read_config_file,
+    seed_everything,
+    train,
+    warmup_cosine,
+)
+from kopru.training.checkpoint import latest_checkpoint
 
 
 def _config(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:
@@ -30,6 +43,7 @@ def _config(vision_dirs, llm_dirs, tmp_path, **overrides) -> TrainConfig:
 
 
 @pytest.mark.trained
+@pytest.mark.slow  # the quick loop keeps the resumes from damaged checkpoints, which compare losses too
 @pytest.mark.parametrize("strategy", ["projection", "cross_attention"])
 def test_resume_gives_the_losses_of_an_uninterrupted_run(vision_dirs, llm_dirs, tmp_path, strategy, trained_seed,
                                                          trained_figure):
@@ -81,7 +95,7 @@ def test_two_processes_give_the_losses_of_one(vision_dirs, llm_dirs, tmp_path, s
     single = train(_config(vision_dirs, llm_dirs, tmp_path / "single", max_steps=3, save_every=0))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
         "-m", "kopru.cli", "train", "--vision", str(vision_dirs["clip"]), "--llm", str(llm_dirs["llama"]),
         "--builtin-train-size", "24", "--builtin-eval-size", "4", "--eval-questions", "8", "--batch-size", "4",
         "--max-steps", "3", "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "0", "--save-every", "2",
@@ -97,15 +111,6 @@ def test_two_processes_give_the_losses_of_one(vision_dirs, llm_dirs, tmp_path, s
     batch = processor(["<image>\nHow many?"], [[_image()]])
     with torch.no_grad():
         torch.testing.assert_close(a(**batch).logits, b(**batch).logits, rtol=0, atol=1e-4)
-
-
-def _free_port() -> int:
-    """A port no other test (xdist runs them in parallel) is using for its rendezvous."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _image():
@@ -187,23 +192,46 @@ def test_bad_samples_are_counted_in_the_summary(vision_dirs, llm_dirs, tmp_path,
 
 def test_qformer_stage1_recipe_then_align(vision_dirs, llm_dirs, tmp_path):
     qformer = {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
-    stage1 = train(_config(vision_dirs, llm_dirs, tmp_path / "s1", strategy="qformer", connector=qformer,
-                           recipe="qformer-stage1", max_steps=3, batch_size=4))
-    assert stage1.steps == 3 and all(math.isfinite(x) for x in stage1.losses)
-    align = train(_config(vision_dirs, llm_dirs, tmp_path / "s2", strategy="qformer", connector=qformer,
-                          recipe="align", init_connector=stage1.final_model, max_steps=1, save_every=0))
-    assert align.steps == 1
+    settings = dict(strategy="qformer", connector=qformer, batch_size=4)
+    stage1 = train(_config(vision_dirs, llm_dirs, tmp_path / "s1", recipe="qformer-stage1", max_steps=3, **settings))
+    assert stage1.steps == 3
+    trained = load_file(Path(stage1.final_model) / "connector.safetensors")
+    # Stage 1 trains the Q-Former alone: against the same seed's untrained connector, its weights moved and the
+    # projection into the LLM did not. Its contrastive head is saved beside it.
+    seed_everything(0)
+    initial = build_model(_config(vision_dirs, llm_dirs, tmp_path, recipe="qformer-stage1", **settings))[0]
+    initial = initial.connector.state_dict()
+    assert trained.keys() == initial.keys()
+    changed = {name for name in trained if not torch.equal(trained[name], initial[name])}
+    assert changed and all(name.startswith("qformer.") for name in changed)
+    assert (Path(stage1.final_model) / QFORMER_HEADS_FILE).is_file()
+    # align starts from that connector: at learning rate 0 it saves exactly what it loaded.
+    align = train(_config(vision_dirs, llm_dirs, tmp_path / "s2", recipe="align", init_connector=stage1.final_model,
+                          max_steps=1, save_every=0, lr=0.0, **settings))
+    saved = load_file(Path(align.final_model) / "connector.safetensors")
+    assert all(torch.equal(saved[name], trained[name]) for name in trained)
     with pytest.raises(ValueError, match="needs the qformer strategy"):
         train(_config(vision_dirs, llm_dirs, tmp_path / "s3", recipe="qformer-stage1", max_steps=1))
 
 
 @pytest.mark.parametrize("name", ["train_builtin.yaml", "train_llava_format.toml"])
 def test_example_configs_parse(name):
-    from pathlib import Path
-
+    # Fails when an example drifts from TrainConfig: a setting renamed or removed, a value not of its field's type
+    # (read_config_file checks both), a recipe or size TrainConfig refuses.
     settings = read_config_file(Path(__file__).parent.parent / "examples" / name)
-    config = TrainConfig(**settings)
-    assert config.max_steps > 0
+    TrainConfig(**settings)
+
+
+def test_config_file_values_are_checked_against_the_field_types(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\n")  # YAML 1.1: no dot, so a string
+    with pytest.raises(ValueError, match=r"c.yaml: lr: expected float, found '1e-3' \(str\)"):
+        read_config_file(tmp_path / "c.yaml")
+    (tmp_path / "c.toml").write_text('feature_layer = [-2, "x"]\nmax_steps = 3\n')
+    with pytest.raises(ValueError, match=r"feature_layer: expected int \| list\[int\], found \[-2, 'x'\]"):
+        read_config_file(tmp_path / "c.toml")
+    (tmp_path / "ok.toml").write_text("feature_layer = [-2, -1]\nlr = 1\nbf16 = false\n")
+    assert read_config_file(tmp_path / "ok.toml") == {"feature_layer": [-2, -1], "lr": 1.0, "bf16": False}
+    assert isinstance(read_config_file(tmp_path / "ok.toml")["lr"], float)  # an int where a float is due
 
 
 # ------------------------------------------------------------------------------------ resume you can trust
@@ -232,16 +260,6 @@ def _log_lines(capsys) -> list[str]:
             if line.startswith("kopru train: ")]
 
 
-def _flip_bit(file) -> None:
-    data = bytearray(file.read_bytes())
-    data[len(data) * 3 // 4] ^= 0x10
-    file.write_bytes(bytes(data))
-
-
-def _truncate(file) -> None:
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-
-
 @pytest.mark.parametrize(("damage", "expected"), [
     # defect 10: a truncated safetensors file, a truncated trainer_state.json, flipped bits
     ("trainable.safetensors", r"checkpoint-4/trainable.safetensors: expected [\d,]+ bytes, found [\d,]+ \(truncated\)"),
@@ -251,9 +269,9 @@ def _truncate(file) -> None:
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_resumed(vision_dirs, llm_dirs, run_copy, finished_run,
                                                                      capsys, damage, expected):
     if damage.startswith("flip "):
-        _flip_bit(run_copy / "checkpoint-4" / damage.removeprefix("flip "))
+        flip_bit(run_copy / "checkpoint-4" / damage.removeprefix("flip "))
     else:
-        _truncate(run_copy / "checkpoint-4" / damage)
+        truncate(run_copy / "checkpoint-4" / damage)
     capsys.readouterr()
     resumed = train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True))
     lines = _log_lines(capsys)
@@ -392,3 +410,35 @@ def test_validate_data_counts_every_bad_sample_before_step_1(vision_dirs, llm_di
                         r"too_long 1, unreadable_image 1; records refused when the data was read: corrupt_json 1",
                         lines[0])
     assert any("sample 'bad': expected a readable image" in line for line in lines[1:])
+
+
+def test_log_every_sets_the_metrics_lines_and_the_progress_bar(vision_dirs, llm_dirs, tmp_path, capsys):
+    capsys.readouterr()
+    summary = train(_short(vision_dirs, llm_dirs, tmp_path, log_every=3, save_every=0))  # 4 steps
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [3, 4]  # every 3rd step, and the last
+    assert lines[0]["loss"] == pytest.approx(sum(summary.losses[:3]) / 3, rel=1e-12)
+    assert lines[1]["loss"] == pytest.approx(summary.losses[3], rel=1e-12)
+    # The rate each logged step trained with: step N uses the schedule's factor N - 1 (it starts at 0).
+    assert [line["lr"] for line in lines] == [pytest.approx(3e-3 * warmup_cosine(2, 4)(step - 1)) for step in (3, 4)]
+    # The progress bar's loss changes only at those steps (tqdm redraws on each update, with the last postfix).
+    shown = set(re.findall(r"loss=([\d.]+)", capsys.readouterr().err))
+    assert shown == {f"{line['loss']:.4f}" for line in lines}
+
+    train(_short(vision_dirs, llm_dirs, tmp_path / "quiet", log_every=0, save_every=0, max_steps=1))
+    assert not (tmp_path / "quiet" / "run" / "metrics.jsonl").exists()
+    assert "loss=" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="log_every must be >= 0"):
+        _short(vision_dirs, llm_dirs, tmp_path, log_every=-1)
+
+
+def test_a_resumed_run_rewrites_the_metrics_after_its_step(vision_dirs, llm_dirs, run_copy):
+    finished = (run_copy / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in finished.splitlines()] == [4]  # log_every 10: the last step
+    shutil.rmtree(run_copy / "checkpoint-4")
+    (run_copy / "latest").write_text("checkpoint-2\n")
+    train(_short(vision_dirs, llm_dirs, run_copy.parent, resume=True))  # steps 3 and 4 again
+    again = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    # One line for step 4 (not two), its mean over steps 1-4 though the resumed process ran only 3 and 4.
+    assert [line["step"] for line in again] == [4]
+    assert again[0]["loss"] == pytest.approx(json.loads(finished)["loss"], abs=1e-6)

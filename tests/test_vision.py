@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import NUM_PATCHES, VISION_HIDDEN, VISION_LAYERS
-from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel, ViTModel
+from transformers import (
+    CLIPVisionModel,
+    PreTrainedModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from kopru import VisionTowerConfig
-from kopru.vision import VisionTower
+from kopru.vision import VisionTower, vision_token_count
 
 HF_CLASSES = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "vit": ViTModel}
 FINAL_NORM = {"clip": "post_layernorm", "siglip": "post_layernorm", "vit": "layernorm"}
@@ -149,3 +156,11 @@ def test_drop_cls_on_siglip_is_rejected(vision_dirs) -> None:
 def test_final_norm_with_several_layers_is_rejected(vision_dirs) -> None:
     with pytest.raises(ValueError, match="final_norm"):
         tower(vision_dirs["clip"], feature_layer=[-3, -1], final_norm=True)
+
+
+def test_cls_is_dropped_only_where_the_encoder_has_one():
+    tower = VisionTowerConfig("unused")
+    assert vision_token_count(SiglipVisionConfig(image_size=224, patch_size=14), tower) == 256
+    assert vision_token_count(ViTConfig(image_size=224, patch_size=16), tower) == 196
+    keep = VisionTowerConfig("unused", drop_cls=False)
+    assert vision_token_count(ViTConfig(image_size=224, patch_size=16), keep) == 197

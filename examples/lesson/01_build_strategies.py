@@ -10,7 +10,7 @@ from _common import CONNECTORS, build, setup, shape
 
 from kopru.data.synthetic import shapes_dataset
 from kopru.explain import explain
-from kopru.recipes import apply_recipe, count_parameters
+from kopru.training.recipes import apply_recipe, count_parameters
 
 setup()
 image = shapes_dataset(1, seed=0, languages=("en",), split="test")[0].images[0]

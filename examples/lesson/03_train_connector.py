@@ -12,7 +12,7 @@ from _common import build, setup
 from kopru.data.batching import collate
 from kopru.data.encoding import SampleEncoder
 from kopru.data.synthetic import shapes_dataset
-from kopru.recipes import apply_recipe, count_parameters, template_for
+from kopru.training.recipes import apply_recipe, count_parameters, template_for
 
 seed = setup()
 model, processor = build("projection", seed)

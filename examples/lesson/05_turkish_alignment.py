@@ -17,7 +17,7 @@ from kopru.data.encoding import SampleEncoder
 from kopru.data.synthetic import shapes_dataset
 from kopru.data.turkish import tr_lower
 from kopru.evaluation import answer_accuracy
-from kopru.recipes import apply_recipe, template_for
+from kopru.training.recipes import apply_recipe, template_for
 
 seed = setup()
 model, processor = build("projection", seed)

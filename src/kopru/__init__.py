@@ -1,6 +1,5 @@
 """Köprü: join a pretrained vision encoder to a pretrained causal LLM."""
 
-from kopru import _moved
 from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.connectors import available_strategies, strategy_class
 from kopru.connectors.cross_attention import CrossAttentionConfig
@@ -10,8 +9,6 @@ from kopru.connectors.resampler import ResamplerConfig
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 from kopru.tokens import ImageTokenCount, count_image_tokens, image_positions
-
-_moved.install()  # kopru.recipes, kopru.compare, ...: the old paths of modules now in kopru.training / kopru.lesson
 
 __all__ = [
     "CrossAttentionConfig",

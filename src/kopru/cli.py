@@ -8,6 +8,9 @@ import json
 import os
 import sys
 import time
+import types
+import typing
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +25,7 @@ from kopru.budget import (
     plan_budget,
 )
 from kopru.chat import load_engine, read_image, run_chat, sampling_from_args
+from kopru.config import coerce, type_name
 from kopru.convert import CONVERTERS, convert
 from kopru.dtypes import NAMES as DTYPE_NAMES
 from kopru.dtypes import RUN_DTYPES
@@ -104,7 +108,7 @@ def _tokens(count: int) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in _train_fields() if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in _train_fields() if hasattr(args, name)}
     base = read_config_file(args.config) if args.config else {}
     summary = train(TrainConfig(**{**base, **overrides}))
     end_distributed()  # not on failure: a failing process must exit (torchrun stops the rest), not wait for them
@@ -142,34 +146,65 @@ def _train_fields():
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; a given flag overrides the config file."""
+def flag_type(hint: Any) -> typing.Callable[[str], Any]:
+    """An argparse `type=` for a dataclass field of type `hint` (from typing.get_type_hints): int, float, str,
+    bool (true/false, yes/no, 1/0), Literal and Enum choices, Optional (`none`), unions such as int | list[int]
+    (each member tried in turn) and list / tuple / dict given as JSON (`'[-2,-1]'`). A value that fits no member
+    is refused with the type expected and the text found."""
 
-    def parse_json(text: str):
-        try:
-            return json.loads(text)
-        except ValueError:
+    def scalar(member: Any, text: str) -> Any:
+        if member is str or member is Any:
             return text
+        if member is bool:
+            if text.lower() in ("true", "yes", "1"):
+                return True
+            if text.lower() in ("false", "no", "0"):
+                return False
+            raise TypeError(text)
+        if member is int:
+            return int(text)
+        if member is float:
+            value = float(text)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise TypeError(text)
+            return value
+        if member is type(None):
+            if text.lower() in ("none", "null"):
+                return None
+            raise TypeError(text)
+        try:  # containers, Literal, Enum: the text as JSON, else as a bare string (`--mode anyres`)
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        return coerce(member, value)
 
-    def parse_bool(text: str) -> bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
-        return text.lower() in ("true", "1", "yes")
+    origin = typing.get_origin(hint)
+    # None first, then scalars, then containers: `none` is None for any optional field (strings included), and
+    # "-2" is an int before it is anything else.
+    members = list(typing.get_args(hint)) if origin in (types.UnionType, typing.Union) else [hint]
+    members.sort(key=lambda member: (member is not type(None), typing.get_origin(member) is not None))
 
+    def parse(text: str) -> Any:
+        for member in members:
+            try:
+                return scalar(member, text)
+            except (TypeError, ValueError):
+                continue
+        example = " (JSON, e.g. '[-2,-1]')" if any(typing.get_origin(m) in (list, tuple) for m in members) else ""
+        raise argparse.ArgumentTypeError(f"expected {type_name(hint)}{example}, found {text!r}")
+
+    return parse
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed by the field's type; a given flag overrides the config file."""
+    hints = typing.get_type_hints(TrainConfig)
     for name, field in _train_fields().items():
-        kind = str(field.type)
-        if kind.startswith("bool"):
-            convert = parse_bool
-        elif kind.startswith("int |") or kind == "int":
-            convert = int
-        elif kind.startswith("float") or kind == "float":
-            convert = float
-        elif kind.startswith(("str", "'str")):
-            convert = str
-        else:
-            convert = parse_json  # lists, dicts, int | list[int]: JSON
         explained = field.metadata.get("help")
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=convert, default=None,
+        kind = type_name(hints[name])
+        # SUPPRESS: a flag not given leaves no attribute, so an explicit `none` can still override the file.
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=flag_type(hints[name]),
+                            default=argparse.SUPPRESS,
                             help=f"({kind}) {explained}; overrides the config file" if explained
                             else f"({kind}) overrides the config file")
 
@@ -266,8 +301,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                         help="a browser origin (e.g. https://app.example) allowed to call the API from its pages, "
                              "'*' for any; repeatable (default: none, CORS off)")
+    hints = typing.get_type_hints(ServerLimits)
     for spec in dataclasses.fields(ServerLimits):
-        parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=type(spec.default),
+        parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=flag_type(hints[spec.name]),
                             default=spec.default, help=f"{LIMIT_HELP[spec.name]} (default {spec.default})")
 
 

@@ -8,7 +8,11 @@ says exactly how it was built.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -112,7 +116,6 @@ class KopruConfig:
     image_token_id: int | None = None
     image_start_token_id: int | None = None
     image_end_token_id: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     # Fixed / anyres / dynamic resolution and token reduction; the default is one native-size pass per image.
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
     # The model's name, the id `kopru serve` offers it under; `kopru train` stores its run folder's name here, so
@@ -155,6 +158,14 @@ class KopruConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KopruConfig:
+        # Configs saved before `extra` was removed carry it (nothing ever read it): load them, and say what is
+        # dropped when it held anything.
+        if "extra" in data:
+            data = dict(data)
+            dropped = data.pop("extra")
+            if dropped:
+                warnings.warn(f"KopruConfig: ignoring the old 'extra' field {dropped!r} (no longer a field; "
+                              "Köprü never read it)", UserWarning, stacklevel=2)
         return _from_dict(cls, data)
 
     def save(self, path: str | Path) -> None:
@@ -184,3 +195,72 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 def _nested_dataclass(cls: type, name: str) -> type | None:
     hints = getattr(cls, "__nested__", {})
     return hints.get(name)
+
+
+# ------------------------------------------------------------------------------ values against field types
+def type_name(hint: Any) -> str:
+    """A type as the help text shows it: `int | list[int]`, `str | None`, `one of 'a', 'b'`."""
+    if hint is type(None):
+        return "none"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(repr(member.value) for member in hint)
+    origin, members = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(member) for member in members)
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(type_name(member) for member in members)
+    if origin is not None:
+        inner = ", ".join("..." if member is Ellipsis else type_name(member) for member in members)
+        return f"{origin.__name__}[{inner}]" if inner else origin.__name__
+    return "any" if hint is Any else getattr(hint, "__name__", str(hint))
+
+
+def coerce(hint: Any, value: Any) -> Any:
+    """`value` (parsed JSON, YAML or TOML) as the type `hint` describes (from typing.get_type_hints): ints taken
+    for floats, lists for tuples, each member of a union tried in turn; TypeError when it is none of them."""
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+        for member in hint:
+            if value in (member.value, member.name):
+                return member
+    else:
+        origin, members = typing.get_origin(hint), typing.get_args(hint)
+        if origin is typing.Literal:
+            if value in members:
+                return value
+        elif origin in (types.UnionType, typing.Union):
+            for member in members:
+                try:
+                    return coerce(member, value)
+                except TypeError:
+                    continue
+        elif origin in (list, tuple) and isinstance(value, list):
+            if origin is list:
+                return [coerce(members[0] if members else Any, item) for item in value]
+            if len(members) == 2 and members[1] is Ellipsis:
+                return tuple(coerce(members[0], item) for item in value)
+            if not members or len(members) == len(value):
+                return tuple(coerce(member, item) for member, item in zip(members or [Any] * len(value),
+                                                                                value, strict=True))
+        elif origin is dict and isinstance(value, dict):
+            key, item = members or (Any, Any)
+            return {coerce(key, k): coerce(item, v) for k, v in value.items()}
+        else:
+            raise TypeError(f"no check written for values of type {hint!r}")
+    raise TypeError(value)

@@ -7,7 +7,7 @@ image tokens whatever the resolution of the vision encoder.
 
 Only the query stream is implemented: in the connector the Q-Former never sees text. BLIP-2's stage-1
 objectives (ITC / ITM / ITG) also run text tokens through the same layers with a second, text-side FFN;
-those modules live in `kopru.qformer_pretraining` (`QFormerTextSide`), outside the connector, so the
+those modules live in `kopru.training.qformer_stage1` (`QFormerTextSide`), outside the connector, so the
 connector's forward pass and checkpoint names stay exactly as they are here.
 """
 

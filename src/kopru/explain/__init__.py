@@ -5,7 +5,7 @@ written out; nothing is downloaded) it reports:
 
 - the data flow from pixels to logits, stage by stage, with tensor shapes;
 - each component's total parameters and what trains in each recipe (align / instruct / single-stage / LoRA,
-  the rules of `kopru.recipes` applied to the model);
+  the rules of `kopru.training.recipes` applied to the model);
 - forward FLOPs per image and per text token;
 - the image's positions in the LLM context (and its cross-attention key/value length);
 - weight and KV-cache memory at a dtype, batch and context length.

@@ -1,5 +1,5 @@
 """Parameters: models built on the meta device (Köprü's own, or an HF reference class), split into named
-components, with what trains in each recipe (`kopru.recipes` applied to the model, or to a tiny one of the same
+components, with what trains in each recipe (`kopru.training.recipes` applied to the model, or to a tiny one of the same
 strategy for reference models) and what LoRA adds."""
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def recipe_trainable(model, lora_rank: int) -> tuple[dict[str, dict[int, bool]],
 
 @functools.cache
 def roles_trained(strategy: str) -> dict[str, frozenset[str]]:
-    """For a strategy, the roles (vision / connector / llm) each recipe trains: `kopru.recipes` applied to a tiny
+    """For a strategy, the roles (vision / connector / llm) each recipe trains: `kopru.training.recipes` applied to a tiny
     meta Köprü model of that strategy, so reference presets follow exactly the rules Köprü models do."""
     vision = hf_config({"model_type": "clip_vision_model", "hidden_size": 8, "intermediate_size": 16,
                         "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 8, "patch_size": 4})

@@ -81,7 +81,7 @@ class Preset:
     # Cross-lingual transfer: one seed-0 run per variant trained on each of these languages alone.
     transfer_languages: tuple[str, ...] = ("en",)
     # The lesson's structural claims at its own scale (kopru explain's arithmetic, about 15 s), and the speed
-    # claim on a mid-size random-weight model (a name in kopru.scale.SPEED_SETUPS; "auto": the 7B on a GPU,
+    # claim on a mid-size random-weight model (a name in kopru.lesson.scale.SPEED_SETUPS; "auto": the 7B on a GPU,
     # the 0.5B-shaped model on a CPU; None: not measured).
     lesson_scale: bool = True
     speed: str | None = "auto"
@@ -411,7 +411,7 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
 
 def quality_comparisons(runs: list[RunResult]) -> dict[str, Any]:
     """Paired differences in held-out accuracy between every two strategies (each strategy's first variant
-    without stage 1), and each strategy's English minus Turkish accuracy, with 95% intervals (kopru.significance).
+    without stage 1), and each strategy's English minus Turkish accuracy, with 95% intervals (kopru.lesson.significance).
     """
     variant_of: dict[str, str] = {}
     for run in runs:

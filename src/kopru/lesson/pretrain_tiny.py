@@ -1,6 +1,6 @@
 """Tiny *pretrained* backbones for the built-in tasks: an encoder that sees, an LLM that speaks. No downloads.
 
-`kopru.tiny` makes random backbones (the machinery works, nothing is learned). This module trains small ones
+`kopru.lesson.tiny` makes random backbones (the machinery works, nothing is learned). This module trains small ones
 on the synthetic data of `kopru.data.synthetic`, in a few minutes on a laptop CPU, so that a Köprü model
 built on them has something to connect:
 
@@ -515,7 +515,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = VOCAB_SIZE) -> PreTr
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
-    # unk_token names an existing id (see kopru.tiny): a byte-level BPE never produces it, and a loader that
+    # unk_token names an existing id (see kopru.lesson.tiny): a byte-level BPE never produces it, and a loader that
     # would otherwise add a default unk token cannot outgrow the LLM's embedding table.
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    unk_token=EOS, clean_up_tokenization_spaces=False,

@@ -4,7 +4,7 @@ The global batch (batch_size x processes x grad_accum samples) is cut from one s
 run gives the same losses whatever the number of processes; the loss of each micro-batch is its summed token
 loss divided by the token count of the whole global batch, so accumulation and data parallelism are exact.
 
-A resume (`resume=True`) takes the newest intact checkpoint (`kopru.checkpoint.resume_checkpoint`) and refuses
+A resume (`resume=True`) takes the newest intact checkpoint (`kopru.training.checkpoint.resume_checkpoint`) and refuses
 settings that would make it another run (`RUN_SETTINGS`) unless `resume_allow_changes`; raising `max_steps` is
 allowed. Skipped samples are remembered by index and reason, so their counts come out the same whether a run
 was resumed or not.
@@ -21,6 +21,7 @@ import random
 import sys
 import time
 import tomllib
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kopru.config import KopruConfig, VisionTowerConfig
+from kopru.config import KopruConfig, VisionTowerConfig, coerce, type_name
 from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
 from kopru.data.builtin import builtin_dataset
 from kopru.data.encoding import EncodedSample, SampleEncoder
@@ -68,7 +69,7 @@ from kopru.training.recipes import (
 @dataclass
 class TrainConfig:
     # Model: a Köprü model directory to continue from, or backbones + strategy for a new one (vision and llm
-    # both None: the built-in tiny pretrained backbones, kopru.pretrain_tiny.default_backbones()).
+    # both None: the built-in tiny pretrained backbones, kopru.lesson.pretrain_tiny.default_backbones()).
     model: str | None = None
     vision: str | None = None
     llm: str | None = None
@@ -121,7 +122,9 @@ class TrainConfig:
     save_every: int = field(default=100, metadata={"help": (
         "write a checkpoint every N steps, 0 never (default 100); its manifest.json records each file's size and "
         "sha256, which --resume checks")})
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"help": (
+        "every N steps (and at the last) update the progress bar's loss, lr and tokens/s and append a line to "
+        "OUTPUT_DIR/metrics.jsonl with the mean loss of those N steps; 0 never (default 10)")})
     resume: bool = field(default=False, metadata={"help": (
         "continue from the newest intact checkpoint under --output-dir: the one 'latest' names when its files "
         "match their recorded sizes and sha256, else the newest intact checkpoint-N (each one passed over is "
@@ -146,6 +149,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        if self.log_every < 0:
+            raise ValueError(f"log_every must be >= 0 (0: never), found {self.log_every}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (or None: keep every checkpoint), found {self.keep_last}")
 
@@ -169,7 +174,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {unknown}; expected some of {sorted(known)}")
-    return data
+    # Each value of its field's type, checked here where the file can be named: YAML reads `lr: 1e-3` (no dot) as
+    # a string, which would otherwise fail steps later inside the optimizer.
+    hints = typing.get_type_hints(TrainConfig)
+    checked = {}
+    for name, value in data.items():
+        try:
+            checked[name] = coerce(hints[name], value)
+        except TypeError:
+            raise ValueError(f"{path}: {name}: expected {type_name(hints[name])}, found {value!r} "
+                             f"({type(value).__name__})") from None
+    return checked
 
 
 @dataclass
@@ -476,6 +491,21 @@ def _share_skipped(dataset: EncodedDataset, world: int, device: torch.device) ->
         dataset._cache.pop(index, None)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def _start_metrics(output: Path, step: int) -> Path:
+    """OUTPUT/metrics.jsonl with the lines of steps up to `step` kept (a resume's start; 0: a new run), so the file
+    reads as one uninterrupted run's."""
+    path = output / METRICS_FILE
+    kept = []
+    if step and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    output.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in kept))
+    return path
+
+
 def _logger(rank: int):
     def log(message: str) -> None:
         if rank == 0:  # through tqdm, so a progress bar on the same terminal is not torn
@@ -541,6 +571,7 @@ def train(config: TrainConfig) -> TrainSummary:
                          f"({config.batch_size} x {world} processes x {config.grad_accum} accumulation)")
     autocast = _autocast(config, device)
     pad_id = processor.tokenizer.pad_token_id
+    metrics = _start_metrics(output, state["step"]) if rank == 0 and config.log_every else None
     started, tokens_at_start = time.perf_counter(), state["tokens"]
     progress = tqdm(total=config.max_steps, initial=state["step"], desc=f"train {config.recipe}",
                     disable=rank != 0)
@@ -576,6 +607,7 @@ def train(config: TrainConfig) -> TrainSummary:
             )
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step used (the first group's), before the schedule moves
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -585,7 +617,16 @@ def train(config: TrainConfig) -> TrainSummary:
         state["tokens"] += global_tokens
         speed = (state["tokens"] - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{speed:.0f}")
+        step = state["step"]
+        if config.log_every and (step % config.log_every == 0 or step == config.max_steps):
+            # The window starts at the previous multiple of log_every, so a resumed run logs the same lines.
+            window = state["losses"][(step - 1) // config.log_every * config.log_every:step]
+            line = {"step": step, "loss": sum(window) / len(window), "lr": step_lr,
+                    "tokens_per_second": speed, "epoch": state["epoch"]}
+            progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", tok_s=f"{speed:.0f}")
+            if metrics is not None:
+                with metrics.open("a") as handle:
+                    handle.write(json.dumps(line) + "\n")
         if eval_set is not None and config.eval_every and state["step"] % config.eval_every == 0:
             state["eval"].append({"step": state["step"], **evaluate(model, eval_set, config, pad_id, device)})
             model.train()
@@ -701,7 +742,7 @@ def evaluate(model: KopruForConditionalGeneration, dataset: EncodedDataset, conf
         # A fixed random subset: an evenly spaced one would alias with the data's task / language cycle.
         qa = random.Random(config.seed).sample(qa, config.eval_questions)
     if qa:
-        # Per question too: comparisons of two models on the same questions are paired (kopru.report).
+        # Per question too: comparisons of two models on the same questions are paired (kopru.lesson.report).
         result["answers"] = answer_results(model, dataset.encoder, qa, batch_size=config.batch_size)
         result["accuracy"] = summarize_answers(result["answers"])
     return result

@@ -4,7 +4,7 @@
 - `instruct` (LLaVA stage 2): connector + LLM, fully or with LoRA adapters through `peft`.
 - `single-stage` (Prismatic): `instruct` straight from the backbones, skipping `align`.
 - `qformer-stage1` (BLIP-2 stage 1): the Q-Former alone learns from captions with ITC / ITG / ITM
-  (kopru.qformer_pretraining), before `align` or `instruct`.
+  (kopru.training.qformer_stage1), before `align` or `instruct`.
 `cross_attention` keeps its base LLM frozen in every recipe: its gated blocks (and resampler) train.
 """
 
