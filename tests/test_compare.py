@@ -213,3 +213,19 @@ def test_the_halfway_bar_names_every_cell_below_it():
     misses = bar_misses(results)
     assert [(m["variant"], m["task"]) for m in misses] == [("projection", "t/en")]
     assert misses[0]["short_by"] == pytest.approx(0.025)
+
+
+@pytest.mark.slow
+def test_jobs_run_side_by_side_in_order_with_one_thread_each():
+    """`kopru compare` trains its runs in worker processes: results come back in the order given, from other
+    processes, each with one torch thread; a failing run's error reaches the caller."""
+    import os
+
+    from kopru.lesson.compare import run_jobs
+
+    jobs = [(divmod, (7 * i, 4), {}) for i in range(5)] + [(os.getpid, (), {}), (torch.get_num_threads, (), {})]
+    *quotients, pid, threads = run_jobs(jobs, workers=2, desc="test")
+    assert quotients == [divmod(7 * i, 4) for i in range(5)]
+    assert pid != os.getpid() and threads == 1
+    with pytest.raises(ZeroDivisionError):
+        run_jobs([(divmod, (1, 0), {}), (divmod, (1, 1), {})], workers=2, desc="test")

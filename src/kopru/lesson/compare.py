@@ -107,7 +107,9 @@ PRESETS = {
                     retrieval_captions=6, itc_steps=3, lesson_scale=False, speed="tiny"),
     "default": Preset(("projection-mlp", "qformer-32", "xattn-every2"), (0, 1, 2), steps=300, stage1_steps=0,
                       train_scenes=1200, eval_scenes=100, eval_questions=400, with_stage1=False,
-                      retrieval_captions=12, batch_size=32, connector_lr=CONNECTOR_LR),
+                      retrieval_captions=12, batch_size=32, connector_lr=CONNECTOR_LR,
+                      # English-only runs (cross-lingual transfer) would add a quarter to the 10-minute budget.
+                      transfer_languages=()),
     "full": Preset(tuple(VARIANTS), (0, 1, 2), steps=600, stage1_steps=200, train_scenes=2000, eval_scenes=100,
                    eval_questions=480, with_stage1=True, batch_size=32, connector_lr=CONNECTOR_LR),
 }
