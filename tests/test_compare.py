@@ -216,16 +216,43 @@ def test_the_halfway_bar_names_every_cell_below_it():
 
 
 @pytest.mark.slow
-def test_jobs_run_side_by_side_in_order_with_one_thread_each():
+def test_jobs_run_side_by_side_in_order_with_one_thread_each(tmp_path):
     """`kopru compare` trains its runs in worker processes: results come back in the order given, from other
-    processes, each with one torch thread; a failing run's error reaches the caller."""
+    processes, each with one torch thread, what they print to stderr in a log; a failing run's error reaches the
+    caller."""
     import os
+    import warnings
 
     from kopru.lesson.compare import run_jobs
 
-    jobs = [(divmod, (7 * i, 4), {}) for i in range(5)] + [(os.getpid, (), {}), (torch.get_num_threads, (), {})]
-    *quotients, pid, threads = run_jobs(jobs, workers=2, desc="test")
+    jobs = [(divmod, (7 * i, 4), {}) for i in range(5)] + [(os.getpid, (), {}), (torch.get_num_threads, (), {}),
+                                                           (warnings.warn, ("a worker's warning",), {})]
+    *quotients, pid, threads, _ = run_jobs(jobs, workers=2, desc="test", log_dir=tmp_path / "logs")
     assert quotients == [divmod(7 * i, 4) for i in range(5)]
     assert pid != os.getpid() and threads == 1
+    logs = "".join(path.read_text() for path in (tmp_path / "logs").glob("worker-*.log"))
+    assert "a worker's warning" in logs
     with pytest.raises(ZeroDivisionError):
         run_jobs([(divmod, (1, 0), {}), (divmod, (1, 1), {})], workers=2, desc="test")
+
+
+def test_a_language_gap_over_two_points_is_explained_with_measurements():
+    from kopru.lesson.report import language_gap_notes
+
+    def entry(strategy, en_tr):
+        by_task = {f"{task}/{lang}": {"mean": value} for task, pair in en_tr.items()
+                   for lang, value in zip(("en", "tr"), pair, strict=True)}
+        return {"strategy": strategy, "stage1": False, "accuracy_by_task": by_task}
+
+    results = {
+        "variants": [entry("qformer", {"shapes-count": (0.60, 0.70), "shapes-where": (0.5, 0.5)}),
+                     entry("projection", {"shapes-count": (0.7, 0.7)})],
+        "quality": {"language_gap": {"qformer": {"estimate": -0.05, "low": -0.09, "high": 0.03},
+                                     "projection": {"estimate": 0.01, "low": -0.04, "high": 0.06}}},
+        "alignment": {"fertility": {"en": {"tokens_per_word": 1.36}, "tr": {"tokens_per_word": 1.48}}},
+    }
+    (note,) = language_gap_notes(results)  # projection is within 2 points: nothing to explain
+    assert note.startswith("qformer: English − Turkish -0.050") and "interval includes 0" in note
+    assert "shapes-count (-0.10)" in note and "1.48 tokens against 1.36" in note
+    results["quality"]["language_gap"]["qformer"].update(low=-0.09, high=-0.01)
+    assert "interval excludes 0" in language_gap_notes(results)[0]

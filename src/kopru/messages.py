@@ -265,6 +265,7 @@ class ChatTemplate:
         self._form: Form | None = None
         self._text_only_form: Form | None = None
         self._bos_printed: bool | None = None
+        self._bos_added: bool | None = None
 
     # ------------------------------------------------------------------------------------------------ render
     def render(self, messages: list[Message], add_generation_prompt: bool) -> str:
@@ -285,10 +286,14 @@ class ChatTemplate:
 
     @property
     def _adds_bos(self) -> bool:
-        bos = self.tokenizer.bos_token_id
-        with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        return bos is not None and with_special[:1] == [bos] and \
-            self.tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+        """Whether the tokenizer puts its bos in front of text; asked once: two tokenizer calls on every render
+        made encoding a built-in training sample take 0.60 ms instead of 0.48 (one thread, idle)."""
+        if self._bos_added is None:
+            bos = self.tokenizer.bos_token_id
+            with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+            self._bos_added = bos is not None and with_special[:1] == [bos] and \
+                self.tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+        return self._bos_added
 
     @property
     def _prints_bos(self) -> bool:

@@ -170,38 +170,29 @@ def measure_run(run: RunResult, with_memory: bool) -> RunResult:
     return dataclasses.replace(run, ttft_ms=ttft, decode_tokens_per_s=decode, peak_memory_mb=memory)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, log_dir: str | None) -> None:
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()
+    if log_dir is not None:
+        # Each run's own progress bars and messages go to a log file (the training loop's bars cannot be turned
+        # off from outside), so the terminal shows one bar, this process's, per finished run.
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        sys.stderr = open(Path(log_dir) / f"worker-{os.getpid()}.log", "a", buffering=1)  # noqa: SIM115
 
 
-@contextlib.contextmanager
-def _environment(**values: str):
-    """Set environment variables for the processes started inside the block (tqdm reads TQDM_* when imported)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def run_jobs(jobs: list[tuple[Callable[..., Any], tuple, dict[str, Any]]], workers: int, desc: str) -> list[Any]:
+def run_jobs(jobs: list[tuple[Callable[..., Any], tuple, dict[str, Any]]], workers: int, desc: str,
+             log_dir: str | Path | None = None) -> list[Any]:
     """Each job's result, in the order given. With `workers` > 1 the jobs run in that many fresh processes with one
     torch thread each: the tiny models are too small for a second thread to help one run (0.36 s a step with
     one thread on a busy machine against 1.4 s with two), so two runs side by side nearly halve the wall time.
-    A process starts with `spawn` (a forked torch with threads running can hang)."""
+    A process starts with `spawn` (a forked torch with threads running can hang); its stderr (progress bars,
+    warnings) goes to `log_dir`/worker-PID.log when given."""
     if workers <= 1 or len(jobs) <= 1:
         return [fn(*args, **kwargs) for fn, args, kwargs in tqdm(jobs, desc=desc)]
     context = multiprocessing.get_context("spawn")
     results: list[Any] = [None] * len(jobs)
-    # One progress bar (this one, per finished run), not the workers' bars torn across one terminal.
-    with _environment(TQDM_DISABLE="1"), ProcessPoolExecutor(
-            min(workers, len(jobs)), mp_context=context, initializer=_init_worker, initargs=(1,)) as pool:
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_init_worker,
+                             initargs=(1, None if log_dir is None else str(log_dir))) as pool:
         futures = {pool.submit(fn, *args, **kwargs): i for i, (fn, args, kwargs) in enumerate(jobs)}
         for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
             results[futures[future]] = future.result()
@@ -332,7 +323,7 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", w
         jobs.append((run_variant, (VARIANTS[name], preset.seeds[0], preset, output / "runs", False),
                      {**data, "train_languages": (language,)}))
     workers = min(workers or torch.get_num_threads(), len(jobs))
-    done = run_jobs(jobs, workers, f"compare {preset_name} ({workers} at a time)")
+    done = run_jobs(jobs, workers, f"compare {preset_name} ({workers} at a time)", log_dir=output / "runs" / "logs")
     runs = done[:len(plan)]
     itc_stage1 = dict(zip(itc_names, done[len(plan):len(plan) + len(itc_names)], strict=True))
     itc_stage1.update({run.variant: run.stage1_dir for run in runs if run.stage1_dir and run.strategy == "qformer"

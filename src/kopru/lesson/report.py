@@ -314,7 +314,7 @@ def plot(results: dict[str, Any], output: Path) -> list[Path]:
         axis.hlines(halfway_bar(task_chance), position - 0.45, position + 0.45, colors="black", linewidth=1)
         axis.hlines(task_chance, position - 0.45, position + 0.45, colors="grey", linestyles="--", linewidth=1)
     axis.set_xticks(range(len(tasks)), [t.removeprefix("shapes-") for t in tasks], rotation=30, fontsize=7)
-    axis.set_ylabel("accuracy (95% CI); line: halfway bar, dashed: chance")
+    axis.set_ylabel("accuracy (95% CI)\nline: halfway bar; dashed: chance")
     axis.set_ylim(0, 1.05)
     axis.legend(fontsize=7)
     save(figure, "accuracy_by_task.png")
@@ -352,7 +352,7 @@ def plot(results: dict[str, Any], output: Path) -> list[Path]:
         axis.plot(steps, stacked.mean(0), color=COLOURS[entry["strategy"]], label=entry["variant"])
         axis.fill_between(steps, stacked.min(0), stacked.max(0), color=COLOURS[entry["strategy"]], alpha=0.2)
     axis.set_xlabel("step")
-    axis.set_ylabel("training loss (20-step moving average; band: range over seeds)")
+    axis.set_ylabel("training loss\n(20-step moving average; band: range over seeds)")
     axis.legend(fontsize=7)
     save(figure, "loss_curves.png")
     return files
@@ -388,7 +388,37 @@ def language_section(results: dict[str, Any]) -> str:
         cells = [f"{by_task[f'{t}/en']['mean'] - by_task[f'{t}/tr']['mean']:+.2f}"
                  if f"{t}/en" in by_task and f"{t}/tr" in by_task else "" for t in tasks]
         lines.append(f"| {entry['variant']} | " + " | ".join(cells) + " |")
+    lines += ["", *language_gap_notes(results)]
     return "\n".join(lines)
+
+
+def language_gap_notes(results: dict[str, Any]) -> list[str]:
+    """For each strategy whose English − Turkish gap exceeds 2 points: whether its interval tells it from no gap,
+    the task that contributes most, and how many more tokens a Turkish word costs (the fertility measured in the
+    alignment section)."""
+    gaps = (results.get("quality") or {}).get("language_gap", {})
+    fertility = (results.get("alignment") or {}).get("fertility", {})
+    notes = []
+    for strategy, interval in gaps.items():
+        if abs(interval["estimate"]) <= 0.02:
+            continue
+        entry = next((e for e in results["variants"] if e["strategy"] == strategy and not e["stage1"]), None)
+        if entry is None:
+            continue
+        by_task = entry["accuracy_by_task"]
+        per_task = {key.split("/")[0]: by_task[key]["mean"] - by_task[key.replace("/en", "/tr")]["mean"]
+                    for key in by_task if key.endswith("/en") and not key.startswith("all/")
+                    and key.replace("/en", "/tr") in by_task}
+        task, gap = max(per_task.items(), key=lambda item: abs(item[1]), default=("", 0.0))
+        noise = ("its 95% interval includes 0, so seeds and questions alone could make it"
+                 if interval["low"] <= 0 <= interval["high"] else "its 95% interval excludes 0")
+        cost = ""
+        if "en" in fertility and "tr" in fertility:
+            cost = (f"; a Turkish word costs {fertility['tr']['tokens_per_word']:.2f} tokens against "
+                    f"{fertility['en']['tokens_per_word']:.2f} in English")
+        notes.append(f"{strategy}: English − Turkish {interval['estimate']:+.3f} is more than 2 points, but {noise}; "
+                     f"the largest share is {task} ({gap:+.2f}){cost}.")
+    return notes
 
 
 def alignment_section(results: dict[str, Any]) -> str:
@@ -505,7 +535,7 @@ def write_report(results: dict[str, Any], output: Path) -> Path:
         f"{settings['eval_questions']} held-out questions per seed (scenes never seen in training; Turkish-aware "
         "normalisation), with 95% intervals from a bootstrap over seeds and questions.", "",
         results_table(results), "",
-        _train_seconds_note(results.get("workers", 1)),
+        _train_seconds_note(results.get("workers", 1)), "",
         "Peak memory: seed 0's saved model loaded in a fresh process generating 16 tokens (CUDA allocator peak on "
         "GPU; on CPU the process's peak resident set, which includes Python and torch, so compare strategies by "
         "their differences).", "",
