@@ -77,7 +77,7 @@ def _with_gradient(model) -> set[str]:
 
 def test_gradients_reach_every_trainable_parameter(variant):
     _, model, _, batch = variant
-    model.freeze_for_stage2()  # connector and (unless cross_attention) the LLM; the encoder as configured
+    apply_recipe(model, "instruct")  # connector and (unless cross_attention) the LLM; the encoder as configured
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert {name for name in trainable if name.startswith("connector.")} == {
         f"connector.{name}" for name, _ in model.connector.named_parameters()}

@@ -26,6 +26,7 @@ from kopru import KopruConfig, VisionTowerConfig, available_strategies
 from kopru.connectors.cross_attention import ImageContext
 from kopru.llm import decoder_layers
 from kopru.model import KopruForConditionalGeneration
+from kopru.training.recipes import apply_recipe
 
 # Two prompts of different lengths; the second holds two images.
 PROMPTS = ["a red circle on the left of a blue <image> square", "<image> how many? <image> three."]
@@ -314,7 +315,7 @@ def test_image_context_visibility(attend_to, expected) -> None:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_stage1_trains_exactly_the_connector(build, images, strategy) -> None:
     model, processor = build(strategy)
-    model.freeze_for_stage1()
+    apply_recipe(model, "align")
     if strategy == "cross_attention":
         open_gates(model, 0.5)  # closed gates would block every gradient except the gates' own
     assert all(param.requires_grad for param in model.connector.parameters())
@@ -624,14 +625,14 @@ def test_load_connector_refuses_other_llm_family(build, tmp_path) -> None:
         target.load_connector(tmp_path / "connector")
 
 
-def test_freeze_for_stage2_respects_trainable_encoder(build) -> None:
+def test_stage2_respects_trainable_encoder(build) -> None:
     trainable, _ = build("projection", vision_config={"trainable": True})
-    trainable.freeze_for_stage2()
+    apply_recipe(trainable, "instruct")
     assert all(p.requires_grad for p in trainable.vision.encoder.parameters())
     assert all(p.requires_grad for p in trainable.connector.parameters())
 
     frozen, _ = build("projection")
-    frozen.freeze_for_stage2()
+    apply_recipe(frozen, "instruct")
     assert not any(p.requires_grad for p in frozen.vision.encoder.parameters())
     assert all(p.requires_grad for p in frozen.connector.parameters())
 

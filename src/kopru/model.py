@@ -333,23 +333,6 @@ class KopruForConditionalGeneration(nn.Module):
         """New tokens [batch, new]; see `kopru.generation.reference.generate` for the options."""
         return generate_tokens(self, input_ids, attention_mask, pixel_values, **kwargs)
 
-    # ------------------------------------------------------------------------------------------------ training
-    def freeze_for_stage1(self) -> None:
-        """Stage 1 (alignment): encoder and LLM frozen, only the connector trains."""
-        self.requires_grad_(False)
-        for module in self.connector.stage1_modules():
-            module.requires_grad_(True)
-
-    def freeze_for_stage2(self) -> None:
-        """Stage 2 (instruction tuning): connector and LLM train, the encoder stays as configured.
-
-        `cross_attention` keeps its base LLM frozen in every stage (Flamingo, Llama-3.2-Vision).
-        """
-        self.freeze_for_stage1()
-        self.vision.encoder.requires_grad_(self.config.vision.trainable)
-        if self.connector.llm_trains_in_stage2:
-            self.llm.requires_grad_(True)
-
     # ------------------------------------------------------------------------------------------- save / load
     def save_pretrained(self, path: str | Path, processor: KopruProcessor) -> None:
         """Whole model and its processor: written to a temporary folder beside `path`, then renamed into place."""

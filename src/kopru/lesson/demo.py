@@ -20,6 +20,7 @@ from tqdm import tqdm
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.lesson.tiny import save_tiny_llm, save_tiny_vision
 from kopru.model import KopruForConditionalGeneration
+from kopru.training.recipes import apply_recipe
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220)}
 STRATEGIES: dict[str, dict] = {
@@ -75,10 +76,10 @@ def run_demo(workdir: str | Path | None = None, steps: int = 40, seed: int = 0) 
             start = time.perf_counter()
             loss_before = float(model(**batch).loss)
             forward_ms = 1000 * (time.perf_counter() - start)
-        model.freeze_for_stage1()
+        apply_recipe(model, "align")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         loss_stage1 = _train(model, batch, steps, f"stage 1 · {strategy}")
-        model.freeze_for_stage2()
+        apply_recipe(model, "instruct")
         loss_stage2 = _train(model, batch, steps, f"stage 2 · {strategy}")
         prompts = processor(["<image>"] * len(images), images, padding_side="left")
         new_tokens = model.generate(**prompts, max_new_tokens=6, eos_token_id=eos,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,21 +50,44 @@ def template_for(recipe: str) -> str:
     return RECIPES[recipe]
 
 
+def train_connector(model: KopruForConditionalGeneration) -> None:
+    """Stage 1 (`align`): everything frozen except the modules the connector names for stage 1
+    (`Connector.stage1_modules`: the projector; Q-Former + projection; gated blocks + resampler + projection)."""
+    model.requires_grad_(False)
+    for module in model.connector.stage1_modules():
+        module.requires_grad_(True)
+
+
+def train_connector_and_llm(model: KopruForConditionalGeneration) -> None:
+    """Stage 2 (`instruct`, `single-stage`): the connector's stage-1 modules, the LLM unless the connector keeps it
+    frozen (`cross_attention`: Flamingo, Llama-3.2-Vision), the encoder only when its config says `trainable`."""
+    train_connector(model)
+    model.vision.encoder.requires_grad_(model.config.vision.trainable)
+    if model.connector.llm_trains_in_stage2:
+        model.llm.requires_grad_(True)
+
+
+def train_qformer(model: KopruForConditionalGeneration) -> None:
+    """BLIP-2 stage 1 (`qformer-stage1`): the Q-Former alone (its ITC / ITM / ITG heads live in the pretrainer)."""
+    if model.config.strategy != "qformer":
+        raise ValueError(f"the qformer-stage1 recipe needs the qformer strategy, found {model.config.strategy!r}")
+    model.requires_grad_(False)
+    model.connector.qformer.requires_grad_(True)
+
+
+# The one table of what trains in each recipe; `apply_recipe` applies it, `kopru explain` counts from it.
+TRAINS: dict[str, Callable[[KopruForConditionalGeneration], None]] = {
+    "align": train_connector, "instruct": train_connector_and_llm, "single-stage": train_connector_and_llm,
+    "qformer-stage1": train_qformer,
+}
+
+
 def apply_recipe(model: KopruForConditionalGeneration, recipe: str, lora: LoraSettings | None = None) -> None:
-    """Set requires_grad for `recipe`; wrap the LLM with LoRA adapters when `lora` is given."""
+    """Set requires_grad for `recipe` (`TRAINS`); wrap the LLM with LoRA adapters when `lora` is given."""
     template_for(recipe)
-    if recipe == "qformer-stage1":
-        if model.config.strategy != "qformer":
-            raise ValueError(f"the qformer-stage1 recipe needs the qformer strategy, found {model.config.strategy!r}")
-        model.requires_grad_(False)
-        model.connector.qformer.requires_grad_(True)
-        return
-    if recipe == "align":
-        if lora is not None:
-            raise ValueError("LoRA adapts the LLM, which the align recipe keeps frozen; found lora settings")
-        model.freeze_for_stage1()
-        return
-    model.freeze_for_stage2()
+    if lora is not None and recipe in ("align", "qformer-stage1"):
+        raise ValueError(f"LoRA adapts the LLM, which the {recipe} recipe keeps frozen; found lora settings")
+    TRAINS[recipe](model)
     if lora is None:
         return
     if not model.connector.splices_into_text:
