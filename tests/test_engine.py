@@ -493,3 +493,22 @@ def test_compiled_engine_equals_eager(build, images, strategy) -> None:
         assert compiled.complete(PROMPTS, images, params) == eager
         assert compiled.complete(PROMPTS[:1], images[:1], params[0]) == eager[:1]  # batch 1 -> another bucket
         assert compiled.complete(TEXT_PROMPTS[:1], [[]], params[0]) == text_only
+
+
+def test_counted_prompts_are_not_tokenised_again_and_a_wrong_count_is_refused(build, images, monkeypatch) -> None:
+    """The server counts a request's tokens once, when it admits it; the engine takes that count instead of
+    tokenising the prompt a second time before the batch is encoded, and checks it against the encoding."""
+    model, processor = build("projection")
+    engine = GenerationEngine(model, processor)
+    counts = [engine.count_prompt_tokens(p, i) for p, i in zip(PROMPTS, images, strict=True)]
+    expected = engine.complete(PROMPTS, images, SamplingParams(max_new_tokens=3))
+    calls = []
+    monkeypatch.setattr(engine, "count_prompt_tokens", lambda *args: calls.append(args))
+    assert engine.complete(PROMPTS, images, SamplingParams(max_new_tokens=3), prompt_tokens=counts) == expected
+    assert calls == []
+    wrong = [counts[0] + 1, counts[1]]
+    with pytest.raises(ValueError, match=rf"counted as \[{wrong[0]}, {wrong[1]}\] tokens but encode to "
+                                         rf"\[{counts[0]}, {counts[1]}\]"):
+        engine.complete(PROMPTS, images, SamplingParams(max_new_tokens=3), prompt_tokens=wrong)
+    with pytest.raises(ValueError, match=r"expected one prompt token count per prompt \(2\), found 1"):
+        engine.complete(PROMPTS, images, prompt_tokens=counts[:1])

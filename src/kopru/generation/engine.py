@@ -164,25 +164,32 @@ class GenerationEngine:
         return len(self.tokenizer(self.processor.expand(prompt, counts), add_special_tokens=False)["input_ids"])
 
     def complete(self, prompts: list[str], images: list[list[Image.Image]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 prompt_tokens: list[int] | None = None) -> list[Completion]:
         texts = [""] * len(prompts)
         rows: dict[int, _Row] = {}
-        for event in self._stream(prompts, images, params, rows):
+        for event in self._stream(prompts, images, params, rows, prompt_tokens):
             texts[event.index] += event.text
         return [Completion(text, rows[index].finish_reason, rows[index].prompt_tokens, rows[index].completion_tokens,
                            rows[index].token_ids) for index, text in enumerate(texts)]
 
     def stream(self, prompts: list[str], images: list[list[Image.Image]],
-               params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamEvent]:
+               params: SamplingParams | list[SamplingParams] | None = None,
+               prompt_tokens: list[int] | None = None) -> Iterator[StreamEvent]:
         """Events as tokens arrive; each request ends with exactly one event whose finish_reason is set.
 
         Prompts are formatted text (see `format_chat`) holding one image placeholder per image; they are
         tokenised as they are (no special tokens added). Raises ValueError before generating anything when a
-        prompt does not fit the context window or its images do not match its placeholders."""
-        return self._stream(prompts, images, params, {})
+        prompt does not fit the context window or its images do not match its placeholders.
+
+        prompt_tokens: what `count_prompt_tokens` gave for these prompts, when the caller has counted them already
+        (the server does, to admit a request), so they are not tokenised a second time before the batch is
+        encoded; the encoded batch is checked against them."""
+        return self._stream(prompts, images, params, {}, prompt_tokens)
 
     # ------------------------------------------------------------------------------------------- internals
-    def _stream(self, prompts, images, params, rows: dict) -> Iterator[StreamEvent]:
+    def _stream(self, prompts, images, params, rows: dict, prompt_tokens: list[int] | None = None
+                ) -> Iterator[StreamEvent]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = [list(per_prompt) for per_prompt in (images if images is not None else [[] for _ in prompts])]
         if len(images) != len(prompts):
@@ -191,7 +198,10 @@ class GenerationEngine:
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"expected one SamplingParams per prompt ({len(prompts)}), found {len(params)}")
-        lengths = [self.count_prompt_tokens(p, i) for p, i in zip(prompts, images, strict=True)]
+        if prompt_tokens is not None and len(prompt_tokens) != len(prompts):
+            raise ValueError(f"expected one prompt token count per prompt ({len(prompts)}), found {len(prompt_tokens)}")
+        lengths = (list(prompt_tokens) if prompt_tokens is not None else
+                   [self.count_prompt_tokens(p, i) for p, i in zip(prompts, images, strict=True)])
         for index, length in enumerate(lengths):
             if length == 0:
                 raise ValueError(f"prompt {index} is empty; expected at least one token to continue from")
@@ -235,6 +245,10 @@ class GenerationEngine:
     def _run_batch(self, offset, prompts, images, params, lengths, all_rows) -> Iterator[StreamEvent]:
         inputs = self.processor(prompts, images, padding_side="left", add_special_tokens=False)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        encoded = attention_mask.sum(dim=1).tolist()
+        if encoded != list(lengths):
+            raise ValueError(f"the prompts were counted as {list(lengths)} tokens but encode to {encoded}; expected "
+                             "the counts count_prompt_tokens gives for the same prompts and images")
         budget = self.generation_budget(input_ids.shape[1], params)
         rows = []
         for index, length in enumerate(lengths):

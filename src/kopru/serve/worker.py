@@ -256,8 +256,9 @@ class BatchingWorker:
         started = False  # an event has reached a client: the batch cannot be run again unseen
         alone = False  # the batch failed before its first token and is run again one job at a time
         try:
+            # Counted once when each job was admitted (`_admit`): not tokenised again before the batch is encoded.
             events = self.engine.stream([job.prompt for job in jobs], [job.images for job in jobs],
-                                        [job.params for job in jobs])
+                                        [job.params for job in jobs], [job.prompt_tokens for job in jobs])
             for event in events:
                 started = True
                 job = jobs[event.index]
