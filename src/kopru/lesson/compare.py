@@ -40,7 +40,6 @@ class Variant:
     name: str
     strategy: str
     connector: dict[str, Any] = field(default_factory=dict)
-    stage1: bool = False  # an align (or qformer-stage1) phase before single-stage training
 
 
 # Both layers read the image (BLIP-2 cross-attends every 2nd of 12 layers; with 2 layers that is one read): seed
@@ -86,16 +85,14 @@ class Preset:
     lesson_scale: bool = True
     speed: str | None = "auto"
     batch_size: int = 16
-    # Learning rates: the LLM's (when it trains) and, per strategy, the connector's. The gated cross-attention
-    # blocks start closed (tanh(0)) and their gates move by about one learning rate per Adam step, so they get
-    # a larger one to open within a short run.
+    # Learning rates: the LLM's (when it trains) and, per strategy, the connector's (CONNECTOR_LR says why).
     lr: float = 1e-3
     connector_lr: tuple[tuple[str, float], ...] = ()
 
 
 # Connector learning rates per strategy (the LLM's is Preset.lr). The gated cross-attention blocks start closed
-# (tanh(0)) and need a larger one to open: at the LLM's 1e-3 its gates had opened to |tanh(gate)| < 0.05 after 300
-# steps and its accuracy stayed near chance. Seed 0, 300 steps, held-out accuracy en / tr (single runs, about
+# (tanh(0)) and their gates move by about one learning rate per Adam step: at the LLM's 1e-3 they had opened to
+# |tanh(gate)| < 0.05 after 300 steps and its accuracy stayed near chance. Seed 0, 300 steps, held-out accuracy en / tr (single runs, about
 # +-0.05 apart from seed noise): projection 0.64 / 0.58 at 3e-4, 0.70 / 0.62 at 1e-3, 0.61 / 0.61 at 3e-3; Q-Former
 # (random init, no stage 1) 0.60 / 0.51 at 1e-3, 0.52 / 0.51 at 3e-3, 0.32 / 0.30 at 1e-2; cross-attention
 # 0.61 / 0.61 at 5e-3, 0.59 / 0.56 at 1e-2.
