@@ -22,6 +22,8 @@ device-to-device copy bandwidth.
     python benchmarks/generation_benchmark.py --preset blip2-7b
     python benchmarks/generation_benchmark.py --preset mllama-11b
     python benchmarks/generation_benchmark.py --preset mllama-11b --tiny # same code path, tiny size, CPU
+
+`--json PATH` also writes every printed row (with the device, torch / transformers versions, preset and date).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from kopru.convert import mllama as mllama_converter
 from kopru.generation import GenerationEngine, SamplingParams
 from kopru.lesson.compare import peak_rss_mb, reset_peak_rss
 from kopru.lesson.tiny import tiny_tokenizer
+from kopru.run_info import environment, write_json
 
 LLAMA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -379,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-compiled", action="store_true",
                         help="leave out the torch.compile variants (compiling takes minutes on a small CPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write every row (TTFT, decode tok/s, peak memory, roofline, per implementation "
+                             "and batch), the summary, the device, torch / transformers versions, preset and date "
+                             "as JSON to PATH")
     args = parser.parse_args(argv)
     names = SUITES.get(args.preset, [args.preset])
     if args.tiny:
@@ -397,7 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rows += run_preset(name, args.repeats, args.skip_compiled, tuple(args.batch) if args.batch else None)
     print()
-    print("\n".join(summary(rows)))
+    lines = summary(rows)
+    print("\n".join(lines))
+    if args.json:
+        write_json(args.json, {"benchmark": "generation", **environment(args.preset), "tiny": args.tiny,
+                               "presets": names, "repeats": args.repeats,
+                               "new_tokens": {name: PRESETS[name].new_tokens for name in names},
+                               "text_tokens": {name: PRESETS[name].text_tokens for name in names},
+                               "dtype": {name: str(PRESETS[name].dtype) for name in names},
+                               "rows": rows, "summary": lines})
     return 0
 
 

@@ -8,6 +8,8 @@ length-grouped batches and packing.
     python benchmarks/train_benchmark.py --preset tiny          # CPU, seconds
     python benchmarks/train_benchmark.py --preset llava-7b      # one H100/H200, random weights, bf16
 
+`--json PATH` also writes every printed row (with the device, torch / transformers versions, preset and date).
+
 Model FLOPs are counted as in the reference anchor: tokens x (4 for stage 1, 6 for stage 2) x LLM parameters
 + the attention score/value products + the vision forward (2 x vision parameters x patches per image).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -32,6 +35,7 @@ from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.data.batching import collate, collate_packed, pack
 from kopru.data.encoding import EncodedSample
 from kopru.model import KopruForConditionalGeneration
+from kopru.run_info import environment, write_json
 from kopru.vision import VisionTower
 
 
@@ -209,11 +213,18 @@ def length_benchmark(preset: Preset, device: torch.device, dtype: torch.dtype, r
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write every row (tokens/s and MFU per stage and implementation; non-padding "
+                             "tokens/s and padding per batching), the ratios, the device, torch / transformers "
+                             "versions, preset and date as JSON to PATH")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -222,20 +233,31 @@ def main() -> None:
           f"preset {args.preset}, batch {preset.batch}")
     print("\nforward + backward, 1 image + text per sample")
     rows = step_benchmark(preset, device, dtype, args.repeats)
+    step_rows = rows
     for row in rows:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a (CPU)"
         print(f"  stage {row['stage']:<9} {row['implementation']:<34} {row['tokens_per_s']:>10,.0f} tokens/s   MFU {mfu}")
+    step_ratios = {}
     for stage in (1, 2):
         hf, ours = (r["tokens_per_s"] for r in rows if r["stage"] == stage)
+        step_ratios[f"stage {stage}"] = ours / hf
         print(f"  stage {stage}: Köprü / HF = {ours / hf:.2f}x")
     print(f"\nlengths uniform in {preset.lengths}, LLM forward + backward")
     rows = length_benchmark(preset, device, dtype, args.repeats)
     for row in rows:
         print(f"  {row['batching']:<34} {row['real_tokens_per_s']:>10,.0f} non-padding tokens/s   "
               f"padding {row['padding']:.0%}")
-    print(f"  grouped / padded = {rows[1]['real_tokens_per_s'] / rows[0]['real_tokens_per_s']:.2f}x, "
-          f"packed / padded = {rows[2]['real_tokens_per_s'] / rows[0]['real_tokens_per_s']:.2f}x")
+    length_ratios = {"grouped / padded": rows[1]["real_tokens_per_s"] / rows[0]["real_tokens_per_s"],
+                     "packed / padded": rows[2]["real_tokens_per_s"] / rows[0]["real_tokens_per_s"]}
+    print("  " + ", ".join(f"{name} = {ratio:.2f}x" for name, ratio in length_ratios.items()))
+    if args.json:
+        write_json(args.json, {"benchmark": "train", **environment(args.preset), "dtype": str(dtype),
+                               "batch": preset.batch, "text_tokens": preset.text_tokens, "lengths": preset.lengths,
+                               "peak_tflops": preset.peak_tflops, "repeats": args.repeats,
+                               "steps": step_rows, "step_ratios_kopru_over_hf": step_ratios,
+                               "length_batching": rows, "length_ratios": length_ratios})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
