@@ -307,7 +307,9 @@ def decode_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
 
 
-def run_preset(name: str, repeats: int, skip_compiled: bool, batches: tuple[int, ...] | None) -> list[dict]:
+def run_preset(name: str, repeats: int, skip_compiled: bool, batches: tuple[int, ...] | None,
+               measured: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """The preset's rows; `measured` is called with the rows so far after each batch size."""
     preset = PRESETS[name]
     device = torch.device(preset.device)
     rows = []
@@ -331,6 +333,7 @@ def run_preset(name: str, repeats: int, skip_compiled: bool, batches: tuple[int,
                 rows.append({"preset": name, "strategy": STRATEGY[preset.family], "batch": batch,
                              "implementation": label, **result})
                 print(format_row(rows[-1]), flush=True)
+            measured(rows)
         roofline = None
         if device.type == "cuda":
             roofline = copy_bandwidth(device) / decode_weight_bytes(model)
@@ -400,19 +403,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}; device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
           f"; {torch.get_num_threads()} CPU thread(s); fastest of {args.repeats}")
     print(f"{'strategy':<16} {'batch':>5}  {'implementation':<18} {'TTFT ms':>9} {'decode t/s':>11} {'peak MiB':>9}")
-    rows = []
+    about = {"benchmark": "generation", **environment(args.preset), "tiny": args.tiny, "presets": names,
+             "repeats": args.repeats, "new_tokens": {name: PRESETS[name].new_tokens for name in names},
+             "text_tokens": {name: PRESETS[name].text_tokens for name in names},
+             "dtype": {name: str(PRESETS[name].dtype) for name in names}}
+
+    def save(rows: list[dict], complete: bool) -> None:
+        # Written after every batch size too, so that a run stopped part way (a time limit on a lent GPU)
+        # leaves what it measured; "complete" says whether it got to the end.
+        if args.json:
+            write_json(args.json, {**about, "complete": complete, "rows": rows, "summary": summary(rows)})
+
+    rows: list[dict] = []
     for name in names:
-        rows += run_preset(name, args.repeats, args.skip_compiled, tuple(args.batch) if args.batch else None)
+        rows += run_preset(name, args.repeats, args.skip_compiled, tuple(args.batch) if args.batch else None,
+                           measured=lambda preset_rows, done=tuple(rows): save([*done, *preset_rows], False))
     print()
-    lines = summary(rows)
-    print("\n".join(lines))
-    if args.json:
-        write_json(args.json, {"benchmark": "generation", **environment(args.preset), "tiny": args.tiny,
-                               "presets": names, "repeats": args.repeats,
-                               "new_tokens": {name: PRESETS[name].new_tokens for name in names},
-                               "text_tokens": {name: PRESETS[name].text_tokens for name in names},
-                               "dtype": {name: str(PRESETS[name].dtype) for name in names},
-                               "rows": rows, "summary": lines})
+    print("\n".join(summary(rows)))
+    save(rows, True)
     return 0
 
 

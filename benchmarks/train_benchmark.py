@@ -242,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         hf, ours = (r["tokens_per_s"] for r in rows if r["stage"] == stage)
         step_ratios[f"stage {stage}"] = ours / hf
         print(f"  stage {stage}: Köprü / HF = {ours / hf:.2f}x")
+    about = {"benchmark": "train", **environment(args.preset), "dtype": str(dtype), "batch": preset.batch,
+             "text_tokens": preset.text_tokens, "lengths": preset.lengths, "peak_tflops": preset.peak_tflops,
+             "repeats": args.repeats, "steps": step_rows, "step_ratios_kopru_over_hf": step_ratios}
+    if args.json:  # now too: a run stopped in the length benchmark (a time limit) still leaves the steps' figures
+        write_json(args.json, {**about, "complete": False})
     print(f"\nlengths uniform in {preset.lengths}, LLM forward + backward")
     rows = length_benchmark(preset, device, dtype, args.repeats)
     for row in rows:
@@ -251,11 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                      "packed / padded": rows[2]["real_tokens_per_s"] / rows[0]["real_tokens_per_s"]}
     print("  " + ", ".join(f"{name} = {ratio:.2f}x" for name, ratio in length_ratios.items()))
     if args.json:
-        write_json(args.json, {"benchmark": "train", **environment(args.preset), "dtype": str(dtype),
-                               "batch": preset.batch, "text_tokens": preset.text_tokens, "lengths": preset.lengths,
-                               "peak_tflops": preset.peak_tflops, "repeats": args.repeats,
-                               "steps": step_rows, "step_ratios_kopru_over_hf": step_ratios,
-                               "length_batching": rows, "length_ratios": length_ratios})
+        write_json(args.json, {**about, "complete": True, "length_batching": rows, "length_ratios": length_ratios})
     return 0
 
 

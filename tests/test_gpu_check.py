@@ -52,6 +52,7 @@ def test_dry_run_writes_every_figure_as_json(tmp_path: Path) -> None:
     for preset in PRESETS:
         figures = json.loads((tmp_path / f"generation_{preset}.json").read_text())
         assert set(figures) >= ENVIRONMENT and figures["preset"] == preset and figures["tiny"] is True
+        assert figures["complete"] is True
         rows = figures["rows"]
         assert {(row["batch"], row["implementation"]) for row in rows} == {
             (batch, label) for batch in (1, 8) for label in ("HF eager", "Köprü eager")}
@@ -61,7 +62,7 @@ def test_dry_run_writes_every_figure_as_json(tmp_path: Path) -> None:
         assert len(figures["summary"]) == 2  # one ratio line per batch
 
     train = json.loads((tmp_path / "train.json").read_text())
-    assert set(train) >= ENVIRONMENT and train["preset"] == "tiny"
+    assert set(train) >= ENVIRONMENT and train["preset"] == "tiny" and train["complete"] is True
     assert {(row["stage"], row["implementation"]) for row in train["steps"]} == {
         (1, "HF LlavaForConditionalGeneration"), (1, "Köprü"), (2, "HF LlavaForConditionalGeneration"),
         (2, "Köprü"), ("2 + AdamW", "Köprü")}
