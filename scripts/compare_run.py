@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kopru.lesson.compare import PRESETS, VARIANTS, _train_settings, run_stage1
+from kopru.lesson.compare import PRESETS, VARIANTS, run_stage1, train_settings
 from kopru.training import TrainConfig, train
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     preset = PRESETS[args.preset]
     variant = VARIANTS[args.variant]
     variant = dataclasses.replace(variant, connector={**variant.connector, **args.connector})
-    settings = _train_settings(variant, args.seed, preset, None, None, "builtin:shapes", None, ("en", "tr"))
+    settings = train_settings(variant, args.seed, preset, None, None, "builtin:shapes", None, ("en", "tr"))
     settings["eval_every"] = args.eval_every
     if args.eval_questions is not None:
         settings["eval_questions"] = args.eval_questions

@@ -139,7 +139,7 @@ def run_variant(variant: Variant, seed: int, preset: Preset, workdir: Path, stag
                 eval_data: str | None = None, train_languages: tuple[str, ...] = ("en", "tr")) -> RunResult:
     """Train one variant with one seed (optionally stage 1 first) and evaluate it; latency and memory are
     measured later by `measure_run`, once no other run shares the CPU."""
-    common = _train_settings(variant, seed, preset, vision, llm, train_data, eval_data, train_languages)
+    common = train_settings(variant, seed, preset, vision, llm, train_data, eval_data, train_languages)
     run_dir = workdir / f"{variant.name}{'-stage1' if stage1 else ''}-{'+'.join(train_languages)}-seed{seed}"
     started = time.perf_counter()
     init = run_stage1(variant, preset.stage1_steps, run_dir / "stage1", common) if stage1 else None
@@ -196,7 +196,7 @@ def run_jobs(jobs: list[tuple[Callable[..., Any], tuple, dict[str, Any]]], worke
     return results
 
 
-def _train_settings(variant: Variant, seed: int, preset: Preset, vision: str | None, llm: str | None,
+def train_settings(variant: Variant, seed: int, preset: Preset, vision: str | None, llm: str | None,
                     train_data: str, eval_data: str | None, train_languages: tuple[str, ...]) -> dict[str, Any]:
     """What every run of a comparison shares: data, budget, optimiser, evaluation."""
     return dict(vision=vision, llm=llm, strategy=variant.strategy, connector=dict(variant.connector),
@@ -311,7 +311,7 @@ def compare(preset_name: str = "default", output: str | Path = "runs/compare", w
     itc_names = [name for name in preset.variants if VARIANTS[name].strategy == "qformer"
                  and not (preset.with_stage1 and preset.stage1_steps)]
     for name in itc_names:
-        settings = _train_settings(VARIANTS[name], preset.seeds[0], preset, data.get("vision"), data.get("llm"),
+        settings = train_settings(VARIANTS[name], preset.seeds[0], preset, data.get("vision"), data.get("llm"),
                                    data.get("train_data", "builtin:shapes"), data.get("eval_data"), ("en", "tr"))
         jobs.append((run_stage1, (VARIANTS[name], preset.itc_steps,
                                   output / "runs" / f"{name}-itc-seed{preset.seeds[0]}", settings), {}))
