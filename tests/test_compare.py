@@ -4,9 +4,13 @@ results: a clear win, a clear loss and an overlap."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,11 +18,15 @@ from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.cli import main
 from kopru.data.builtin import builtin_dataset
 from kopru.data.encoding import SampleEncoder
+from kopru.data.formats import load_samples, open_image
+from kopru.data.synthetic import shapes_dataset
 from kopru.evaluation import answer_accuracy
 from kopru.lesson.compare import RunResult, aggregate, quality_comparisons
 from kopru.lesson.pretrain_tiny import default_backbones
-from kopru.lesson.report import bar_misses, halfway_bar, verdict_rows
+from kopru.lesson.report import bar_misses, halfway_bar, most_frequent_answer_text, verdict_rows
 from kopru.lesson.significance import FAILS, HOLDS, INCONCLUSIVE
+
+ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
@@ -133,10 +141,12 @@ def test_the_same_seed_reproduces_the_numbers(tmp_path):
 
 # --- the verdict logic on constructed results -----------------------------------------------------------------
 
-def _run(strategy: str, seed: int, correct: list[bool]) -> RunResult:
-    """A run that answered len(correct) English questions q0, q1, ... of task "t" (chance 1/4) as given."""
-    answers = [{"id": f"q{i}", "task": "t", "language": "en", "correct": c, "chance": 0.25}
-               for i, c in enumerate(correct)]
+def _run(strategy: str, seed: int, correct: list[bool], given: list[str] | None = None) -> RunResult:
+    """A run that answered len(correct) English questions q0, q1, ... of task "t" (chance 1/4) as given (the
+    answers' texts: `given`, else "a" / "b" for right / wrong)."""
+    given = given or ["a" if c else "b" for c in correct]
+    answers = [{"id": f"q{i}", "task": "t", "language": "en", "answer": text, "correct": c, "chance": 0.25}
+               for i, (c, text) in enumerate(zip(correct, given, strict=True))]
     accuracy = {key: {"accuracy": sum(correct) / len(correct), "chance": 0.25, "n": len(correct)}
                 for key in ("t/en", "all/en")}
     return RunResult(variant=strategy, strategy=strategy, stage1=False, seed=seed, trainable_params=1,
@@ -215,6 +225,17 @@ def test_the_halfway_bar_names_every_cell_below_it():
     assert misses[0]["short_by"] == pytest.approx(0.025)
 
 
+def test_a_cell_below_the_bar_names_the_answer_given_most_often():
+    # Seeds 0 and 1 say "yes" to 9 and 7 of 10 questions, "no" to the rest: 16 of 20 answers are "yes".
+    runs = [_run("projection", 0, [True] * 5 + [False] * 5, ["yes"] * 9 + ["no"]),
+            _run("projection", 1, [True] * 5 + [False] * 5, ["yes"] * 7 + ["no"] * 3)]
+    [entry] = aggregate(runs)
+    assert entry["accuracy_by_task"]["t/en"]["most_frequent_answer"] == {"answer": "yes", "share": 0.8}
+    assert "most_frequent_answer" not in entry["accuracy_by_task"]["all/en"]  # a task's answers, not a mixture
+    [miss] = bar_misses({"variants": [entry]})
+    assert most_frequent_answer_text(miss) == "; answers 'yes' to 80% of its questions"
+
+
 @pytest.mark.slow
 def test_jobs_run_side_by_side_in_order_with_one_thread_each(tmp_path):
     """`kopru compare` trains its runs in worker processes: results come back in the order given, from other
@@ -256,3 +277,20 @@ def test_a_language_gap_over_two_points_is_explained_with_measurements():
     assert "shapes-count (-0.10)" in note and "1.48 tokens against 1.36" in note
     results["quality"]["language_gap"]["qformer"].update(low=-0.09, high=-0.01)
     assert "interval excludes 0" in language_gap_notes(results)[0]
+
+
+def test_compare_run_writes_a_task_subset_that_reads_back_as_the_builtin_questions(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("compare_run", ROOT / "scripts" / "compare_run.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "compare_run", script)
+    spec.loader.exec_module(script)
+    path = script.write_task_subset(["shapes-exists", "shapes-where"], scenes=5, seed=3, folder=tmp_path / "data")
+    loaded, report = load_samples(str(path))
+    expected = [s for s in shapes_dataset(5, seed=3, split="train")
+                if s.meta["task"] in ("shapes-exists", "shapes-where")]
+    assert not report.counts
+    assert [s.id for s in loaded] == [s.id for s in expected]
+    assert [s.messages for s in loaded] == [s.messages for s in expected]
+    for got, want in zip(loaded, expected, strict=True):
+        assert np.array_equal(np.asarray(open_image(got.images[0])), np.asarray(want.images[0]))
+    assert len(list((tmp_path / "data").glob("*.png"))) == 5  # one picture per scene, not per question

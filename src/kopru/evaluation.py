@@ -25,9 +25,9 @@ def answer_accuracy(model, encoder: SampleEncoder, samples: list[Sample], batch_
 @torch.no_grad()
 def answer_results(model, encoder: SampleEncoder, samples: list[Sample], batch_size: int = 16,
                    max_new_tokens: int = 8) -> list[dict[str, Any]]:
-    """One record per sample, in order: {"id", "task", "language", "correct", "chance"} (chance: 1 / the number of
-    `meta["choices"]`, NaN without them): what `summarize_answers` counts and what a paired comparison of two
-    models on the same questions resamples."""
+    """One record per sample, in order: {"id", "task", "language", "answer", "correct", "chance"} (answer: the
+    generated text; chance: 1 / the number of `meta["choices"]`, NaN without them): what `summarize_answers`
+    counts and what a paired comparison of two models on the same questions resamples."""
     processor = encoder.processor
     model.eval()
     device = model.device
@@ -45,7 +45,7 @@ def answer_results(model, encoder: SampleEncoder, samples: list[Sample], batch_s
             correct = normalize_text(answer, language) == normalize_text(str(sample.meta["answer"]), language)
             choices = sample.meta.get("choices")
             records.append({"id": sample.id, "task": sample.meta.get("task", "qa"), "language": language,
-                            "correct": correct, "chance": 1.0 / len(choices) if choices else float("nan")})
+                            "answer": answer.strip(), "correct": correct, "chance": 1.0 / len(choices) if choices else float("nan")})
     return records
 
 

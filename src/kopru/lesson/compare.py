@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -362,6 +363,17 @@ def _correct_by_seed(group: list[RunResult], key: str) -> dict[int, list[float]]
     return found
 
 
+def _most_frequent_answer(group: list[RunResult], key: str) -> dict[str, Any] | None:
+    """The answer given most often to the questions under `key` (a task/language), over all seeds, and its share:
+    a model that ignores the picture gives one answer to every question of a task."""
+    given = Counter(a["answer"] for run in group for a in run.answers
+                    if "answer" in a and key == f"{a['task']}/{a['language']}")
+    if not given:
+        return None
+    answer, count = given.most_common(1)[0]
+    return {"answer": answer, "share": count / sum(given.values())}
+
+
 def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
     """One entry per (variant, stage1): means and spreads over seeds."""
     groups: dict[tuple[str, bool], list[RunResult]] = {}
@@ -378,6 +390,9 @@ def aggregate(runs: list[RunResult]) -> list[dict[str, Any]]:
             by_seed = _correct_by_seed(group, key)
             if by_seed:  # the 95% interval over seeds and questions
                 accuracy[key]["interval"] = bootstrap_mean(by_seed)
+            top = _most_frequent_answer(group, key)
+            if top is not None:
+                accuracy[key]["most_frequent_answer"] = top
         # Runs on data without reference answers (e.g. plain LLaVA conversations) have no accuracy.
         overall = _mean_spread([statistics.fmean(run.accuracy[k]["accuracy"] for k in run.accuracy
                                                  if k.startswith("all/")) for run in group

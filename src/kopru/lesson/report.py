@@ -89,8 +89,13 @@ def bar_misses(results: dict[str, Any]) -> list[dict[str, Any]]:
             bar = halfway_bar(value["chance"])
             if value["mean"] < bar:
                 misses.append({"variant": entry["variant"], "task": key, "accuracy": value["mean"], "bar": bar,
-                               "short_by": bar - value["mean"]})
+                               "short_by": bar - value["mean"], "most_frequent_answer": value.get("most_frequent_answer")})
     return misses
+
+
+def most_frequent_answer_text(miss: dict[str, Any]) -> str:
+    top = miss.get("most_frequent_answer")
+    return f"; answers {top['answer']!r} to {top['share']:.0%} of its questions" if top else ""
 
 
 def task_table(results: dict[str, Any]) -> str:
@@ -527,7 +532,7 @@ def write_report(results: dict[str, Any], output: Path) -> Path:
     bar_text = ("Every variant reaches the halfway bar (chance + (1 − chance) / 2, mean over seeds) on every task "
                 "and language." if not misses else "Below the halfway bar (chance + (1 − chance) / 2, mean over "
                 "seeds): " + "; ".join(f"{m['variant']} {m['task']} {m['accuracy']:.3f} < {m['bar']:.3f} "
-                                       f"(short by {m['short_by']:.3f})" for m in misses) + ".")
+                                       f"(short by {m['short_by']:.3f}{most_frequent_answer_text(m)})" for m in misses) + ".")
     text = [
         f"# Köprü strategy comparison (preset `{results['preset']}`)", "",
         f"Same data (built-in shapes questions, English + Turkish), same tiny pretrained backbones, "
