@@ -70,8 +70,7 @@ def test_interactive_conversation_keeps_history_and_images(saved, monkeypatch, c
     assert "Traceback" not in captured.err
 
 
-@pytest.mark.slow
-def test_unreadable_image_is_a_clear_error_without_traceback(saved) -> None:
+def test_unreadable_image_is_a_clear_error_without_traceback(saved, capsys) -> None:
     root, _ = saved
     cases = {
         "broken.png": ": expected an image Pillow can read (PNG, JPEG, WebP, ...), found data it does not recognise",
@@ -80,14 +79,26 @@ def test_unreadable_image_is_a_clear_error_without_traceback(saved) -> None:
     }
     for name, message in cases.items():
         path = root / name
-        result = subprocess.run(
-            [sys.executable, "-m", "kopru.cli", "chat", "--model", str(root / "model"), "--image", str(path), "hi"],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert result.returncode == 2
-        assert result.stderr.startswith("kopru chat: error: "), result.stderr
-        assert message in result.stderr and str(path) in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and " object at 0x" not in result.stderr
+        assert main(["chat", "--model", str(root / "model"), "--image", str(path), "hi"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kopru chat: error: "), err
+        assert message in err and str(path) in err, err
+        assert "Traceback" not in err and " object at 0x" not in err
+
+
+@pytest.mark.slow
+def test_the_installed_entry_point_exits_2_with_the_message_alone(saved) -> None:
+    """The same refusal through `python -m kopru.cli` in a fresh process: exit status 2, no traceback."""
+    root, _ = saved
+    path = root / "broken.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "kopru.cli", "chat", "--model", str(root / "model"), "--image", str(path), "hi"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("kopru chat: error: "), result.stderr
+    assert "expected an image Pillow can read" in result.stderr and str(path) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and " object at 0x" not in result.stderr
 
 
 def test_prompt_beyond_the_context_is_a_clear_error(saved, capsys) -> None:
