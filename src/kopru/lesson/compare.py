@@ -205,9 +205,7 @@ def train_settings(variant: Variant, seed: int, preset: Preset, vision: str | No
                 batch_size=preset.batch_size, lr=preset.lr,
                 connector_lr=dict(preset.connector_lr).get(variant.strategy), warmup_steps=10, eval_every=0,
                 save_every=0, seed=seed,
-                # Batches by length are batches of one question template (one task, one language): the model then
-                # answers colour questions by the question's grammar ("is" -> yellow, "are" -> blue), not the
-                # image. Seed 0, cross-attention: colour 0.32 / 0.30 by length, 0.63 / 0.59 shuffled.
+                # Not by length (TrainConfig.group_by_length says why), whatever the library's default becomes.
                 group_by_length=False,
                 train_data=train_data, eval_data=eval_data, builtin_train_size=preset.train_scenes,
                 builtin_eval_size=preset.eval_scenes, eval_questions=preset.eval_questions)

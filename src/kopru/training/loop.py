@@ -108,7 +108,11 @@ class TrainConfig:
     batch_size: int = 16  # per process and micro-batch
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
-    group_by_length: bool = True
+    group_by_length: bool = field(default=False, metadata={"help": (
+        "batch samples of similar length together (less padding, faster on mixed-length data; default off, as in "
+        "HF's Trainer). On the built-in shapes data one length is one question template, so grouped batches let "
+        "the model answer from the question's wording: seed 0, cross-attention, colour accuracy en / tr 0.32 / "
+        "0.30 grouped against 0.63 / 0.59 shuffled")})
     # Pack each micro-batch's samples into rows of at most pack_length tokens, attention kept within each sample
     # (projection and qformer only).
     packing: bool = False
