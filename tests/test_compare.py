@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
+from kopru.backbones import default_backbones
 from kopru.cli import main
 from kopru.data.builtin import builtin_dataset
 from kopru.data.encoding import SampleEncoder
 from kopru.evaluation import answer_accuracy
 from kopru.lesson.compare import RunResult, aggregate, quality_comparisons
-from kopru.lesson.pretrain_tiny import default_backbones
 from kopru.lesson.report import bar_misses, halfway_bar, verdict_rows
 from kopru.lesson.significance import FAILS, HOLDS, INCONCLUSIVE
 
