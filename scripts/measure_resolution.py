@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig
 from transformers.utils import logging as hf_logging
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig, image_positions
-from kopru.lesson.pretrain_tiny import default_backbones
+from kopru.backbones import default_backbones
 
 hf_logging.disable_progress_bar()
 

@@ -6,6 +6,7 @@ Everything runs on CPU in float32 and eval mode; nothing is downloaded.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -248,6 +250,19 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.app.state.kopru.worker.close()
+
+
+# ------------------------------------------------------------------------------ kopru explain / kopru budget
+EXPLAINED_IMAGE = (640, 480)  # not square: anyres, dynamic sizes and tiles each count it their own way
+
+
+@pytest.fixture(scope="session")
+def explained_preset() -> Callable[[str], Any]:
+    """explained_preset(name): explain(preset=name, image=EXPLAINED_IMAGE, flops=False), built once per preset
+    for the session (0.3-1 s each on the meta device; test_explain and test_budget read the same figures)."""
+    from kopru.explain import explain  # here: every session imports conftest, few need explain (0.35 s)
+
+    return functools.cache(lambda name: explain(preset=name, image=EXPLAINED_IMAGE, flops=False))
 
 
 # ------------------------------------------------------------------------------ kopru budget

@@ -7,7 +7,16 @@ import re
 
 import pytest
 import torch
-from conftest import CROSS_ATTENTION, IMAGE_SIZE, LLM_LAYERS, NUM_PATCHES, QFORMER, budget_json, run_cli
+from conftest import (
+    CROSS_ATTENTION,
+    EXPLAINED_IMAGE,
+    IMAGE_SIZE,
+    LLM_LAYERS,
+    NUM_PATCHES,
+    QFORMER,
+    budget_json,
+    run_cli,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -34,7 +43,6 @@ from kopru.budget import (
     plan_largest_resolution,
 )
 from kopru.cli import build_parser
-from kopru.explain import explain
 from kopru.lesson.tiny import tiny_tokenizer
 from kopru.presets import PRESETS
 
@@ -77,13 +85,13 @@ def test_presets_listed() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_budget_presets_equal_explains_arithmetic(name) -> None:
+def test_budget_presets_equal_explains_arithmetic(name, explained_preset) -> None:
     """Every budget preset's numbers are what `kopru explain` computes for the same architecture: the image's
     LLM positions and cached cross-attention K/V (at a non-square size, where anyres / dynamic / tiles differ),
     the context window, and the KV-cache bytes of a full context and of the image's K/V."""
     model = load_preset(name)
-    explained = explain(preset=name, image=(640, 480), flops=False)
-    positions = model.image_positions(640, 480)
+    explained = explained_preset(name)  # at EXPLAINED_IMAGE
+    positions = model.image_positions(*EXPLAINED_IMAGE)
     assert (positions.tokens, positions.cached_kv) == (explained.image.llm_positions,
                                                        explained.image.cross_attention_kv)
     assert model.llm.context_window == explained.image.context

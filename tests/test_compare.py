@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
+from kopru.backbones import default_backbones
 from kopru.cli import main
 from kopru.data.builtin import builtin_dataset
 from kopru.data.encoding import SampleEncoder
@@ -22,7 +23,6 @@ from kopru.data.formats import load_samples, open_image
 from kopru.data.synthetic import shapes_dataset
 from kopru.evaluation import answer_accuracy
 from kopru.lesson.compare import RunResult, aggregate, compare, quality_comparisons
-from kopru.lesson.pretrain_tiny import default_backbones
 from kopru.lesson.report import bar_misses, halfway_bar, most_frequent_answer_text, verdict_rows
 from kopru.lesson.significance import FAILS, HOLDS, INCONCLUSIVE
 

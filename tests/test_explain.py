@@ -3,7 +3,6 @@ a real forward pass of tiny models, hand-computed figures, bad input, and no net
 
 from __future__ import annotations
 
-import functools
 import json
 import socket
 
@@ -28,13 +27,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-@functools.cache
-def _explained(name: str):
-    """explain(preset=name, flops=False), built once per preset for the module: 1-2 s each, and several tests read
-    the same preset's figures."""
-    return explain(preset=name, flops=False)
-
-
 def _linear(i: int, o: int) -> int:
     return i * o + o
 
@@ -54,10 +46,10 @@ def test_acceptance_llava_json_projector_and_positions(no_network, capsys):
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_every_preset_renders_as_json(name, no_network):
+def test_every_preset_renders_as_json(name, no_network, explained_preset):
     """`--format json` for every preset: the figures come out as JSON numbers equal to the explanation's own
     (Llama-3.2-Vision's canvas once came from NumPy and was not serialisable)."""
-    explanation = _explained(name)
+    explanation = explained_preset(name)
     report = json.loads(explanation.format("json"))
     assert report["total_params"] == explanation.total_params
     assert report["image"]["llm_positions"] == explanation.image.llm_positions
@@ -65,12 +57,12 @@ def test_every_preset_renders_as_json(name, no_network):
 
 
 @pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.reference is not None])
-def test_preset_counts_equal_hf_reference_on_meta(name, no_network):
+def test_preset_counts_equal_hf_reference_on_meta(name, no_network, explained_preset):
     preset = get_preset(name)
     model_class = getattr(transformers, preset.reference)
     with torch.device("meta"):  # built here from the preset's configs, independently of explain's builders
         reference = model_class(reference_config(preset))
-    explanation = _explained(name)
+    explanation = explained_preset(name)
     assert explanation.total_params == sum(p.numel() for p in reference.parameters())
     # Per role as well: the vision side is the reference's encoder, the LLM side its text model + head.
     inner = getattr(reference, "model", reference)
@@ -81,10 +73,10 @@ def test_preset_counts_equal_hf_reference_on_meta(name, no_network):
     assert explanation.component("vision") == vision_params
 
 
-def test_reference_built_presets_agree_with_kopru_built_ones():
+def test_reference_built_presets_agree_with_kopru_built_ones(explained_preset):
     """LLaVA-NeXT is explained from HF's class, LLaVA-1.5 from Köprü's model: same parts + one newline vector."""
-    next_ = _explained("llava-next-7b")
-    llava = _explained("llava-1.5-7b")
+    next_ = explained_preset("llava-next-7b")
+    llava = explained_preset("llava-1.5-7b")
     assert next_.total_params == llava.total_params + 4096
     assert next_.component("vision") == llava.component("vision")
     assert next_.component("llm") == llava.component("llm")
@@ -94,14 +86,14 @@ def test_reference_built_presets_agree_with_kopru_built_ones():
 
 
 @pytest.mark.slow
-def test_lesson_strategies_closed_form():
+def test_lesson_strategies_closed_form(explained_preset):
     """The three strategies over CLIP-L/336 + Vicuna-7B, against parameter formulas written out by hand."""
     d, ffn, layers = 4096, 11008, 32
-    projection = _explained("projection-clip-l-vicuna-7b")
+    projection = explained_preset("projection-clip-l-vicuna-7b")
     assert projection.component("connector") == _linear(1024, d)  # the lesson's "~10M" is 4.2M
     assert projection.image.llm_positions == 576 + 2
 
-    qformer = _explained("qformer-clip-l-vicuna-7b")
+    qformer = explained_preset("qformer-clip-l-vicuna-7b")
     w, f = 768, 3072
     attention = lambda kv: _linear(w, w) + 2 * _linear(kv, w) + _linear(w, w) + 2 * w  # noqa: E731
     per_layer = [attention(w) + (attention(1024) if i % 2 == 0 else 0) + _linear(w, f) + _linear(f, w) + 2 * w
@@ -110,7 +102,7 @@ def test_lesson_strategies_closed_form():
     assert qformer.component("connector") == expected
     assert qformer.image.llm_positions == 32 + 2
 
-    cross = _explained("cross-attention-clip-l-vicuna-7b")
+    cross = explained_preset("cross-attention-clip-l-vicuna-7b")
     head = d // 32
     block = 4 * d * d + 3 * d * ffn + 2 * d + 2 * head + 2  # q,k,v,o + SwiGLU + 2 RMSNorm + q/k norm + 2 gates
     assert cross.component("connector") == _linear(1024, d) + (layers // 4) * block
@@ -132,7 +124,7 @@ def test_qwen2_vl_positions_match_reference_values(image, tokens):
 
 
 def test_mllama_shapes_equal_a_meta_forward_of_the_hf_encoder():
-    explanation = _explained("llama-3.2-11b-vision")
+    explanation = explain(preset="llama-3.2-11b-vision", flops=False)  # the preset's image: 4 tiles
     model = build_reference(get_preset("llama-3.2-11b-vision"))
     config = model.config.vision_config
     features = model.model.vision_model(
@@ -201,14 +193,14 @@ def test_tiny_model_shapes_and_counts_equal_a_real_forward(strategy, build, make
 
 
 @pytest.mark.slow
-def test_formats_and_diagram(tmp_path, no_network, capsys):
+def test_formats_and_diagram(tmp_path, no_network, capsys, explained_preset):
     diagram = tmp_path / "flow.png"
     assert main(["explain", "--preset", "cross-attention-clip-l-vicuna-7b", "--format", "markdown",
                  "--diagram", str(diagram)]) == 0
     text = capsys.readouterr().out
     assert "| stage | shape | note |" in text and "`[1, 32, 576, 128]`" in text  # K/V: 32 heads x 576 x 128
     assert diagram.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    svg = draw_diagram(_explained("qformer-clip-l-vicuna-7b"), tmp_path / "flow.svg")
+    svg = draw_diagram(explained_preset("qformer-clip-l-vicuna-7b"), tmp_path / "flow.svg")
     assert "[1, 32, 768]" in svg.read_text() or "1, 32, 768" in svg.read_text()
     assert main(["explain", "--preset", "qwen2-vl-7b", "--format", "text", "--image", "672x672", "--no-flops"]) == 0
     text = capsys.readouterr().out

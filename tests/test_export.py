@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import Blip2VisionConfig, MllamaVisionConfig
 from vlm_checkpoints import LLAVA_15_TEMPLATE as LLAVA_15
 
+from kopru.backbones import ASSETS_DIR
 from kopru.cli import main
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.convert import convert
@@ -29,7 +30,6 @@ from kopru.export.chat_template import check_special_tokens, exported_chat_templ
 from kopru.export.common import hf_image_processor, image_settings
 from kopru.generation import format_chat
 from kopru.image_processing import ImagePreprocessor
-from kopru.lesson.pretrain_tiny import ASSETS_DIR
 
 FAMILIES = ("llava", "llava_next", "blip2", "mllama")
 

@@ -1,10 +1,18 @@
 """The package's import graph: no module imports, at any depth or inside a function, a module that imports it
-back (a cycle hides which module owns what, and breaks on the first import reordering)."""
+back (a cycle hides which module owns what, and breaks on the first import reordering); and the library does not
+import the lesson (kopru.lesson), which only the command line offers."""
 
 from __future__ import annotations
 
 import ast
+import functools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import kopru
 
@@ -29,6 +37,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found & modules
 
 
+@functools.cache  # parsed once for the module's tests (they only read it)
 def import_graph() -> dict[str, set[str]]:
     files = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
     modules = set(files)
@@ -77,3 +86,37 @@ def test_the_package_has_no_import_cycle():
     package_users = sorted(name for name, targets in graph.items() if "kopru" in targets)
     assert package_users == [], f"modules importing the package itself (import the owner module instead): {package_users}"
     assert cycles(graph) == []
+
+
+# The command line offers the lesson's commands (`kopru compare`, `demo`, `pretrain-tiny`); nothing else of the
+# library may need the lesson (the default backbones' place is `kopru.backbones`).
+LESSON = "kopru.lesson"
+LESSON_USERS = {"kopru.cli"}
+
+
+def _is_lesson(name: str) -> bool:
+    return name == LESSON or name.startswith(LESSON + ".")
+
+
+def test_the_library_does_not_import_the_lesson_anywhere():
+    """Statically: no library module names the lesson in any import, a lazy one inside a function included."""
+    graph = import_graph()
+    users = sorted(name for name, targets in graph.items()
+                   if not _is_lesson(name) and name not in LESSON_USERS and any(map(_is_lesson, targets)))
+    assert users == [], f"library modules importing {LESSON} (use kopru.backbones, or move the code): {users}"
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, transformers and every module: 7 s
+def test_importing_every_library_module_loads_no_lesson_module():
+    """At run time, independently of the import graph above: a fresh interpreter imports every library module
+    (each file under src/kopru outside the lesson and the CLI) and then lists the lesson modules in sys.modules."""
+    library = sorted(name for name in import_graph() if not _is_lesson(name) and name not in LESSON_USERS)
+    assert len(library) > 50 and "kopru.training.loop" in library
+    program = ("import importlib, json, sys\n"
+               f"for name in {library!r}:\n"
+               "    importlib.import_module(name)\n"
+               f"print(json.dumps(sorted(m for m in sys.modules if m == {LESSON!r} or m.startswith({LESSON + '.'!r}))))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [], f"loaded by library modules: {result.stdout}"

@@ -10,15 +10,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
+from kopru.backbones import ASSETS_DIR, default_backbones
 from kopru.cli import build_parser
 from kopru.data.synthetic import COLOURS, MAX_COUNT, REGIONS, SHAPES, shapes_dataset
 from kopru.image_processing import ImagePreprocessor
 from kopru.lesson.pretrain_tiny import (
-    ASSETS_DIR,
     REPORT_NAME,
     answer_mass,
     build_tiny_backbones,
-    default_backbones,
     iter_report_lines,
     lm_loss,
     object_targets,
@@ -26,6 +25,7 @@ from kopru.lesson.pretrain_tiny import (
     patch_regions,
     pretrain_language,
     pretrain_vision,
+    pretrained_backbones,
     region_weights,
     render_chat,
     render_documents,
@@ -276,7 +276,7 @@ def test_builders_save_loadable_backbones(tmp_path: Path) -> None:
     assert len(list(iter_report_lines(tmp_path))) > 10  # `kopru pretrain-tiny`'s summary reads both reports
 
 
-def test_default_backbones_builds_other_seeds_once_into_the_cache(tmp_path, monkeypatch) -> None:
+def test_pretrained_backbones_builds_other_seeds_once_into_the_cache(tmp_path, monkeypatch) -> None:
     import kopru.lesson.pretrain_tiny as pretrain_tiny
 
     calls = []
@@ -288,9 +288,9 @@ def test_default_backbones_builds_other_seeds_once_into_the_cache(tmp_path, monk
 
     monkeypatch.setenv("KOPRU_CACHE", str(tmp_path))
     monkeypatch.setattr(pretrain_tiny, "build_tiny_backbones", small_build)
-    paths = default_backbones(seed=3)
+    paths = pretrained_backbones(seed=3)
     assert paths == {"vision": tmp_path / "tiny-3" / "vision", "llm": tmp_path / "tiny-3" / "llm"}
-    assert default_backbones(seed=3) == paths and calls == [3]  # the second call finds the cache
+    assert pretrained_backbones(seed=3) == paths and calls == [3]  # the second call finds the cache
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-3"]  # no staging directory left behind
     _check_built(paths)
 

@@ -57,11 +57,14 @@ from kopru.serve import (  # noqa: E402
 )
 
 MODEL_NAME = "tiny-kopru"
-# Small limits, so that each bad-input case is cheap to build; a wide batch window, so that requests sent
-# together on a busy 2-core machine still arrive within it.
+# Small limits, so that each bad-input case is cheap to build; no batch window, so that a request sent alone
+# is generated at once instead of waiting for companions that never come.
 LIMITS = ServerLimits(max_image_bytes=150_000, max_image_pixels=256 * 256, max_images_per_request=2,
                       max_new_tokens=1024, default_new_tokens=16, max_request_bytes=1_000_000, max_batch_size=4,
-                      batch_window_ms=300)
+                      batch_window_ms=0)
+# The tests of batching itself: a wide window, so that requests sent together on a busy 2-core machine still
+# arrive within it.
+BATCHING = dataclasses.replace(LIMITS, batch_window_ms=300)
 
 
 
@@ -125,6 +128,23 @@ def engine(server: RunningServer):
 @pytest.fixture(scope="module")
 def client(server: RunningServer):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+class SideServer(RunningServer):
+    """Another app on the module's engine (the module's own server is idle meanwhile), for tests that need
+    other limits or security settings, or that break the worker on purpose."""
+
+    def __init__(self, engine, limits: ServerLimits = LIMITS, security: ServerSecurity | None = None) -> None:
+        super().__init__(create_app(engine, MODEL_NAME, limits, **({} if security is None else {"security": security})))
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def batching(engine) -> SideServer:
+    """A server on the module's engine with the wide batch window (BATCHING), for the tests of batching."""
+    side = SideServer(engine, BATCHING)
+    yield side
+    side.stop()
 
 
 def expected(engine, messages: list[dict], max_tokens: int, **sampling):
@@ -223,11 +243,12 @@ def test_sampling_settings_reach_the_engine(server: RunningServer, client, engin
     assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (cut.text, "stop")
 
 
-def test_concurrent_requests_are_batched_and_answered_correctly(server: RunningServer, client, engine) -> None:
+def test_concurrent_requests_are_batched_and_answered_correctly(batching: SideServer, engine) -> None:
+    client = batching.client
     requests = [user_message(QUESTIONS[i], data_url(drawn_image(i))) for i in range(4)]
     references = [expected(engine, messages, max_tokens=20).text for messages in requests]
     assert len(set(references)) > 1, "the four requests must differ, or a mix-up could not be seen"
-    before = metrics(server)
+    before = metrics(batching)
 
     def ask(index: int) -> str:
         if index % 2:  # half streamed, half not: both kinds share a batch
@@ -241,15 +262,16 @@ def test_concurrent_requests_are_batched_and_answered_correctly(server: RunningS
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(ask, range(4)))
     assert answers == references
-    after = metrics(server)
+    after = metrics(batching)
     new_batches = {int(size): count - before["batch_sizes"].get(size, 0) for size, count in after["batch_sizes"].items()}
     assert sum(size * count for size, count in new_batches.items()) == 4
     assert max(size for size, count in new_batches.items() if count) >= 2, f"no batching: {new_batches}"
 
 
-def test_batch_never_shortens_an_answer(server: RunningServer, client, engine) -> None:
+def test_batch_never_shortens_an_answer(batching: SideServer, engine) -> None:
     """A long prompt and a request for many new tokens do not share a batch when the batch, padded to the long
     prompt, would leave the other too little room: each gets the answer it gets alone."""
+    client = batching.client
     short = user_message(QUESTIONS[3], data_url(drawn_image(3)))
     wanted = expected(engine, short, max_tokens=200)
     assert (wanted.finish_reason, wanted.completion_tokens) == ("length", 200)
@@ -258,7 +280,7 @@ def test_batch_never_shortens_an_answer(server: RunningServer, client, engine) -
         {"model": MODEL_NAME, "messages": long}, MODEL_NAME, LIMITS, None).messages)
     assert engine.context_window - 200 < engine.count_prompt_tokens(prompt, images) < engine.context_window - 8
     long_reply = expected(engine, long, max_tokens=8).text
-    before = metrics(server)
+    before = metrics(batching)
 
     def ask(messages: list[dict], max_tokens: int) -> str:
         reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=max_tokens,
@@ -268,7 +290,7 @@ def test_batch_never_shortens_an_answer(server: RunningServer, client, engine) -
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(ask, [short, long], [200, 8]))
     assert answers == [wanted.text, long_reply]
-    after = metrics(server)
+    after = metrics(batching)
     assert after["batches"] - before["batches"] == 2
 
 
@@ -518,11 +540,10 @@ def test_engine_failure_answers_500_to_its_batch_only(server: RunningServer, cli
     assert reply.choices[0].message.content == reference
 
 
-def test_busy_server_answers_429(model_dir: Path) -> None:
-    """With room for one request, a second one gets 429 while the first streams; then it is served again."""
-    app = load_server(model_dir, model_name=MODEL_NAME, limits=ServerLimits(max_queued_requests=1,
-                                                                            max_new_tokens=256))
-    busy = RunningServer(app)
+def test_busy_server_answers_429(engine) -> None:
+    """With room for one request, a second one gets 429 while the first streams; once the first has left (its
+    client gone mid-answer: no need to wait for its 256 tokens), the server serves again."""
+    busy = SideServer(engine, ServerLimits(max_queued_requests=1, max_new_tokens=256))
     try:
         body = {"model": MODEL_NAME, "messages": user_message(QUESTIONS[0]), "max_tokens": 256, "temperature": 0}
         connection = http.client.HTTPConnection("127.0.0.1", busy.port, timeout=60)
@@ -534,8 +555,12 @@ def test_busy_server_answers_429(model_dir: Path) -> None:
         assert status == 429, text
         assert json.loads(text)["error"]["type"] == "rate_limit_error"
         assert json.loads(text)["error"]["code"] == "server_busy"
-        response.read()  # the first request runs to its end
+        connection.sock.shutdown(socket.SHUT_RDWR)
         connection.close()
+        deadline = time.monotonic() + 30
+        while metrics(busy)["active_requests"]:
+            assert time.monotonic() < deadline, "the abandoned request still holds the only slot"
+            time.sleep(0.02)
         status, text = http_request(busy.url + "/v1/chat/completions", "POST",
                                     json.dumps({**body, "max_tokens": 4}).encode())
         assert status == 200, text
@@ -604,15 +629,6 @@ def post_chat(url: str, body: dict | bytes, headers: dict[str, str] | None = Non
     return status, json.loads(text)
 
 
-class SideServer(RunningServer):
-    """Another app on the module's engine (the module's own server is idle meanwhile), for tests that need
-    other limits or security settings, or that break the worker on purpose."""
-
-    def __init__(self, engine, limits: ServerLimits = LIMITS, security: ServerSecurity | None = None) -> None:
-        super().__init__(create_app(engine, MODEL_NAME, limits, **({} if security is None else {"security": security})))
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def ask_or_error(client, messages: list[dict], max_tokens: int = 8) -> str | tuple[int, str]:
     """The answer's text, or (HTTP status, error code) when the server refuses."""
     try:
@@ -647,9 +663,10 @@ def test_defect1_lone_surrogate_is_refused_and_the_worker_lives(server: RunningS
     assert get_json(server.url + "/health")["status"] == "ok" and metrics(server)["worker_alive"]
 
 
-def test_a_failing_request_fails_alone(server: RunningServer, client, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_request_fails_alone(batching: SideServer, engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Must have: an exception while one request is prepared (tokenizing) or generated answers that request with a
     5xx; the requests sent with it, batched with it, get their right answers and the worker goes on."""
+    client = batching.client
     goods = [user_message(QUESTIONS[i], data_url(drawn_image(i))) for i in (0, 2)]
     references = [expected(engine, messages, max_tokens=8).text for messages in goods]
     real_count, real_stream = engine.count_prompt_tokens, engine._stream
@@ -668,7 +685,7 @@ def test_a_failing_request_fails_alone(server: RunningServer, client, engine, mo
 
     monkeypatch.setattr(engine, "count_prompt_tokens", count_prompt_tokens)
     monkeypatch.setattr(engine, "_stream", stream)
-    before = metrics(server)
+    before = metrics(batching)
     requests = [goods[0], user_message("POISON"), user_message("VENOM"), goods[1]]
     quick = client.with_options(timeout=30)
     with ThreadPoolExecutor(4) as pool:
@@ -676,7 +693,7 @@ def test_a_failing_request_fails_alone(server: RunningServer, client, engine, mo
     assert answers == [references[0], (500, "internal_error"), (500, "engine_error"), references[1]]
     assert any(len(prompts) > 1 and any("VENOM" in p for p in prompts) for prompts in batches), \
         f"the failing request was never batched with another, so nothing was shown: {batches}"
-    after = metrics(server)
+    after = metrics(batching)
     assert after["worker_alive"] and after["requests_failed"] == before["requests_failed"] + 2
 
 
@@ -691,13 +708,20 @@ def test_a_dead_worker_is_reported_and_restarted(engine, monkeypatch: pytest.Mon
     monkeypatch.setattr(serve.worker, "WORKER_RESTART_S", 0.0)
     side = SideServer(engine)
     worker = side.app.state.kopru.worker
-    restart_now = threading.Event()
-    real_restart, real_fit = getattr(worker, "restart", None), worker._fit
+    restart_now, health_read = threading.Event(), threading.Event()
+    real_restart, real_fit, real_fail_held = getattr(worker, "restart", None), worker._fit, worker._fail_held
     faults: list[BaseException] = [RuntimeError("simulated fault in the loop"), _Fatal("simulated death")]
 
     def gated_restart() -> None:  # holds the restart until /health has been seen saying 503
         restart_now.wait(30)
         real_restart()
+
+    def fail_held(error) -> None:
+        real_fail_held(error)
+        # The dying thread has answered its request (503): keep it alive until /health has been read, as a
+        # loaded machine may deschedule it there (/health once said ok meanwhile).
+        if error.status == 503:
+            health_read.wait(30)
 
     def fit(pending):
         if faults:
@@ -706,6 +730,7 @@ def test_a_dead_worker_is_reported_and_restarted(engine, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(worker, "restart", gated_restart, raising=False)
     monkeypatch.setattr(worker, "_fit", fit)
+    monkeypatch.setattr(worker, "_fail_held", fail_held)
     try:
         good = user_message(QUESTIONS[3], data_url(drawn_image(3)))
         reference = expected(engine, good, max_tokens=8).text
@@ -713,6 +738,7 @@ def test_a_dead_worker_is_reported_and_restarted(engine, monkeypatch: pytest.Mon
         assert get_json(side.url + "/health")["status"] == "ok"
         assert ask_or_error(side.client, good) == (503, "worker_restarting")
         status, text = http_request(side.url + "/health")
+        health_read.set()
         assert status == 503 and "_Fatal: simulated death" in json.loads(text)["reason"], text
         restart_now.set()
         deadline = time.monotonic() + 15
@@ -722,14 +748,16 @@ def test_a_dead_worker_is_reported_and_restarted(engine, monkeypatch: pytest.Mon
         assert ask_or_error(side.client, good) == reference
         assert metrics(side)["worker_restarts"] == 1
     finally:
+        health_read.set()
         restart_now.set()
         side.stop()
 
 
-def test_defect2_top_k_and_seed_are_bounded(server: RunningServer, client, engine) -> None:
+def test_defect2_top_k_and_seed_are_bounded(batching: SideServer, engine) -> None:
     """top_k 10**20 or seed 2**64 used to fail with a 500 'Overflow when unpacking long long', and so did every
     good request batched with them. Now: top_k up to the vocabulary, seeds within 64-bit signed integers (63 bits
     and a sign), anything else 400; the extremes that pass reach the engine and sample as it does."""
+    client = batching.client
     vocab = engine.vocab_size
     base = {"model": MODEL_NAME, "messages": user_message("hi"), "max_tokens": 4}
     messages = user_message(QUESTIONS[0], data_url(drawn_image(0)))
@@ -739,7 +767,7 @@ def test_defect2_top_k_and_seed_are_bounded(server: RunningServer, client, engin
 
     def send(index: int):
         if index < 2:  # sent with the good ones, so that they would share a batch if admitted
-            return post_chat(server.url, hostile[index])[0]
+            return post_chat(batching.url, hostile[index])[0]
         if index == 2:
             return client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=1.0,
                                                   seed=-(2**63), extra_body={"top_k": vocab}).choices[0].message.content
@@ -782,28 +810,34 @@ def test_defect3_text_is_bounded_before_tokenizing(server: RunningServer, engine
 
 
 def test_defect3_json_is_parsed_off_the_event_loop(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 32 MiB body used to be parsed on the event loop (/health blocked for 2.5 s). With a parser made slow on
-    purpose, /health answers while a body is being parsed."""
+    """A 32 MiB body used to be parsed on the event loop (/health blocked for 2.5 s). With a parser held on
+    purpose until /health has answered, /health answers while a body is being parsed (on the event loop, the
+    parser would block it: /health would time out)."""
     real_loads = json.loads
+    parsing, health_answered = threading.Event(), threading.Event()
 
-    class SlowJson:
+    class HeldJson:
         dumps = staticmethod(json.dumps)
 
         @staticmethod
         def loads(data, **kwargs):
-            time.sleep(1.5)
+            parsing.set()
+            health_answered.wait(10)
             return real_loads(data, **kwargs)
 
-    monkeypatch.setattr(serve.parsing, "json", SlowJson)
+    monkeypatch.setattr(serve.parsing, "json", HeldJson)
     body = {"model": MODEL_NAME, "messages": user_message("hi"), "max_tokens": 2, "temperature": 0}
     with ThreadPoolExecutor(1) as pool:
         posted = pool.submit(post_chat, server.url, body)
-        time.sleep(0.3)  # the body is being parsed now
-        start = time.perf_counter()
-        health = get_json(server.url + "/health")
-        waited = time.perf_counter() - start
+        try:
+            assert parsing.wait(30), "the body was never parsed"
+            status, text = http_request(server.url + "/health", timeout=3)
+        except TimeoutError:
+            status, text = None, "no answer within 3 s: the parser blocks the event loop"
+        finally:
+            health_answered.set()
         assert posted.result()[0] == 200
-    assert health["status"] == "ok" and waited < 0.75, f"/health waited {waited:.2f} s for the parser"
+    assert status == 200 and json.loads(text)["status"] == "ok", text
 
 
 def test_defect5_json_depth_and_size_are_bounded(server: RunningServer) -> None:

@@ -36,8 +36,8 @@ from conftest import RunningServer, drawn_image  # noqa: E402
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig  # noqa: E402
 from kopru.alignment import normalize_text  # noqa: E402
+from kopru.backbones import default_backbones  # noqa: E402
 from kopru.generation import SamplingParams, format_chat  # noqa: E402
-from kopru.lesson.pretrain_tiny import default_backbones  # noqa: E402
 from kopru.serve import ServerLimits, ServerSecurity, create_app, load_server  # noqa: E402
 
 MODEL_NAME = "tiny-kopru-demo"

@@ -14,7 +14,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
-from kopru.lesson.pretrain_tiny import default_backbones
+from kopru.backbones import default_backbones
 
 # Sized for the tiny backbones (width 128): a 2-layer MLP, a 2-layer Q-Former with 16 queries, and a gated
 # cross-attention block before every 2nd of the LLM's 4 layers.

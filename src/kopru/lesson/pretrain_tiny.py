@@ -20,7 +20,8 @@ built on them has something to connect:
   is in any picture.
 - `build_tiny_backbones`: both, into out_dir/"vision" and out_dir/"llm"; the same seed gives the same
   data, initialisation and batches.
-- `default_backbones`: the copy shipped in `kopru/assets/tiny` (seed 0), else built once into the cache.
+- `pretrained_backbones`: for seed 0 the copy shipped in `kopru/assets/tiny` (`kopru.backbones`, which owns where
+  the library's default backbones are), for another seed (or without the shipped copy) built once into the cache.
 
 Held-out numbers (the "test" split of the synthetic tasks, never trained on) are written to
 `pretrain_report.json` in each directory.
@@ -58,6 +59,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from kopru.backbones import ASSETS_DIR, backbone_paths, missing_backbone_files
 from kopru.data import turkish
 from kopru.data.formats import IMAGE_PLACEHOLDER
 from kopru.data.sample import Sample
@@ -77,7 +79,6 @@ from kopru.data.synthetic import (
 from kopru.image_processing import CONFIG_NAME as PREPROCESSOR_CONFIG
 from kopru.threads import default_threads
 
-ASSETS_DIR = Path(__file__).parents[1] / "assets" / "tiny"
 DEFAULT_SEED = 0
 REPORT_NAME = "pretrain_report.json"
 VISION_STEPS = 800
@@ -675,10 +676,7 @@ def _threads(num_threads: int | None) -> Iterator[None]:
 
 def _complete(root: Path) -> bool:
     """Whether `root` holds both backbones, fully written."""
-    wanted = [root / "vision" / "config.json", root / "vision" / "model.safetensors",
-              root / "vision" / PREPROCESSOR_CONFIG, root / "llm" / "config.json", root / "llm" / "model.safetensors",
-              root / "llm" / "tokenizer.json", root / "llm" / "tokenizer_config.json"]
-    return all(path.is_file() for path in wanted)
+    return not missing_backbone_files(root)
 
 
 def cache_dir() -> Path:
@@ -688,21 +686,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kopru"
 
 
-def default_backbones(seed: int = DEFAULT_SEED) -> dict[str, Path]:
-    """Paths of the tiny pretrained backbones: the copy shipped in the package (seed 0) when present, else the
-    ones in the cache (cache_dir()/tiny-<seed>), built there on first use (a few minutes on a CPU)."""
+def pretrained_backbones(seed: int = DEFAULT_SEED) -> dict[str, Path]:
+    """Paths of the tiny pretrained backbones of `seed`: for seed 0 the copy shipped in the package when present
+    (`kopru.backbones.default_backbones`, what the library trains on by default), else the ones in the cache
+    (cache_dir()/tiny-<seed>), built there on first use (a few minutes on a CPU)."""
     if seed == DEFAULT_SEED and _complete(ASSETS_DIR):
         root = ASSETS_DIR
     else:
         root = cache_dir() / f"tiny-{seed}"
         if not _complete(root):
             _build_atomically(root, seed)
-    return {"vision": root / "vision", "llm": root / "llm"}
+    return backbone_paths(root)
 
 
 def _build_atomically(root: Path, seed: int) -> None:
     """Build into a temporary sibling and rename it into place: an interrupted or concurrent build never
-    leaves a half-written directory where `default_backbones` looks."""
+    leaves a half-written directory where `pretrained_backbones` looks."""
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = root.with_name(f"{root.name}.building-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -736,11 +735,10 @@ def iter_report_lines(root: str | Path) -> Iterator[str]:
 
 
 __all__ = [
-    "ASSETS_DIR",
     "CHAT_TEMPLATE",
     "build_tiny_backbones",
     "cache_dir",
-    "default_backbones",
     "pretrain_language",
     "pretrain_vision",
+    "pretrained_backbones",
 ]

@@ -24,9 +24,9 @@ from transformers import (
     ViTModel,
 )
 
+from kopru.backbones import default_backbones
 from kopru.config import KopruConfig, VisionTowerConfig
 from kopru.image_processing import ImagePreprocessor
-from kopru.lesson.pretrain_tiny import default_backbones
 from kopru.model import KopruForConditionalGeneration
 
 CORPUS = [

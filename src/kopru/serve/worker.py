@@ -100,7 +100,9 @@ class BatchingWorker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        # `failure` is set before the dying thread answers the jobs it held (503), and the thread is still alive
+        # while it does: is_alive() alone said "ok" to a client that had just been told the worker died.
+        return self.failure is None and self._thread.is_alive()
 
     def submit(self, job: GenerationJob) -> None:
         self._queue.put(job)
@@ -133,8 +135,8 @@ class BatchingWorker:
         """Start a new worker thread after the last one died; queued jobs are kept."""
         logger.error("kopru serve: the generation worker died (%s); starting a new one", self.failure)
         self.restarts += 1
+        self.failure = None  # before the new thread starts: a failure of that one must not be cleared here
         self._thread = self._start()
-        self.failure = None
 
     def _run(self) -> None:
         try:

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from kopru.backbones import default_backbones
 from kopru.config import KopruConfig, VisionTowerConfig, coerce, type_name
 from kopru.data.batching import LengthGroupedSampler, collate, collate_packed, pack
 from kopru.data.builtin import builtin_dataset
@@ -43,7 +44,6 @@ from kopru.data.encoding import EncodedSample, SampleEncoder
 from kopru.data.formats import SKIP_REASONS, SampleError, SkipReport, load_samples
 from kopru.data.sample import Sample, samples_fingerprint
 from kopru.evaluation import answer_results, summarize_answers
-from kopru.lesson.pretrain_tiny import default_backbones
 from kopru.llm import context_window, decoder_layers
 from kopru.model import KopruForConditionalGeneration
 from kopru.training.checkpoint import (
@@ -69,10 +69,11 @@ from kopru.training.recipes import (
 @dataclass
 class TrainConfig:
     # Model: a Köprü model directory to continue from, or backbones + strategy for a new one (vision and llm
-    # both None: the built-in tiny pretrained backbones, kopru.lesson.pretrain_tiny.default_backbones()).
+    # both None: the built-in tiny pretrained backbones, kopru.backbones.default_backbones()).
     model: str | None = None
-    vision: str | None = None
-    llm: str | None = None
+    vision: str | None = field(default=None, metadata={"help": (
+        "vision encoder path / hub id; none with --llm none: the built-in tiny pretrained backbones")})
+    llm: str | None = field(default=None, metadata={"help": "causal LM path / hub id; none: see --vision"})
     strategy: str = "projection"
     connector: dict[str, Any] = field(default_factory=dict)
     feature_layer: int | list[int] = -2
