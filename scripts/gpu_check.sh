@@ -74,7 +74,8 @@ else
     train_options=(--preset llava-7b --repeats 1)
 fi
 
-step cuda_tests 90 "$python" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider \
+# -o addopts=: the project's addopts name pytest-xdist's --dist, and the lent machine may not have xdist.
+step cuda_tests 90 "$python" -m pytest -o addopts= -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider \
     --junitxml "$out/cuda_tests.xml"
 
 for preset in llava-7b blip2-7b mllama-11b; do
