@@ -7,11 +7,13 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: demo test lint clean
 
+# --no-compile: byte-compiling every installed file (transformers has thousands) took about 50 of the install's
+# 80 s; Python compiles the modules it actually imports on first use instead.
 $(BIN)/kopru: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-compile --upgrade pip
+	$(BIN)/pip install -q --no-compile $(TORCH_PIN)
+	$(BIN)/pip install -q --no-compile -e '.[test]'
 	touch $(BIN)/kopru
 
 # Every core: right after the install the load average is still high, and the CLI's default (the idle CPUs)
