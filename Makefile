@@ -7,13 +7,16 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: demo test lint clean
 
-# --no-compile: byte-compiling every installed file (transformers has thousands) took about 50 of the install's
-# 80 s; Python compiles the modules it actually imports on first use instead.
+# pip byte-compiles every installed file one at a time (about 50 of the install's 80 s here); compileall does it on
+# every core. Compiled it must be: where PYTHONDONTWRITEBYTECODE is set (here, and in many Docker images) nothing
+# compiled on first import is kept, and every worker process would compile transformers again. compileall exits 1
+# on the few files written for newer Pythons (torch's py312 tests), which pip skips silently too.
 $(BIN)/kopru: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile --upgrade pip
 	$(BIN)/pip install -q --no-compile $(TORCH_PIN)
 	$(BIN)/pip install -q --no-compile -e '.[test]'
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 	touch $(BIN)/kopru
 
 # Every core: right after the install the load average is still high, and the CLI's default (the idle CPUs)
