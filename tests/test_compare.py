@@ -274,11 +274,26 @@ def test_a_language_gap_over_two_points_is_explained_with_measurements():
     assert "interval excludes 0" in language_gap_notes(results)[0]
 
 
-def test_compare_run_writes_a_task_subset_that_reads_back_as_the_builtin_questions(tmp_path, monkeypatch):
+def _compare_run_script(monkeypatch):
     spec = importlib.util.spec_from_file_location("compare_run", ROOT / "scripts" / "compare_run.py")
     script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "compare_run", script)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_compare_run_refuses_an_unknown_task_naming_the_known_ones(monkeypatch, capsys):
+    script = _compare_run_script(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["compare_run.py", "--train-tasks", "shapes-exists,shapes-size"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--train-tasks expects tasks from" in err and "shapes-colour" in err and "['shapes-size']" in err
+
+
+def test_compare_run_writes_a_task_subset_that_reads_back_as_the_builtin_questions(tmp_path, monkeypatch):
+    script = _compare_run_script(monkeypatch)
     path = script.write_task_subset(["shapes-exists", "shapes-where"], scenes=5, seed=3, folder=tmp_path / "data")
     loaded, report = load_samples(str(path))
     expected = [s for s in shapes_dataset(5, seed=3, split="train")
