@@ -120,3 +120,23 @@ def test_importing_every_library_module_loads_no_lesson_module():
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [], f"loaded by library modules: {result.stdout}"
+
+
+def test_the_package_loads_its_public_names_on_first_use():
+    """`import kopru` alone loads neither torch nor transformers (a `kopru compare` worker, `import
+    kopru.data.turkish` start without them), and every public name still resolves to its owner's object."""
+    program = "import json, sys, kopru; print(json.dumps(sorted({'torch', 'transformers'} & set(sys.modules))))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+    from kopru.connectors.qformer import QFormerConfig
+    from kopru.model import KopruForConditionalGeneration
+    from kopru.tokens import image_positions
+
+    assert (kopru.QFormerConfig, kopru.KopruForConditionalGeneration, kopru.image_positions) == (
+        QFormerConfig, KopruForConditionalGeneration, image_positions)
+    assert all(getattr(kopru, name) is not None for name in kopru.__all__) and set(kopru.__all__) <= set(dir(kopru))
+    with pytest.raises(AttributeError, match="no attribute 'KopruModel'"):
+        kopru.KopruModel  # noqa: B018
