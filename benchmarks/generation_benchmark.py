@@ -56,7 +56,7 @@ from kopru.convert import blip2 as blip2_converter
 from kopru.convert import llava as llava_converter
 from kopru.convert import mllama as mllama_converter
 from kopru.generation import GenerationEngine, SamplingParams
-from kopru.lesson.compare import peak_rss_mb, reset_peak_rss
+from kopru.lesson.measure import peak_rss_mb, reset_peak_rss
 from kopru.lesson.tiny import tiny_tokenizer
 from kopru.run_info import environment, write_json
 

@@ -5,28 +5,23 @@ what was measured.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import multiprocessing
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from tqdm import tqdm
 
 from kopru.alignment import caption_retrieval, text_budget, tokenizer_fertility
 from kopru.data.builtin import builtin_dataset
+from kopru.lesson.jobs import run_jobs
+from kopru.lesson.measure import measure_latency, measure_peak_memory
 from kopru.lesson.report import write_report
 from kopru.lesson.scale import default_speed_setup, lesson_structure, measure_speed
 from kopru.lesson.significance import bootstrap_difference, bootstrap_mean
@@ -168,35 +163,6 @@ def measure_run(run: RunResult, with_memory: bool) -> RunResult:
     return dataclasses.replace(run, ttft_ms=ttft, decode_tokens_per_s=decode, peak_memory_mb=memory)
 
 
-def _init_worker(threads: int, log_dir: str | None) -> None:
-    torch.set_num_threads(threads)
-    transformers.utils.logging.disable_progress_bar()
-    if log_dir is not None:
-        # Each run's own progress bars and messages go to a log file (the training loop's bars cannot be turned
-        # off from outside), so the terminal shows one bar, this process's, per finished run.
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        sys.stderr = open(Path(log_dir) / f"worker-{os.getpid()}.log", "a", buffering=1)  # noqa: SIM115
-
-
-def run_jobs(jobs: list[tuple[Callable[..., Any], tuple, dict[str, Any]]], workers: int, desc: str,
-             log_dir: str | Path | None = None) -> list[Any]:
-    """Each job's result, in the order given. With `workers` > 1 the jobs run in that many fresh processes with one
-    torch thread each: the tiny models are too small for a second thread to help one run (0.36 s a step with
-    one thread on a busy machine against 1.4 s with two), so two runs side by side nearly halve the wall time.
-    A process starts with `spawn` (a forked torch with threads running can hang); its stderr (progress bars,
-    warnings) goes to `log_dir`/worker-PID.log when given."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [fn(*args, **kwargs) for fn, args, kwargs in tqdm(jobs, desc=desc)]
-    context = multiprocessing.get_context("spawn")
-    results: list[Any] = [None] * len(jobs)
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_init_worker,
-                             initargs=(1, None if log_dir is None else str(log_dir))) as pool:
-        futures = {pool.submit(fn, *args, **kwargs): i for i, (fn, args, kwargs) in enumerate(jobs)}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
-            results[futures[future]] = future.result()
-    return results
-
-
 def train_settings(variant: Variant, seed: int, preset: Preset, vision: str | None, llm: str | None,
                     train_data: str, eval_data: str | None, train_languages: tuple[str, ...]) -> dict[str, Any]:
     """What every run of a comparison shares: data, budget, optimiser, evaluation."""
@@ -215,79 +181,6 @@ def run_stage1(variant: Variant, steps: int, output_dir: Path, settings: dict[st
     """Stage 1 (BLIP-2's for the Q-Former, LLaVA's align otherwise); returns the saved connector's directory."""
     recipe = "qformer-stage1" if variant.strategy == "qformer" else "align"
     return train(TrainConfig(**settings, recipe=recipe, max_steps=steps, output_dir=str(output_dir))).final_model
-
-
-def _latency_batch(model, processor) -> dict[str, torch.Tensor]:
-    """One image and a short question at batch 1: the prompt every latency and memory figure uses."""
-    from PIL import Image
-
-    image = Image.new("RGB", (64, 64), (30, 60, 220))
-    batch = processor(["<image>\nHow many squares are there?"], [[image]], padding_side="left",
-                      add_special_tokens=False)
-    return {k: v.to(model.device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def measure_latency(model, processor, new_tokens: int = 16, repeats: int = 3) -> tuple[float, float]:
-    """Time to first token (ms) and decode tokens/s, batch 1, greedy, fastest of `repeats`."""
-    batch = _latency_batch(model, processor)
-    cuda = model.device.type == "cuda"
-
-    def timed(tokens: int) -> float:
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first call warms up
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model.generate(**batch, max_new_tokens=tokens, eos_token_id=[])
-            if cuda:
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    first, whole = timed(1), timed(new_tokens)
-    return 1000 * first, (new_tokens - 1) / max(whole - first, 1e-9)
-
-
-def measure_peak_memory(model_dir: str, new_tokens: int = 16) -> float | None:
-    """Peak memory (MB) of loading the saved model and generating `new_tokens` for the latency prompt, in a fresh
-    process so that nothing this process allocated before (training, other variants) counts: CUDA's allocator
-    peak on GPU, else the process's peak resident set (Linux; Python, torch and the weights included, so compare
-    variants by their differences). None where it cannot be read."""
-    code = f"from kopru.lesson.compare import _peak_memory_child; _peak_memory_child({model_dir!r}, {new_tokens})"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring peak memory of {model_dir} failed:\n{done.stderr[-2000:]}")
-    value = json.loads(done.stdout.strip().splitlines()[-1])["peak_memory_mb"]
-    return None if value is None else float(value)
-
-
-def _peak_memory_child(model_dir: str, new_tokens: int) -> None:
-    model, processor = KopruForConditionalGeneration.from_pretrained(model_dir)
-    if torch.cuda.is_available():
-        model.cuda()
-        torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
-        model.generate(**_latency_batch(model, processor), max_new_tokens=new_tokens, eos_token_id=[])
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb()
-    print(json.dumps({"peak_memory_mb": peak}))
-
-
-def reset_peak_rss() -> None:
-    """Linux: start this process's peak resident set (VmHWM) afresh, at the current resident set."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set in MB since start or `reset_peak_rss` (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def compare(preset_name: str = "default", output: str | Path = "runs/compare", workers: int | None = None,
