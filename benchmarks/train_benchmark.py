@@ -17,6 +17,7 @@ Model FLOPs are counted as in the reference anchor: tokens x (4 for stage 1, 6 f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--lengths", type=int, nargs=2, metavar=("SHORTEST", "LONGEST"),
+                        help="token lengths of the length-distribution benchmark, uniform between the two (default: "
+                             "the preset's; scripts/gpu_check.sh --dry takes short ones to be quick)")
     parser.add_argument("--json", metavar="PATH",
                         help="also write every row (tokens/s and MFU per stage and implementation; non-padding "
                              "tokens/s and padding per batching), the ratios, the device, torch / transformers "
@@ -226,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
+    if args.lengths:
+        shortest, longest = args.lengths
+        if not 0 < shortest <= longest:
+            parser.error(f"--lengths expects 0 < SHORTEST <= LONGEST, found {shortest} {longest}")
+        preset = dataclasses.replace(preset, lengths=(shortest, longest))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

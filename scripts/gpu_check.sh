@@ -10,7 +10,7 @@
 #   cuda_tests     pytest -m cuda tests/test_cuda.py -> cuda_tests.xml (JUnit) and cuda_tests.json
 #   generation_P   benchmarks/generation_benchmark.py --preset P, batch 1 and 8 -> generation_P.json, for P in
 #                  llava-7b (with the compiled variants), blip2-7b and mllama-11b (eager only, to fit the time)
-#   train          benchmarks/train_benchmark.py --preset llava-7b -> train.json  (--dry: --preset tiny)
+#   train          benchmarks/train_benchmark.py --preset llava-7b -> train.json  (--dry: --preset tiny, lengths 32-128)
 # A failing step does not stop the others; OUT_DIR/summary.json records each step's command, exit code, seconds
 # and whether it timed out, and the script exits 1 when any step failed (2 on a usage error).
 #
@@ -67,7 +67,7 @@ step() {
 if [ "$dry" -eq 1 ]; then
     printf 'install\tskipped\t0\t0\tfalse\t--dry: nothing installed\n' >> "$steps_file"
     generation_options=(--tiny --skip-compiled --repeats 1 --threads "$threads")
-    train_options=(--preset tiny --repeats 1 --threads "$threads")
+    train_options=(--preset tiny --repeats 1 --lengths 32 128 --threads "$threads")
 else
     step install 30 "$python" -m pip install --no-deps --no-build-isolation --no-input -e .
     generation_options=(--repeats 2)

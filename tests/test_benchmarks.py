@@ -67,14 +67,21 @@ def test_serve_benchmark_sends_one_at_a_time_then_all_at_once():
             assert used == {"1": 3}, used  # sequential requests can never share a batch
 
 
-@pytest.mark.slow
-def test_train_benchmark_measures_and_length_grouping_cuts_padding(monkeypatch):
-    """The script's two measurements, in this process at a size below its smallest preset (the script itself
-    takes 25 s here)."""
+@pytest.fixture
+def train_benchmark(monkeypatch):
+    """benchmarks/train_benchmark.py loaded as a module."""
     spec = importlib.util.spec_from_file_location("train_benchmark", ROOT / "benchmarks" / "train_benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "train_benchmark", bench)  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_train_benchmark_measures_and_length_grouping_cuts_padding(train_benchmark):
+    """The script's two measurements, in this process at a size below its smallest preset (the script itself
+    takes 25 s here)."""
+    bench = train_benchmark
     preset = dataclasses.replace(bench.PRESETS["tiny"], batch=2, text_tokens=8, lengths=(20, 80))
     torch.manual_seed(0)
     steps = bench.step_benchmark(preset, torch.device("cpu"), torch.float32, repeats=1)
@@ -88,3 +95,10 @@ def test_train_benchmark_measures_and_length_grouping_cuts_padding(monkeypatch):
     # depends on the lengths; tests/test_batching.py tests the packing itself.)
     assert padding["Köprü length-grouped"] < padding["HF-style padded random batches"]
     assert set(padding) == {"HF-style padded random batches", "Köprü length-grouped", "Köprü packed"}
+
+
+def test_train_benchmark_refuses_lengths_out_of_order(train_benchmark, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_benchmark.main(["--lengths", "128", "32"])
+    assert exit_info.value.code == 2
+    assert "--lengths expects 0 < SHORTEST <= LONGEST, found 128 32" in capsys.readouterr().err
