@@ -14,17 +14,21 @@ from kopru.cli import build_parser, main
 from kopru.threads import default_threads
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-# A child process runs a cheap command through the real entry point and prints the thread count torch ended with.
+# A child process runs a cheap command through the real entry point and prints the thread count torch ended with;
+# the environment rules are probed through what that command calls (kopru.threads: 2 s a process against 5 s).
 PROBE = ("import torch; from kopru.cli import main; main(['explain', '--list'{extra}]); "
          "print('threads', torch.get_num_threads())")
+RULE_PROBE = ("import torch; from kopru.threads import configure_threads; configure_threads(None); "
+              "print('threads', torch.get_num_threads())")
 
 
-def probe(extra_args: list[str], **env: str) -> int:
-    """torch.get_num_threads() after `kopru explain --list EXTRA_ARGS` in a fresh process with `env` added to an
-    environment cleared of OMP_NUM_THREADS / MKL_NUM_THREADS."""
+def probe(extra_args: list[str] | None, **env: str) -> int:
+    """torch.get_num_threads() after `kopru explain --list EXTRA_ARGS` (EXTRA_ARGS None: after
+    `configure_threads(None)` alone) in a fresh process with `env` added to an environment cleared of
+    OMP_NUM_THREADS / MKL_NUM_THREADS."""
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    extra = "".join(f", {arg!r}" for arg in extra_args)
-    done = subprocess.run([sys.executable, "-c", PROBE.format(extra=extra)], capture_output=True, text=True,
+    code = RULE_PROBE if extra_args is None else PROBE.format(extra="".join(f", {arg!r}" for arg in extra_args))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**base, "PYTHONPATH": SRC, **env}, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return int(done.stdout.strip().splitlines()[-1].split()[1])
@@ -61,8 +65,8 @@ def test_fresh_process_default_env_and_flag() -> None:
         pytest.skip("one CPU: torch caps OMP_NUM_THREADS at the CPU count, so no setting differs from the default")
     # The user's setting is kept, whatever the load (torch itself caps it at the CPU count) ...
     for user in (1, 2):
-        assert probe([], OMP_NUM_THREADS=str(user)) == user
-        assert probe([], MKL_NUM_THREADS=str(user)) == user
+        assert probe(None, OMP_NUM_THREADS=str(user)) == user
+        assert probe(None, MKL_NUM_THREADS=str(user)) == user
     # ... unless --threads says otherwise.
     assert probe(["--threads", "3"], OMP_NUM_THREADS="1") == 3
 
