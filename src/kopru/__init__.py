@@ -6,9 +6,9 @@ from kopru.connectors.cross_attention import CrossAttentionConfig
 from kopru.connectors.projection import ProjectionConfig
 from kopru.connectors.qformer import QFormerConfig
 from kopru.connectors.resampler import ResamplerConfig
+from kopru.geometry import ImageTokenCount, count_image_tokens, image_positions
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
-from kopru.tokens import ImageTokenCount, count_image_tokens, image_positions
 
 __all__ = [
     "CrossAttentionConfig",
