@@ -2,10 +2,11 @@
 
 `plan_image` turns an image size into an `ImagePlan`: how many encoder passes (1; a base view plus tiles for
 anyres; the tiles of a tiled encoder), at which pixel size, and the patch grid each pass hands to the connector
-after the k x k reduction, with the CLS rule (`EncoderGeometry`: a CLS token the encoder has stays unless
-`vision.drop_cls` drops it; never with a reduction or a packed anyres grid). `kopru.geometry.image_positions`
-counts from the plan, `kopru.high_resolution_processing.HighResolutionPreprocessor` makes its pixels and the model
-produces its features, so the three cannot disagree.
+after the k x k reduction, with the CLS rule (`EncoderGeometry`: whether a CLS token stays is
+`kopru.vision.keeps_cls`, next to the encoder facts it reads; a kept one is refused with a reduction or a packed
+anyres grid, which need a pure patch grid). `kopru.geometry.image_positions` counts from the plan,
+`kopru.high_resolution_processing.HighResolutionPreprocessor` makes its pixels and the model produces its
+features, so the three cannot disagree.
 
 Sizes are (height, width) inside functions, as in the rest of `kopru.geometry`.
 """
@@ -20,7 +21,7 @@ from kopru.connectors import strategy_class
 from kopru.geometry.anyres import AnyresLayout, anyres_layout, anyres_pinpoints
 from kopru.geometry.dynamic import QWEN2_VL_MAX_PIXELS, QWEN2_VL_MIN_PIXELS, smart_resize
 from kopru.geometry.tiles import TileLayout, supported_aspect_ratios, tile_layout
-from kopru.vision import VISION_BACKBONES, vision_config_of
+from kopru.vision import keeps_cls, vision_config_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -41,9 +42,7 @@ class EncoderGeometry:
     @classmethod
     def of(cls, config: KopruConfig, encoder_config: PretrainedConfig) -> EncoderGeometry:
         encoder_config = vision_config_of(encoder_config)
-        has_cls = VISION_BACKBONES[encoder_config.model_type].has_cls
-        drop_cls = has_cls if config.vision.drop_cls is None else config.vision.drop_cls
-        return cls(encoder_config.image_size, encoder_config.patch_size, has_cls and not drop_cls)
+        return cls(encoder_config.image_size, encoder_config.patch_size, keeps_cls(encoder_config, config.vision))
 
 
 @dataclass(frozen=True)
