@@ -1,5 +1,5 @@
 """Conformance of every connector: each registered strategy and its main variants must produce as many image
-vectors as `kopru.tokens.image_positions` counts, pass gradients to every trainable parameter, round-trip through
+vectors as `kopru.geometry.image_positions` counts, pass gradients to every trainable parameter, round-trip through
 safetensors exactly, keep bf16 as bf16, and train in stage 1 exactly the modules the recipe names."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from kopru import KopruConfig, KopruForConditionalGeneration, ResolutionConfig
 from kopru.connectors import CrossAttentionConfig, available_strategies
+from kopru.geometry import image_positions
 from kopru.lesson.tiny import tiny_tokenizer
-from kopru.tokens import image_positions
 from kopru.training.recipes import apply_recipe
 
 RESAMPLER = {"num_latents": 6, "depth": 1, "num_heads": 2, "head_dim": 8, "ff_mult": 2}

@@ -133,7 +133,8 @@ def text_first_inputs(reference: MllamaForConditionalGeneration, arrangements: l
     its images (`arrangements`: tile rows x columns each) separated by text. HF's inputs (padding tiles zero,
     a cross-attention mask in which each row sees the real tiles of every image before it, the first rows none)
     and Köprü's."""
-    from kopru.tiling import aspect_ratio_inputs, tile_layout
+    from kopru.geometry import tile_layout
+    from kopru.high_resolution_processing import aspect_ratio_inputs
 
     config = reference.config
     image_id, size, tiles = config.image_token_id, IMAGE_SIZE, MAX_TILES

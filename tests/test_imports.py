@@ -132,11 +132,56 @@ def test_the_package_loads_its_public_names_on_first_use():
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
     from kopru.connectors.qformer import QFormerConfig
+    from kopru.geometry import image_positions
     from kopru.model import KopruForConditionalGeneration
-    from kopru.tokens import image_positions
 
     assert (kopru.QFormerConfig, kopru.KopruForConditionalGeneration, kopru.image_positions) == (
         QFormerConfig, KopruForConditionalGeneration, image_positions)
     assert all(getattr(kopru, name) is not None for name in kopru.__all__) and set(kopru.__all__) <= set(dir(kopru))
     with pytest.raises(AttributeError, match="no attribute 'KopruModel'"):
         kopru.KopruModel  # noqa: B018
+
+
+# kopru.geometry is the size arithmetic only (ints and dataclasses): no tensors, pixels or model code. It reads
+# facts about connectors (`strategy_class`) and encoders (`VISION_BACKBONES`) from their owners, nothing else.
+GEOMETRY = "kopru.geometry"
+GEOMETRY_FORBIDDEN = ("torch", "PIL", "numpy", "transformers")
+GEOMETRY_MAY_IMPORT = {"kopru.connectors", "kopru.vision"}
+
+
+def _runtime_imports(source: str) -> set[str]:
+    """Modules `source` imports anywhere (inside functions too) except under `if TYPE_CHECKING:`."""
+    tree = ast.parse(source)
+    hidden = {id(node) for block in ast.walk(tree)
+              if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+              for statement in block.body for node in ast.walk(statement)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in hidden:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def _forbidden(modules: set[str]) -> list[str]:
+    return sorted(name for name in modules if name.split(".")[0] in GEOMETRY_FORBIDDEN)
+
+
+def test_the_import_walk_sees_runtime_imports_and_skips_type_checking_ones():
+    source = ("from typing import TYPE_CHECKING\nimport torch.nn\nif TYPE_CHECKING:\n    from transformers import X\n"
+              "def f():\n    from PIL import Image\n")
+    assert _forbidden(_runtime_imports(source)) == ["PIL", "torch.nn"]
+
+
+def test_geometry_imports_no_tensor_pixel_or_model_library():
+    files = sorted((PACKAGE / "geometry").glob("*.py"))
+    assert {path.stem for path in files} >= {"__init__", "anyres", "dynamic", "tiles", "plan", "positions"}
+    imports = {path.name: _runtime_imports(path.read_text(encoding="utf-8")) for path in files}
+    assert {name: _forbidden(found) for name, found in imports.items() if _forbidden(found)} == {}
+    outside = {name: sorted(module for module in found if module.startswith("kopru")
+                            and not module.startswith(GEOMETRY) and module not in GEOMETRY_MAY_IMPORT)
+               for name, found in imports.items()}
+    assert {name: found for name, found in outside.items() if found} == {}

@@ -31,10 +31,15 @@ from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.convert import load_reference
 from kopru.convert import mllama as converter
 from kopru.generation import GenerationEngine, SamplingParams
-from kopru.high_resolution import plan_image
+from kopru.geometry import (
+    image_positions,
+    optimal_tiled_canvas,
+    plan_image,
+    size_fit_to_canvas,
+    supported_aspect_ratios,
+    tile_layout,
+)
 from kopru.model import KopruForConditionalGeneration
-from kopru.tiling import optimal_tiled_canvas, size_fit_to_canvas, supported_aspect_ratios, tile_layout
-from kopru.tokens import image_positions
 
 ATOL = 1e-5
 IMAGE = converter.IMAGE_TOKEN

@@ -50,7 +50,7 @@ from kopru.convert import mllama as mllama_converter
 from kopru.lesson.tiny import tiny_tokenizer
 
 # ------------------------------------------------------------------------------ tiny random HF models
-# The conversion tests' references (test_convert, test_high_resolution, test_chat_templates, test_export, ...):
+# The conversion tests' references (test_convert, test_high_resolution_processing, test_chat_templates, test_export, ...):
 # every weight random, norms and biases included, so that a mapping that misses one shows.
 IMAGE_SIZE, PATCH = 32, 8
 NUM_QUERIES = 6

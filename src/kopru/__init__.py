@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     from kopru.connectors.projection import ProjectionConfig
     from kopru.connectors.qformer import QFormerConfig
     from kopru.connectors.resampler import ResamplerConfig
+    from kopru.geometry import ImageTokenCount, count_image_tokens, image_positions
     from kopru.model import KopruForConditionalGeneration
     from kopru.processing import KopruProcessor
-    from kopru.tokens import ImageTokenCount, count_image_tokens, image_positions
 
 # Public name -> the module that owns it.
 _OWNERS = {
@@ -33,9 +33,9 @@ _OWNERS = {
     "ResamplerConfig": "kopru.connectors.resampler",
     "KopruForConditionalGeneration": "kopru.model",
     "KopruProcessor": "kopru.processing",
-    "ImageTokenCount": "kopru.tokens",
-    "count_image_tokens": "kopru.tokens",
-    "image_positions": "kopru.tokens",
+    "ImageTokenCount": "kopru.geometry",
+    "count_image_tokens": "kopru.geometry",
+    "image_positions": "kopru.geometry",
 }
 
 __all__ = [

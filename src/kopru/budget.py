@@ -14,8 +14,8 @@ more image sizes, per image:
 `plan_largest_resolution` finds the largest image of a given aspect ratio whose positions stay within a limit;
 `check_fits` refuses a prompt that cannot fit (text + image positions + new tokens > context), with the numbers.
 
-The image-size arithmetic itself lives in `kopru.resolution` (LLaVA-NeXT anyres, Qwen2-VL smart_resize) and
-`kopru.tokens` (Köprü's own models); this module only composes it.
+The image-size arithmetic itself lives in `kopru.geometry` (LLaVA-NeXT anyres, Qwen2-VL smart_resize,
+Llama-3.2-Vision tiles, Köprü's own models' plans and positions); this module only composes it.
 """
 
 from __future__ import annotations
@@ -33,13 +33,19 @@ from transformers import AutoConfig, AutoTokenizer
 from kopru.alignment import text_budget, tokenizer_fertility
 from kopru.config import CONFIG_FILE, KopruConfig
 from kopru.dtypes import dtype_bytes
-from kopru.high_resolution import plan_image
+from kopru.geometry import (
+    QWEN2_VL_MAX_PIXELS,
+    QWEN2_VL_MIN_PIXELS,
+    anyres_layout,
+    cached_cross_attention_kv,
+    image_positions,
+    optimal_tiled_canvas,
+    plan_image,
+    smart_resize,
+)
 from kopru.image_processing import MAX_IMAGE_PIXELS, load_image
 from kopru.llm import attention_geometry, context_window, kv_cache_bytes
 from kopru.presets import PRESETS, Preset, hf_config, preset_names
-from kopru.resolution import QWEN2_VL_MAX_PIXELS, QWEN2_VL_MIN_PIXELS, anyres_layout, smart_resize
-from kopru.tiling import optimal_tiled_canvas
-from kopru.tokens import cached_cross_attention_kv, image_positions
 
 # --------------------------------------------------------------------------------------------- model shapes
 
@@ -109,7 +115,7 @@ def fixed_rule(tokens: int, encoder_size: int) -> ImageRule:
 
 
 def anyres_rule(tile_size: int = 336, patches_per_side: int = 24) -> ImageRule:
-    """LLaVA-NeXT anyres (`kopru.resolution.anyres_layout`)."""
+    """LLaVA-NeXT anyres (`kopru.geometry.anyres_layout`)."""
     def rule(width: int, height: int) -> ImagePositions:
         layout = anyres_layout(height, width, tile_size=tile_size, patches_per_side=patches_per_side)
         rows, columns = layout.grid
@@ -128,7 +134,7 @@ def anyres_rule(tile_size: int = 336, patches_per_side: int = 24) -> ImageRule:
 
 def dynamic_rule(patch_size: int = 14, merge_size: int = 2, min_pixels: int = QWEN2_VL_MIN_PIXELS,
                  max_pixels: int = QWEN2_VL_MAX_PIXELS, markers: int = 0) -> ImageRule:
-    """Qwen2-VL dynamic resolution (`kopru.resolution.smart_resize`, aspect ratio at most 200); `markers`
+    """Qwen2-VL dynamic resolution (`kopru.geometry.smart_resize`, aspect ratio at most 200); `markers`
     positions around the merged patches."""
     factor = patch_size * merge_size
 
@@ -143,7 +149,7 @@ def dynamic_rule(patch_size: int = 14, merge_size: int = 2, min_pixels: int = QW
 
 def mllama_canvas(height: int, width: int, max_tiles: int = 4, tile_size: int = 560) -> tuple[int, int]:
     """Llama-3.2-Vision's tile grid (rows, columns): HF `get_optimal_tiled_canvas`, computed once in
-    `kopru.tiling` (the processor and the model use the same function)."""
+    `kopru.geometry.tiles` (the processor and the model use the same function)."""
     canvas_height, canvas_width = optimal_tiled_canvas(height, width, max_tiles, tile_size)
     return canvas_height // tile_size, canvas_width // tile_size
 

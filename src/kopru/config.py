@@ -52,9 +52,9 @@ class ResolutionConfig:
     - "dynamic": Qwen2-VL. The image is resized (`smart_resize`) to multiples of patch x merge within
       [min_pixels, max_pixels] and seen in one pass, the encoder's position embeddings interpolated in 2-D.
     - "tiled": Llama-3.2-Vision (an Mllama encoder only). The image is resized keeping its aspect ratio onto the
-      best canvas of up to the encoder's `max_num_tiles` tiles, padded and cut into tiles (`kopru.tiling`); the
-      encoder sees all tiles of an image together (tile position embeddings by aspect ratio) and every real
-      tile's states (patches + CLS unless dropped) reach the connector.
+      best canvas of up to the encoder's `max_num_tiles` tiles, padded and cut into tiles
+      (`kopru.geometry.tiles`); the encoder sees all tiles of an image together (tile position embeddings by
+      aspect ratio) and every real tile's states (patches + CLS unless dropped) reach the connector.
 
     `reduction` folds (pixel_shuffle: k x k neighbours concatenated, k^2 wider) or averages (avg_pool) each
     k x k block of patches before the connector, in every mode; in "dynamic" mode it is Qwen2-VL's k x k merge.

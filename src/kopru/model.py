@@ -23,14 +23,21 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from kopru.config import CONFIG_FILE, KopruConfig, VisionTowerConfig
 from kopru.connectors import Connector, strategy_class
 from kopru.connectors.cross_attention import CONTEXT_KWARG, check_blocks_ran
+from kopru.connectors.reduction import pack_anyres, token_reduction
 from kopru.generation.reference import generate as generate_tokens
-from kopru.high_resolution import ImagePlan, pack_anyres, packs_anyres_grid, plan_image, token_reduction
+from kopru.geometry import (
+    ImagePlan,
+    cached_cross_attention_kv,
+    connector_tokens,
+    image_positions,
+    packs_anyres_grid,
+    plan_image,
+)
+from kopru.high_resolution_processing import aspect_ratio_inputs
 from kopru.image_processing import ImagePreprocessor
 from kopru.llm import cache_argument, load_llm
 from kopru.paths import atomic_directory
 from kopru.processing import KopruProcessor, add_image_tokens
-from kopru.tiling import aspect_ratio_inputs
-from kopru.tokens import cached_cross_attention_kv, connector_tokens, image_positions
 from kopru.vision import VisionTower
 
 CONNECTOR_FILE = "connector.safetensors"
@@ -108,7 +115,7 @@ class KopruForConditionalGeneration(nn.Module):
         return torch.stack(features)
 
     def plan(self, height: int, width: int) -> ImagePlan:
-        """How an image of this size goes through the encoder (see `kopru.high_resolution.plan_image`)."""
+        """How an image of this size goes through the encoder (see `kopru.geometry.plan_image`)."""
         return plan_image(self.config, self.vision.encoder.config, height, width)
 
     def _encode_passes(self, pixel_values: torch.Tensor, plan: ImagePlan) -> torch.Tensor:
@@ -119,12 +126,12 @@ class KopruForConditionalGeneration(nn.Module):
 
     def encode_image_list(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
                           ) -> list[torch.Tensor]:
-        """One [features, llm_dim] tensor per image, each exactly as long as `kopru.tokens.image_positions` counts.
+        """One [features, llm_dim] tensor per image, each exactly as long as `kopru.geometry.image_positions` counts.
 
         fixed: pixel_values [images, 3, S, S]. anyres: [images, 1 + most tiles, 3, S, S] (base view first) and
         `image_sizes` [images, 2] = original (height, width). dynamic: [images, 3, H, W] zero padded, each image
         in its top-left corner at its `smart_resize` size, and `image_sizes` as for anyres. tiled: [images,
-        max_tiles, 3, S, S] (each image's own tiles first, `kopru.tiling`) and `image_sizes` as for anyres.
+        max_tiles, 3, S, S] (each image's own tiles first, `kopru.high_resolution_processing.TiledPreprocessor`) and `image_sizes` as for anyres.
         """
         if self.config.resolution.mode == "fixed":
             return list(self.encode_images(pixel_values).unbind(0))

@@ -9,9 +9,9 @@ from PIL import Image
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from kopru.config import KopruConfig
-from kopru.high_resolution import HighResolutionPreprocessor
+from kopru.geometry import ImageTokenCount, image_positions
+from kopru.high_resolution_processing import HighResolutionPreprocessor
 from kopru.image_processing import ImagePreprocessor
-from kopru.tokens import ImageTokenCount, image_positions
 
 
 def add_image_tokens(tokenizer: PreTrainedTokenizerBase, config: KopruConfig) -> int:
@@ -88,7 +88,7 @@ class KopruProcessor:
         return "".join(out)
 
     def count(self, image: Image.Image) -> ImageTokenCount:
-        """Positions this image takes, from its size (`kopru.tokens.image_positions`)."""
+        """Positions this image takes, from its size (`kopru.geometry.image_positions`)."""
         if self.high_resolution is None:
             return self.image_count
         return image_positions(self.config, self.encoder_config, image.width, image.height)

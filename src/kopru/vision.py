@@ -92,13 +92,24 @@ def load_vision_encoder(name_or_path: str, dtype: torch.dtype | None = None) -> 
     )
 
 
+def drops_cls(has_cls: bool, config: VisionTowerConfig) -> bool:
+    """Whether the tower drops the encoder's first token: `config.drop_cls`, by default exactly when the encoder
+    has a CLS token (LLaVA's "default" feature selection)."""
+    return has_cls if config.drop_cls is None else config.drop_cls
+
+
+def keeps_cls(encoder_config: PretrainedConfig, config: VisionTowerConfig) -> bool:
+    """Whether a CLS token reaches the connector: the encoder has one and the tower keeps it. The one CLS rule;
+    `kopru.geometry`'s plans count from it."""
+    has_cls = VISION_BACKBONES[vision_config_of(encoder_config).model_type].has_cls
+    return has_cls and not drops_cls(has_cls, config)
+
+
 def vision_token_count(encoder_config: PretrainedConfig, config: VisionTowerConfig) -> int:
     """Tokens per image the connector receives, from the configs alone (no weights needed)."""
     encoder_config = vision_config_of(encoder_config)
-    has_cls = VISION_BACKBONES[encoder_config.model_type].has_cls
-    drop_cls = has_cls if config.drop_cls is None else config.drop_cls
     patches = (encoder_config.image_size // encoder_config.patch_size) ** 2
-    return patches + int(has_cls and not drop_cls)
+    return patches + int(keeps_cls(encoder_config, config))
 
 
 class VisionTower(nn.Module):
@@ -123,7 +134,7 @@ class VisionTower(nn.Module):
         if config.final_norm and len(layers) > 1:
             raise ValueError("final_norm applies to a single feature layer; found a list of layers")
         self.feature_layers = layers
-        self.drop_cls = self.backbone.has_cls if config.drop_cls is None else config.drop_cls
+        self.drop_cls = drops_cls(self.backbone.has_cls, config)
         if self.drop_cls and not self.backbone.has_cls:
             raise ValueError(f"drop_cls=True but a {model_type!r} encoder has no CLS token to drop")
         if config.final_norm and self.backbone.final_norm is None:

@@ -9,9 +9,9 @@ from kopru.config import ResolutionConfig
 from kopru.convert.common import image_preprocessor, load_kopru_weights, load_tokenizer, rename
 from kopru.convert.llava import llava_kopru_config
 from kopru.convert.llava import weight_names as llava_weight_names
+from kopru.geometry import image_positions
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
-from kopru.tokens import image_positions
 from kopru.vision import VisionTower
 
 REFERENCE_CLASS = LlavaNextForConditionalGeneration

@@ -18,7 +18,7 @@ logits are far above 0, so greedy decoding is not affected in practice.
 
 Vision side. `MllamaVisionModel` takes tiled images ([B, images, tiles, 3, H, W] plus aspect-ratio ids and
 masks). A converted model uses resolution mode "tiled": Köprü's processor tiles each image exactly as HF's
-`MllamaImageProcessor` (`kopru.tiling`: best canvas of up to `max_num_tiles` tiles, aspect-preserving resize,
+`MllamaImageProcessor` (`kopru.geometry.tiles`: best canvas of up to `max_num_tiles` tiles, aspect-preserving resize,
 zero padding, split), `MllamaTiledVisionModel` below runs the encoder on all `max_num_tiles` tiles of each
 image and the model keeps each image's own tiles: tiles x ((image_size / patch_size)^2 + 1) cross-attention
 key/value positions per image (1601 per tile at 560 px / patch 14), `vision_output_dim` wide (last layer and
@@ -52,9 +52,10 @@ from transformers.modeling_outputs import BaseModelOutput
 from kopru.config import KopruConfig, ResolutionConfig, VisionTowerConfig
 from kopru.connectors.cross_attention import CrossAttentionConfig, CrossAttentionConnector
 from kopru.convert.common import image_preprocessor, load_tokenizer, rename
+from kopru.geometry import supported_aspect_ratios, tile_layout
+from kopru.high_resolution_processing import aspect_ratio_inputs
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
-from kopru.tiling import aspect_ratio_inputs, supported_aspect_ratios, tile_layout
 from kopru.vision import VisionTower
 
 EXTRA_EMBEDDINGS = 8  # MllamaTextModel.embed_tokens has vocab_size + 8 rows

@@ -27,7 +27,7 @@ from torch.utils.data import Sampler
 
 from kopru.connectors import strategy_class
 from kopru.data.encoding import IGNORE_INDEX, EncodedSample
-from kopru.high_resolution import pad_stack
+from kopru.high_resolution_processing import pad_stack
 
 
 # ------------------------------------------------------------------------------------------------ padding

@@ -31,12 +31,18 @@ from kopru.explain.parameters import (
     roles_trained,
 )
 from kopru.explain.report import LORA_RANK, Component, Explanation, ImageBudget, Stage
-from kopru.high_resolution import ImagePlan, plan_image
+from kopru.geometry import (
+    ImagePlan,
+    anyres_layout,
+    cached_cross_attention_kv,
+    connector_tokens,
+    image_positions,
+    optimal_tiled_canvas,
+    plan_image,
+    smart_resize,
+)
 from kopru.llm import attention_geometry, context_window, kv_cache_bytes
 from kopru.presets import Preset
-from kopru.resolution import anyres_layout, smart_resize
-from kopru.tiling import optimal_tiled_canvas
-from kopru.tokens import cached_cross_attention_kv, connector_tokens, image_positions
 
 
 @dataclass

@@ -16,7 +16,7 @@ from kopru.convert.llava_next import weight_names
 from kopru.export import llava
 from kopru.export.chat_template import exported_chat_template
 from kopru.export.common import config_values, generation_config, hf_image_processor, hf_model, hf_state
-from kopru.high_resolution import anyres_pinpoints
+from kopru.geometry import anyres_pinpoints
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 

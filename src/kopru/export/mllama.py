@@ -21,7 +21,7 @@ from kopru.convert.mllama import IMAGE_TOKEN, text_config, unpad_lm_head, weight
 from kopru.export.chat_template import exported_chat_template
 from kopru.export.common import config_values, generation_config, hf_image_processor, hf_model, refuse_unless
 from kopru.export.llava import exported_tokenizer
-from kopru.high_resolution import max_tiles
+from kopru.geometry import max_tiles
 from kopru.model import KopruForConditionalGeneration
 from kopru.processing import KopruProcessor
 

@@ -1,4 +1,4 @@
-"""Image positions counted by hand (kopru.tokens): LLaVA-1.5's 576, Q-Former queries, cross-attention K/V."""
+"""Image positions counted by hand (kopru.geometry.positions): LLaVA-1.5's 576, Q-Former queries, cross-attention K/V."""
 
 from __future__ import annotations
 

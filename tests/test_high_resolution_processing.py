@@ -28,10 +28,11 @@ from vlm_checkpoints import TINY_PINPOINTS, build_llava_next, llava_next_process
 
 from kopru import KopruConfig, KopruForConditionalGeneration, VisionTowerConfig
 from kopru.config import ResolutionConfig
+from kopru.connectors.reduction import AveragePool, PixelShuffle
 from kopru.convert import convert
-from kopru.high_resolution import AveragePool, HighResolutionPreprocessor, PixelShuffle
+from kopru.geometry import image_positions
+from kopru.high_resolution_processing import HighResolutionPreprocessor
 from kopru.image_processing import ImagePreprocessor
-from kopru.tokens import image_positions
 
 CLIP_L_336 = CLIPVisionConfig(image_size=336, patch_size=14)
 SIZES = st.integers(1, 2500)

@@ -1,12 +1,8 @@
-"""Resolution arithmetic: how many vision tokens an image of a given size becomes, with no pixels touched.
+"""LLaVA-NeXT "anyres" arithmetic: how many vision tokens an image of a given size becomes, with no pixels touched.
 
-Two high-resolution schemes, each computed here once so the processor (which expands placeholders), the
-model (which produces features) and the budget planner can never disagree:
-
-- LLaVA-NeXT "anyres": pick the grid pinpoint that keeps the most of the image, cut it into base-size tiles,
-  add a base view of the whole image, drop the padding rows/columns and add one newline per grid row.
-- Qwen2-VL dynamic resolution: `smart_resize` the image to multiples of patch x merge within a pixel budget,
-  then merge k x k neighbouring patches into one token.
+Pick the grid pinpoint that keeps the most of the image, cut it into base-size tiles, add a base view of the
+whole image, drop the padding rows/columns and add one newline per grid row. Computed here once so the processor
+(which expands placeholders), the model (which produces features) and the budget planner can never disagree.
 
 Sizes follow the HF convention inside functions: (height, width).
 """
@@ -15,12 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-# LLaVA-NeXT's default grid pinpoints, (height, width) in pixels.
-LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-QWEN2_VL_MIN_PIXELS = 56 * 56
-QWEN2_VL_MAX_PIXELS = 28 * 28 * 1280
-QWEN2_VL_MAX_ASPECT_RATIO = 200
+if TYPE_CHECKING:
+    from kopru.config import ResolutionConfig
+
+# LLaVA-NeXT's pinpoints in tiles (rows, columns): 336x672, 672x336, 672x672, 1008x336, 336x1008 at 336 px.
+LLAVA_NEXT_TILE_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+# LLaVA-NeXT's default grid pinpoints, (height, width) in pixels: the tile grids at its 336 px tiles.
+LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = tuple((rows * 336, columns * 336)
+                                                          for rows, columns in LLAVA_NEXT_TILE_GRIDS)
 
 
 def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
@@ -87,32 +87,13 @@ def anyres_layout(height: int, width: int, tile_size: int = 336, patches_per_sid
     return AnyresLayout((best_height, best_width), (tile_rows, tile_columns), base, (rows, columns), newline)
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = QWEN2_VL_MIN_PIXELS,
-                 max_pixels: int = QWEN2_VL_MAX_PIXELS) -> tuple[int, int]:
-    """Qwen2-VL's resize target (height, width): multiples of `factor`, area within [min_pixels, max_pixels]."""
-    if height < 1 or width < 1:
-        raise ValueError(f"expected an image of at least 1x1 pixels, found {width}x{height} (width x height)")
-    if max(height, width) / min(height, width) > QWEN2_VL_MAX_ASPECT_RATIO:
+def anyres_pinpoints(resolution: ResolutionConfig, tile: int) -> list[list[int]]:
+    """The grid pinpoints (height, width) in pixels, checked to be whole tiles of the encoder's size."""
+    if resolution.grid_pinpoints is None:
+        return [[rows * tile, columns * tile] for rows, columns in LLAVA_NEXT_TILE_GRIDS]
+    bad = [p for p in resolution.grid_pinpoints if p[0] % tile or p[1] % tile]
+    if bad:
         raise ValueError(
-            f"expected an aspect ratio of at most {QWEN2_VL_MAX_ASPECT_RATIO}, found "
-            f"{max(height, width) / min(height, width):.1f} ({width}x{height}, width x height)"
+            f"anyres grid_pinpoints must be multiples of the encoder's image size {tile}, found {bad}"
         )
-    new_height = round(height / factor) * factor
-    new_width = round(width / factor) * factor
-    if new_height * new_width > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        new_height = max(factor, math.floor(height / beta / factor) * factor)
-        new_width = max(factor, math.floor(width / beta / factor) * factor)
-    elif new_height * new_width < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        new_height = math.ceil(height * beta / factor) * factor
-        new_width = math.ceil(width * beta / factor) * factor
-    return new_height, new_width
-
-
-def dynamic_tokens(height: int, width: int, patch_size: int = 14, merge_size: int = 2,
-                   min_pixels: int = QWEN2_VL_MIN_PIXELS, max_pixels: int = QWEN2_VL_MAX_PIXELS) -> int:
-    """Tokens of a Qwen2-VL-style image after smart_resize and the merge_size x merge_size token merge."""
-    factor = patch_size * merge_size
-    new_height, new_width = smart_resize(height, width, factor, min_pixels, max_pixels)
-    return (new_height // factor) * (new_width // factor)
+    return resolution.grid_pinpoints

@@ -8,12 +8,15 @@ two computing it separately.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
-
-from kopru.config import KopruConfig
 from kopru.connectors import strategy_class
-from kopru.high_resolution import ImagePlan, packs_anyres_grid, plan_image
+from kopru.geometry.plan import ImagePlan, packs_anyres_grid, plan_image
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from kopru.config import KopruConfig
 
 
 @dataclass(frozen=True)
