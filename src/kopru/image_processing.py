@@ -197,7 +197,7 @@ HF_IMAGE_PROCESSORS: dict[str, HFProcessorDefaults] = {
     # LLaVA-NeXT: these settings are its base view's and each tile's; the anyres tiling is kopru.geometry's.
     "LlavaNextImageProcessor": HFProcessorDefaults({"shortest_edge": 224}, {"height": 224, "width": 224}, True, 3,
                                                    _CLIP_MEAN, _CLIP_STD, int_size_is_square=False),
-    # Llama-3.2-Vision: these settings are one tile's; the tiled canvas is the Mllama conversion's.
+    # Llama-3.2-Vision: these settings are one tile's; the tiled canvas is kopru.geometry.tiles' (pixels: kopru.high_resolution_processing).
     "MllamaImageProcessor": HFProcessorDefaults({"height": 224, "width": 224}, None, False, 2, _HALF, _HALF,
                                                 int_size_is_square=True),
 }
