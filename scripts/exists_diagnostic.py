@@ -5,8 +5,9 @@ colour; `kopru.data.synthetic._exists_query`), so the answer needs a comparison 
 same group, not a lookup. This script separates "the encoder does not see it" from "the model cannot learn the
 comparison in the steps it gets":
 
-Part 1 (probes, ~1 min): linear probes (scikit-learn logistic regression) on the frozen shipped tiny encoder's
-patch features, layers -2 and -1: each patch's colour and shape (patches whose centre lies in an occupied cell),
+Part 1 (probes, ~15 s with the data and features): linear probes (scikit-learn logistic regression) on the
+frozen shipped tiny encoder's patch features, layers -2 and -1: each patch's colour and shape (patches whose
+centre lies in an occupied cell),
 and per image twelve "present(colour, shape)" probes on max-pooled patches; the exists answer is read off the
 probe of the asked (colour, shape). Each figure comes with its majority baseline.
 
@@ -21,7 +22,7 @@ share of compare's 300-step mixed run. Prints held-out accuracy (all / en / tr) 
 Data: the exists questions of shapes_dataset(1200, seed=0, split="train") and shapes_dataset(500, seed=1,
 split="test"); images through the encoder's own preprocessor config (kopru.image_processing).
 
-    python scripts/exists_diagnostic.py                          # both parts, default settings (1 thread)
+    python scripts/exists_diagnostic.py                          # both parts, default settings (~7 min on 1 thread)
     python scripts/exists_diagnostic.py --parts probes           # part 1 only
     python scripts/exists_diagnostic.py --parts learn --features oracle --questions words,ids --steps 75 300 900
     python scripts/exists_diagnostic.py --train-scenes 100 --test-scenes 50 --steps 20 --json runs/exists.json
