@@ -7,9 +7,9 @@ comparison in the steps it gets":
 
 Part 1 (probes, ~15 s with the data and features): linear probes (scikit-learn logistic regression) on the
 frozen shipped tiny encoder's patch features, layers -2 and -1: each patch's colour and shape (patches whose
-centre lies in an occupied cell),
-and per image twelve "present(colour, shape)" probes on max-pooled patches; the exists answer is read off the
-probe of the asked (colour, shape). Each figure comes with its majority baseline.
+centre lies in an occupied cell), and per image twelve "present(colour, shape)" probes on max-pooled patches;
+the exists answer is read off the probe of the asked (colour, shape). Each figure comes with its majority
+baseline.
 
 Part 2 (learning the comparison): a small pre-LN transformer (4 layers, width 128, 4 heads, causal, classifier on
 the last token; AdamW, 10 warmup steps then cosine, batch 32) trained from scratch on exists questions alone, the
