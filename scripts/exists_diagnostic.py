@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from kopru.backbones import default_backbones
 from kopru.config import VisionTowerConfig
-from kopru.data.synthetic import CELLS, COLOURS, MAX_COUNT, SHAPES, _cell_bounds, shapes_dataset
+from kopru.data.synthetic import CELLS, COLOURS, MAX_COUNT, SHAPES, cell_bounds, shapes_dataset
 from kopru.image_processing import ImagePreprocessor
 from kopru.vision import load_vision_encoder
 
@@ -96,7 +96,7 @@ def exists_data(num_scenes: int, seed: int, split: str, image_size: int, patch_s
             for group in sample.meta["scene"]:
                 c, s = COLOURS.index(group["colour"]), SHAPES.index(group["shape"])
                 present[-1][c * len(SHAPES) + s] = 1
-                x0, y0, x1, y1 = _cell_bounds(group["region"], image_size)  # half-open box
+                x0, y0, x1, y1 = cell_bounds(group["region"], image_size)  # half-open box
                 rows = (centres >= y0) & (centres < y1)
                 cols = (centres >= x0) & (centres < x1)
                 colour_map[np.ix_(rows, cols)] = c

@@ -117,8 +117,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, fill: tuple[int
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _cell_bounds(region: str, image_size: int) -> Box:
-    # Integer cell edges that tile the image exactly (64 → 0, 21, 43, 64); the box is half-open here.
+def cell_bounds(region: str, image_size: int) -> Box:
+    """`region`'s cell of the 3x3 grid as a half-open pixel box; integer edges tile the image exactly (64 → 0, 21,
+    43, 64)."""
     edges = [round(i * image_size / 3) for i in range(4)]
     row, col = CELLS[region]
     return edges[col], edges[row], edges[col + 1], edges[row + 1]
@@ -126,7 +127,7 @@ def _cell_bounds(region: str, image_size: int) -> Box:
 
 def _slots(region: str, count: int, image_size: int, rng: random.Random) -> list[Box]:
     """Where the shapes of a group go: the whole cell for one shape, else `count` of its four quarters."""
-    x0, y0, x1, y1 = _cell_bounds(region, image_size)
+    x0, y0, x1, y1 = cell_bounds(region, image_size)
     if count == 1:
         return [(x0, y0, x1, y1)]
     xm, ym = (x0 + x1) // 2, (y0 + y1) // 2
