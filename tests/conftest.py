@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib.util
 import io
 import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -281,3 +283,19 @@ def budget_json(*args: str, exit_code: int = 0) -> dict:
     code, out, err = run_cli(*args, "--json")
     assert code == exit_code, err
     return json.loads(out)
+
+
+@pytest.fixture
+def load_script(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Any]:
+    """load_script("scripts/compare_run.py"): a script of this repository imported as a module, registered in
+    sys.modules under its file name for the test (its dataclasses look their module up there)."""
+
+    def _load(relative_path: str) -> Any:
+        path = Path(__file__).resolve().parents[1] / relative_path
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, path.stem, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return _load

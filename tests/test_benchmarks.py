@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import math
 import re
 import subprocess
@@ -68,13 +67,8 @@ def test_serve_benchmark_sends_one_at_a_time_then_all_at_once():
 
 
 @pytest.fixture
-def train_benchmark(monkeypatch):
-    """benchmarks/train_benchmark.py loaded as a module."""
-    spec = importlib.util.spec_from_file_location("train_benchmark", ROOT / "benchmarks" / "train_benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "train_benchmark", bench)  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
+def train_benchmark(load_script):
+    return load_script("benchmarks/train_benchmark.py")
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ results: a clear win, a clear loss and an overlap."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sys
@@ -276,16 +275,8 @@ def test_a_language_gap_over_two_points_is_explained_with_measurements():
     assert "interval excludes 0" in language_gap_notes(results)[0]
 
 
-def _compare_run_script(monkeypatch):
-    spec = importlib.util.spec_from_file_location("compare_run", ROOT / "scripts" / "compare_run.py")
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "compare_run", script)
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_compare_run_refuses_an_unknown_task_naming_the_known_ones(monkeypatch, capsys):
-    script = _compare_run_script(monkeypatch)
+def test_compare_run_refuses_an_unknown_task_naming_the_known_ones(load_script, monkeypatch, capsys):
+    script = load_script("scripts/compare_run.py")
     monkeypatch.setattr(sys, "argv", ["compare_run.py", "--train-tasks", "shapes-exists,shapes-size"])
     with pytest.raises(SystemExit) as exit_info:
         script.main()
@@ -294,8 +285,8 @@ def test_compare_run_refuses_an_unknown_task_naming_the_known_ones(monkeypatch, 
     assert "--train-tasks expects tasks from" in err and "shapes-colour" in err and "['shapes-size']" in err
 
 
-def test_compare_run_writes_a_task_subset_that_reads_back_as_the_builtin_questions(tmp_path, monkeypatch):
-    script = _compare_run_script(monkeypatch)
+def test_compare_run_writes_a_task_subset_that_reads_back_as_the_builtin_questions(load_script, tmp_path, monkeypatch):
+    script = load_script("scripts/compare_run.py")
     path = script.write_task_subset(["shapes-exists", "shapes-where"], scenes=5, seed=3, folder=tmp_path / "data")
     loaded, report = load_samples(str(path))
     expected = [s for s in shapes_dataset(5, seed=3, split="train")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def diagnostic(monkeypatch):
-    spec = importlib.util.spec_from_file_location("exists_diagnostic", ROOT / "scripts" / "exists_diagnostic.py")
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "exists_diagnostic", script)
-    spec.loader.exec_module(script)
-    return script
+def diagnostic(load_script):
+    return load_script("scripts/exists_diagnostic.py")
 
 
 def test_exists_diagnostic_small_run_reports_every_figure(diagnostic, tmp_path):
