@@ -137,6 +137,7 @@ def test_the_package_loads_its_public_names_on_first_use():
 
     assert (kopru.QFormerConfig, kopru.KopruForConditionalGeneration, kopru.image_positions) == (
         QFormerConfig, KopruForConditionalGeneration, image_positions)
+    assert set(kopru.__all__) == set(kopru._OWNERS)  # the public list and the lazy table name the same
     assert all(getattr(kopru, name) is not None for name in kopru.__all__) and set(kopru.__all__) <= set(dir(kopru))
     with pytest.raises(AttributeError, match="no attribute 'KopruModel'"):
         kopru.KopruModel  # noqa: B018
